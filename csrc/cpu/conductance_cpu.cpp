@@ -1,0 +1,123 @@
+// CPU kernel of the fused conductance accumulation (see conductance.h).
+//
+// Work is split over the real (pair, token) rows; each worker walks the path
+// steps of its rows with the feature loop innermost (contiguous, vectorisable)
+// and sums into a private [pairs, features] buffer that is reduced at the end,
+// so every activation and gradient element is read once and no temporary of
+// the activation's size is made.  std::thread rather than OpenMP: a second
+// OpenMP runtime next to torch's would spin-wait against it on small machines.
+#include "cpu/conductance_cpu.h"
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+namespace fastnig {
+namespace {
+
+template <typename T, typename Acc, Rule R>
+void accumulate_rows(const T* a, const T* g, const Geometry& geo, const int64_t* lengths,
+                     const int64_t* row_start, int64_t first, int64_t last, Acc* acc,
+                     T* a_carry, T* g_carry) {
+  const int64_t H = geo.features, S = geo.steps, Tk = geo.tokens;
+  // Locate the first real row: row_start[p] = real rows before pair p.
+  int64_t p = std::upper_bound(row_start, row_start + geo.pairs + 1, first) - row_start - 1;
+  int64_t t = first - row_start[p];
+  for (int64_t r = first; r < last; ++r) {
+    while (t >= lengths[p]) { ++p; t = 0; }
+    Acc* out = acc + p * H;
+    const T* a_row = a + p * geo.a_stride[0] + t * geo.a_stride[2];
+    const T* g_row = g + p * geo.g_stride[0] + t * geo.g_stride[2];
+    const T* a_prev = nullptr;
+    const T* g_prev = nullptr;
+    if (geo.has_prev) {
+      a_prev = a_carry + (p * Tk + t) * H;
+      g_prev = g_carry + (p * Tk + t) * H;
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const T* a_cur = a_row + s * geo.a_stride[1];
+      const T* g_cur = g_row + s * geo.g_stride[1];
+      if (a_prev != nullptr) {
+        for (int64_t h = 0; h < H; ++h) {
+          out[h] += step_term<R, Acc>(to_acc<Acc>(a_prev[h]), to_acc<Acc>(g_prev[h]),
+                                      to_acc<Acc>(a_cur[h]), to_acc<Acc>(g_cur[h]));
+        }
+      }
+      a_prev = a_cur;
+      g_prev = g_cur;
+    }
+    if (geo.write_carry && S > 0) {
+      std::memcpy(a_carry + (p * Tk + t) * H, a_prev, H * sizeof(T));
+      std::memcpy(g_carry + (p * Tk + t) * H, g_prev, H * sizeof(T));
+    }
+    ++t;
+  }
+}
+
+template <typename T, typename Acc, Rule R>
+void accumulate_typed(const void* a, const void* g, const Geometry& geo, const int64_t* lengths,
+                      void* out, void* a_carry, void* g_carry, int n_threads) {
+  const int64_t P = geo.pairs, H = geo.features;
+  std::vector<int64_t> row_start(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p)
+    row_start[p + 1] = row_start[p] + std::min<int64_t>(std::max<int64_t>(lengths[p], 0), geo.tokens);
+  std::vector<int64_t> clamped(P);
+  for (int64_t p = 0; p < P; ++p) clamped[p] = row_start[p + 1] - row_start[p];
+  const int64_t rows = row_start[P];
+  if (rows == 0 || H == 0) return;
+
+  // Below ~64k element-steps a second thread costs more than it saves.
+  const int64_t work = rows * H * std::max<int64_t>(geo.steps, 1);
+  int workers = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(std::max(n_threads, 1)), rows,
+                                                    std::max<int64_t>(work / 65536, 1)}));
+  std::vector<std::vector<Acc>> partial(workers, std::vector<Acc>(P * H, Acc(0)));
+  auto run = [&](int w) {
+    const int64_t first = rows * w / workers, last = rows * (w + 1) / workers;
+    accumulate_rows<T, Acc, R>(static_cast<const T*>(a), static_cast<const T*>(g), geo, clamped.data(),
+                               row_start.data(), first, last, partial[w].data(),
+                               static_cast<T*>(a_carry), static_cast<T*>(g_carry));
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < workers; ++w) pool.emplace_back(run, w);
+  run(0);
+  for (auto& th : pool) th.join();
+
+  Acc* dst = static_cast<Acc*>(out);
+  for (int w = 0; w < workers; ++w) {
+    const Acc* src = partial[w].data();
+    for (int64_t i = 0; i < P * H; ++i) dst[i] += src[i];
+  }
+}
+
+template <typename T, typename Acc>
+void dispatch_rule(Rule rule, const void* a, const void* g, const Geometry& geo, const int64_t* lengths,
+                   void* out, void* a_carry, void* g_carry, int n_threads) {
+  if (rule == Rule::Left)
+    accumulate_typed<T, Acc, Rule::Left>(a, g, geo, lengths, out, a_carry, g_carry, n_threads);
+  else
+    accumulate_typed<T, Acc, Rule::Trapezoid>(a, g, geo, lengths, out, a_carry, g_carry, n_threads);
+}
+
+template <typename T>
+void dispatch_acc(DType out_dtype, Rule rule, const void* a, const void* g, const Geometry& geo,
+                  const int64_t* lengths, void* out, void* a_carry, void* g_carry, int n_threads) {
+  if (out_dtype == DType::Float64)
+    dispatch_rule<T, double>(rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads);
+  else
+    dispatch_rule<T, float>(rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads);
+}
+
+}  // namespace
+
+void accumulate_conductance_cpu(DType dtype, DType out_dtype, Rule rule, const void* a, const void* g,
+                                const Geometry& geo, const int64_t* lengths, void* out, void* a_carry,
+                                void* g_carry, int n_threads) {
+  switch (dtype) {
+    case DType::Float32: dispatch_acc<float>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads); break;
+    case DType::Float64: dispatch_acc<double>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads); break;
+    case DType::BFloat16: dispatch_acc<bf16_t>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads); break;
+    case DType::Float16: dispatch_acc<fp16_t>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads); break;
+  }
+}
+
+}  // namespace fastnig

@@ -1,0 +1,493 @@
+"""Neuron Integrated Gradients (conductance) of every Linear neuron in one pass.
+
+``attribute(model, pairs)`` interpolates the word embeddings of each
+(query, passage) pair from a baseline to the input (SPEC §3), evaluates all
+path points in batched forward + backward passes, and, from hooks on every
+selected ``nn.Linear``, feeds each layer's activations and output gradients to
+the fused op of :mod:`fastnig.kernels`, which adds the conductance summed over
+the pair's real tokens into a per-pair accumulator (SPEC §5).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .kernels import RULES, Carry, accumulate_conductance
+
+BASELINES = ("pad", "pad-query", "zero", "zero-query")
+TARGETS = ("relevant", "non-relevant")
+OUTPUTS = ("probability", "logit")
+
+Pair = Tuple[str, str]
+TargetSpec = Union[str, int, bool, Sequence[Union[str, int, bool]]]
+
+
+@dataclass
+class Attributions:
+    """NIG of every attributed neuron for a list of (query, passage) pairs.
+
+    Attributes:
+        scores: module name (as in ``model.named_modules()``) -> float32 tensor
+            ``[num_pairs, out_features]``: NIG of each output unit summed over
+            the pair's real tokens, in units of F.
+        delta: ``[num_pairs]`` convergence delta: NIG over the word-embedding
+            input minus ``f_input - f_baseline`` (0 for an exact integral).
+        f_input, f_baseline: ``[num_pairs]`` F at the input and the baseline.
+        targets: per pair, ``"relevant"`` or ``"non-relevant"``.
+        num_tokens: ``[num_pairs]`` real tokens of each pair after truncation.
+        settings: what the scores were computed with (model, target function,
+            baseline, steps, rule, max_length, dtype).
+    """
+
+    scores: Dict[str, torch.Tensor]
+    delta: torch.Tensor
+    f_input: torch.Tensor
+    f_baseline: torch.Tensor
+    targets: List[str]
+    num_tokens: torch.Tensor
+    settings: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.delta.shape[0])
+
+    @property
+    def num_neurons(self) -> int:
+        return sum(int(s.shape[1]) for s in self.scores.values())
+
+    def relative_delta(self) -> torch.Tensor:
+        """``[num_pairs]`` |delta| / |F(x) - F(x')| (inf where F did not move)."""
+        return self.delta.abs() / (self.f_input - self.f_baseline).abs()
+
+
+# --------------------------------------------------------------------------- F
+def normalize_targets(target: TargetSpec, num_pairs: int) -> List[str]:
+    """Per-pair target labels from one label or a per-pair list."""
+    def one(value) -> str:
+        if isinstance(value, str):
+            if value in TARGETS:
+                return value
+        elif isinstance(value, (bool, int)) and int(value) in (0, 1):
+            return TARGETS[0] if int(value) == 1 else TARGETS[1]
+        raise ValueError(f"target must be 'relevant', 'non-relevant' (or 1/0), got {value!r}")
+
+    if isinstance(target, (str, int, bool)):
+        return [one(target)] * num_pairs
+    values = list(target)
+    if len(values) != num_pairs:
+        raise ValueError(f"target has {len(values)} labels but there are {num_pairs} pairs")
+    return [one(v) for v in values]
+
+
+def target_function(logits: torch.Tensor, relevant: torch.Tensor, output: str = "probability") -> torch.Tensor:
+    """F for each row (SPEC §2).
+
+    Args:
+        logits: ``[batch, 1]`` or ``[batch, 2]`` classifier outputs.
+        relevant: ``[batch]`` bool, True where the target label is "relevant".
+        output: ``"probability"`` (softmax / sigmoid) or ``"logit"`` (raw ±logit).
+    Returns:
+        ``[batch]`` F.
+    """
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        s = logits[:, 0]
+        signed = torch.where(relevant, s, -s)
+        return torch.sigmoid(signed) if output == "probability" else signed
+    if logits.shape[-1] == 2:
+        values = torch.softmax(logits, dim=-1) if output == "probability" else logits
+        return torch.where(relevant, values[:, 1], values[:, 0])
+    raise ValueError(
+        f"the model has {logits.shape[-1]} output logits; fastnig supports cross-encoders with 1 logit "
+        "(relevance score) or 2 logits (non-relevant, relevant)")
+
+
+def relevance_probability(logits: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` P(relevant) from 1- or 2-logit cross-encoder outputs."""
+    ones = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return target_function(logits, ones, "probability")
+
+
+# ------------------------------------------------------------------ the model
+def _is_attributed_by_default(name: str) -> bool:
+    return "pooler" not in name.split(".")
+
+
+def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
+                   include_pooler: bool = False) -> Dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules whose outputs are neurons (SPEC §4).
+
+    By default every Linear of the encoder (``model.base_model``): the
+    classification head is excluded, and so is the pooler unless
+    ``include_pooler``.  ``layers`` selects module names explicitly.
+    """
+    everything = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        unknown = [n for n in layers if n not in everything]
+        if unknown:
+            sample = ", ".join(list(everything)[:4])
+            raise ValueError(f"layers: {unknown} are not nn.Linear modules of the model (e.g. {sample})")
+        if not layers:
+            raise ValueError("layers is empty: give Linear module names, or None for all of them")
+        return {n: everything[n] for n in layers}
+    base = getattr(model, "base_model", model)
+    base_ids = {id(m) for m in base.modules()}
+    chosen = {n: m for n, m in everything.items()
+              if id(m) in base_ids and (include_pooler or _is_attributed_by_default(n))}
+    if not chosen:
+        raise ValueError("the model has no nn.Linear module in its encoder to attribute")
+    return chosen
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if emb is None:
+        raise TypeError(
+            "model: fastnig needs a Hugging Face model with get_input_embeddings() (e.g. an "
+            f"AutoModelForSequenceClassification); {type(model).__name__} has none")
+    return emb
+
+
+@contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration, restored after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------ the input
+@dataclass
+class EncodedPairs:
+    """Tokenised pairs, padded on the right to the longest.
+
+    ``input_ids``, ``attention_mask``, ``replace`` (positions the baseline
+    changes) and, when the model takes them, ``token_type_ids``: ``[P, T]``;
+    ``lengths``: ``[P]``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: Optional[torch.Tensor]
+    replace: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _validate_pairs(pairs) -> List[Pair]:
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
+        raise TypeError("pairs must be a list of (query, passage) tuples; wrap a single pair as [(query, passage)]")
+    try:
+        pairs = list(pairs)
+    except TypeError:
+        raise TypeError("pairs must be a list of (query, passage) string tuples") from None
+    if not pairs:
+        raise ValueError("pairs is empty: give at least one (query, passage) tuple")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"pairs[{i}] must be a (query, passage) tuple, got {pair!r:.80}")
+        query, passage = pair
+        if not isinstance(query, str) or not isinstance(passage, str):
+            raise TypeError(f"pairs[{i}]: query and passage must be strings, got "
+                            f"{type(query).__name__} and {type(passage).__name__}")
+        if not query.strip():
+            raise ValueError(f"pairs[{i}]: the query is empty")
+    return [(q, p) for q, p in pairs]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: str,
+                 use_token_type_ids: bool) -> EncodedPairs:
+    """Tokenise (query, passage) pairs as the cross-encoder sees them (SPEC §1)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("tokenizer must be a fast (Rust) Hugging Face tokenizer: fastnig needs sequence_ids() "
+                        "to find the query tokens; load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+    if baseline.startswith("pad") and tokenizer.pad_token_id is None:
+        raise ValueError(f"baseline={baseline!r} needs a [PAD] token but the tokenizer has none; use 'zero'")
+    rows = []
+    for query, passage in pairs:
+        try:
+            enc = tokenizer(query, passage, truncation="only_second", max_length=max_length,
+                            return_special_tokens_mask=True)
+        except Exception:  # the query alone is longer than max_length
+            enc = tokenizer(query, passage, truncation="longest_first", max_length=max_length,
+                            return_special_tokens_mask=True)
+        seq = enc.sequence_ids()
+        special = torch.tensor(enc["special_tokens_mask"], dtype=torch.bool)
+        if baseline.endswith("query"):
+            replace = torch.tensor([s == 0 for s in seq], dtype=torch.bool) & ~special
+        else:
+            replace = ~special
+        rows.append((enc, replace))
+    longest = max(len(enc["input_ids"]) for enc, _ in rows)
+    P = len(rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((P, longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((P, longest), dtype=torch.long)
+    types = torch.zeros((P, longest), dtype=torch.long)
+    replace = torch.zeros((P, longest), dtype=torch.bool)
+    lengths = torch.zeros(P, dtype=torch.long)
+    for i, (enc, rep) in enumerate(rows):
+        n = len(enc["input_ids"])
+        input_ids[i, :n] = torch.tensor(enc["input_ids"])
+        attention[i, :n] = 1
+        if "token_type_ids" in enc:
+            types[i, :n] = torch.tensor(enc["token_type_ids"])
+        replace[i, :n] = rep
+        lengths[i] = n
+    return EncodedPairs(input_ids, attention, types if use_token_type_ids else None, replace, lengths)
+
+
+def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str, pad_id: Optional[int]
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Word embeddings of the input and of the baseline, each ``[P, T, D]``."""
+    device = embeddings.weight.device
+    ids = enc.input_ids.to(device)
+    replace = enc.replace.to(device)
+    x = embeddings(ids)
+    if baseline.startswith("pad"):
+        x_base = embeddings(torch.where(replace, torch.full_like(ids, pad_id), ids))
+    else:
+        x_base = x * (~replace).unsqueeze(-1).to(x.dtype)
+    return x, x_base
+
+
+# ---------------------------------------------------------------- the engine
+class _HookState:
+    """Per-batch bookkeeping shared by the forward and gradient hooks."""
+
+    def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
+                 out: Dict[str, torch.Tensor], carries: Dict[str, Carry]):
+        self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
+        self.out, self.carries = out, carries
+        self.activations: Dict[str, torch.Tensor] = {}
+
+    def on_forward(self, name: str, output: torch.Tensor) -> None:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if name in self.activations:
+            raise RuntimeError(f"module {name} ran twice in one forward pass; fastnig attributes each Linear once")
+        self.activations[name] = output
+        output.register_hook(lambda grad, name=name: self.on_grad(name, grad))
+
+    def on_grad(self, name: str, grad: torch.Tensor) -> None:
+        a = self.activations.pop(name)
+        a4 = a.unflatten(0, (self.pairs, self.steps))
+        g4 = grad.unflatten(0, (self.pairs, self.steps))
+        if a4.dim() != 4:
+            raise ValueError(f"layer {name}: expected a [batch, tokens, features] output, got {tuple(a.shape)}")
+        carry = self.carries.get(name)
+        if carry is None:
+            carry = self.carries[name] = Carry.like(a4)
+        accumulate_conductance(a4, g4, self.lengths, self.out[name], carry, self.rule)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _chunks(total: int, size: int) -> List[Tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output):
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (path intervals), got {steps!r}")
+    if step_batch is not None and (isinstance(step_batch, bool) or not isinstance(step_batch, int) or step_batch < 1):
+        raise ValueError(f"step_batch must be None (all {steps + 1} path points at once) or an integer >= 1")
+    if isinstance(pair_batch, bool) or not isinstance(pair_batch, int) or pair_batch < 1:
+        raise ValueError(f"pair_batch must be an integer >= 1, got {pair_batch!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
+        raise ValueError(f"max_length must be an integer >= 4 (tokens), got {max_length!r}")
+
+
+def _load_tokenizer(model):
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not name:
+        raise ValueError("tokenizer: the model has no config.name_or_path to load its tokenizer from; "
+                         "pass tokenizer=AutoTokenizer.from_pretrained(...)")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise ValueError(f"tokenizer: could not load the tokenizer of {name!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); pass tokenizer=... explicitly") from None
+
+
+def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target: TargetSpec = "relevant",
+              baseline: str = "pad", steps: int = 100, rule: str = "trapezoid",
+              layers: Optional[Sequence[str]] = None, include_pooler: bool = False,
+              step_batch: Optional[int] = None, pair_batch: int = 1, max_length: int = 512,
+              output: str = "probability", device: Union[str, torch.device, None] = None,
+              dtype: Optional[torch.dtype] = None, progress: bool = True) -> Attributions:
+    """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
+
+    One batched forward + backward over the path points gives every layer's
+    attribution at once (SPEC §5); parameters get no gradients.
+
+    Args:
+        model: a Hugging Face sequence-classification cross-encoder (1 or 2 logits).
+        pairs: list of (query, passage) strings; an empty or over-long passage
+            is fine (truncated to ``max_length`` tokens, passage first).
+        tokenizer: its fast tokenizer; ``None`` loads ``model.config.name_or_path``'s.
+        target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair.
+        baseline: ``"pad"`` (default), ``"pad-query"``, ``"zero"`` or ``"zero-query"`` (SPEC §3).
+        steps: N, the number of path intervals (N + 1 points are evaluated).
+        rule: ``"trapezoid"`` (default) or ``"left"`` (= Captum LayerConductance,
+            ``riemann_trapezoid``).
+        layers: Linear module names to attribute; ``None`` = every encoder Linear.
+        include_pooler: with ``layers=None``, also attribute the pooler.
+        step_batch: path points per pair in one forward (bounds memory; the
+            result does not depend on it); ``None`` = all N + 1 at once.
+        pair_batch: pairs sharing one forward (padded to the longest).
+        max_length: tokens of the pair encoding.
+        output: ``"probability"`` (default) or ``"logit"``: what F is (SPEC §2).
+        device: where to compute; ``None`` = the model's device (the model is
+            moved there otherwise).
+        dtype: compute dtype under autocast (e.g. ``torch.bfloat16``); the
+            accumulation stays float32.
+        progress: show a progress bar over pairs.
+
+    Returns:
+        :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``.
+    """
+    pairs = _validate_pairs(pairs)
+    _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output)
+    targets = normalize_targets(target, len(pairs))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module (a Hugging Face cross-encoder), got {type(model).__name__}")
+    embeddings = _input_embeddings(model)
+    modules = linear_modules(model, layers, include_pooler)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(model)
+    if device is not None:
+        model.to(device)
+    device = embeddings.weight.device
+    accepts_types = ("token_type_ids" in inspect.signature(model.forward).parameters
+                     and "token_type_ids" in getattr(tokenizer, "model_input_names", ()))
+
+    num_points = steps + 1
+    alphas = torch.linspace(0.0, 1.0, num_points, dtype=torch.float64)
+    step_chunks = _chunks(num_points, step_batch or num_points)
+    P = len(pairs)
+    scores = {n: torch.zeros(P, m.out_features, dtype=torch.float32) for n, m in modules.items()}
+    input_nig = torch.zeros(P, dtype=torch.float64)
+    f_input = torch.zeros(P, dtype=torch.float64)
+    f_base = torch.zeros(P, dtype=torch.float64)
+    num_tokens = torch.zeros(P, dtype=torch.long)
+
+    # Pairs of similar length share a batch: less padding, same results.
+    lengths_hint = [len(q) + len(p) for q, p in pairs]
+    order = sorted(range(P), key=lambda i: -lengths_hint[i])
+    batches = [order[i:i + pair_batch] for i in range(0, P, pair_batch)]
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=P, desc="NIG", unit="pair", disable=not progress)
+    with _frozen_eval(model):
+        for batch in batches:
+            enc = encode_pairs(tokenizer, [pairs[i] for i in batch], max_length, baseline, accepts_types)
+            relevant = torch.tensor([targets[i] == "relevant" for i in batch], device=device)
+            result = _attribute_batch(model, embeddings, modules, enc, relevant, tokenizer.pad_token_id,
+                                      baseline, alphas, step_chunks, rule, output, dtype)
+            out, nig_in, f_in, f_b = result
+            idx = torch.tensor(batch)
+            for n in scores:
+                scores[n][idx] = out[n].cpu()
+            input_nig[idx] = nig_in.cpu()
+            f_input[idx] = f_in.cpu().double()
+            f_base[idx] = f_b.cpu().double()
+            num_tokens[idx] = enc.lengths
+            bar.update(len(batch))
+    bar.close()
+
+    for name, value in scores.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"NIG of layer {name} is not finite (NaN/Inf) for some pairs: the model overflows "
+                             f"along the path; try dtype=torch.float32 or another baseline")
+    delta = input_nig - (f_input - f_base)
+    settings = {
+        "model": getattr(getattr(model, "config", None), "name_or_path", type(model).__name__),
+        "target": sorted(set(targets))[0] if len(set(targets)) == 1 else "per-pair",
+        "output": output, "baseline": baseline, "steps": steps, "rule": rule,
+        "max_length": max_length, "dtype": str(dtype or torch.float32).replace("torch.", ""),
+    }
+    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings)
+
+
+def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pad_id, baseline, alphas,
+                     step_chunks, rule, output, dtype):
+    """Attribute one batch of P pairs over all path points, chunk by chunk."""
+    device = embeddings.weight.device
+    P = enc.input_ids.shape[0]
+    lengths = enc.lengths.to(device)
+    mask = enc.attention_mask.to(device)
+    types = enc.token_type_ids.to(device) if enc.token_type_ids is not None else None
+    with torch.no_grad():
+        x_in, x_base = baseline_embeddings(embeddings, enc, baseline, pad_id)
+        x_in, x_base = x_in.float(), x_base.float()
+        direction = x_in - x_base
+    out = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=device) for n, m in modules.items()}
+    carries: Dict[str, Carry] = {}
+    input_out = torch.zeros(P, x_in.shape[-1], dtype=torch.float64, device=device)
+    input_carry: Optional[Carry] = None
+    f_in = torch.zeros(P, device=device)
+    f_b = torch.zeros(P, device=device)
+    last = len(alphas) - 1
+    for start, stop in step_chunks:
+        S = stop - start
+        alpha = alphas[start:stop].to(device=device, dtype=torch.float32)
+        path = (x_base.unsqueeze(1) + alpha.view(1, S, 1, 1) * direction.unsqueeze(1))
+        path = path.flatten(0, 1).requires_grad_(True)
+        state = _HookState(P, S, lengths, rule, out, carries)
+        handles = [m.register_forward_hook(lambda mod, inp, o, name=name: state.on_forward(name, o))
+                   for name, m in modules.items()]
+        try:
+            kwargs = {"inputs_embeds": path, "attention_mask": mask.repeat_interleave(S, dim=0)}
+            if types is not None:
+                kwargs["token_type_ids"] = types.repeat_interleave(S, dim=0)
+            with _autocast(device, dtype):
+                logits = model(**kwargs).logits
+            f = target_function(logits, relevant.repeat_interleave(S), output)
+            torch.autograd.backward(f.sum(), inputs=[path])
+        finally:
+            for h in handles:
+                h.remove()
+        if state.activations:
+            missing = ", ".join(sorted(state.activations)[:3])
+            raise RuntimeError(f"no gradient reached layer(s) {missing}: they do not influence the model output")
+        f = f.detach().view(P, S)
+        if start == 0:
+            f_b = f[:, 0]
+        if stop - 1 == last:
+            f_in = f[:, -1]
+        path4 = path.detach().unflatten(0, (P, S))
+        grad4 = path.grad.unflatten(0, (P, S))
+        if input_carry is None:
+            input_carry = Carry.like(path4)
+        accumulate_conductance(path4, grad4, lengths, input_out, input_carry, rule)
+    return out, input_out.sum(dim=1), f_in, f_b
