@@ -95,7 +95,8 @@ def target_function(logits: torch.Tensor, relevant: torch.Tensor, output: str = 
     Returns:
         ``[batch]`` F.
     """
-    logits = logits.float()
+    if logits.dtype != torch.float64:  # probabilities in at least fp32, whatever the compute dtype
+        logits = logits.float()
     if logits.shape[-1] == 1:
         s = logits[:, 0]
         signed = torch.where(relevant, s, -s)

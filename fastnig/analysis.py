@@ -1,0 +1,528 @@
+"""The paper's RQ1/RQ2 analyses: numbers, CSV tables and PNG figures.
+
+Every analysis is a function that returns its numbers as a list of rows
+(dicts, one per CSV line) and, given ``out_dir``, also writes the CSV and the
+figure(s) there:
+
+- :func:`pairwise_overlaps` — overlap % of the top-X % sets of every two
+  datasets, per label, over pruning levels; in-domain/out-of-domain pairs
+  (solid) vs out-of-domain/out-of-domain pairs (grey dashed): Figures 2a–d.
+- :func:`intersection_summary` — ∩ over the OOD datasets (∩_O), over all
+  datasets (∩_A), per label, and P_x ∩ N_x per dataset: Figure 3.
+- :func:`layer_component_counts` — members of neuron sets per layer and
+  component: Figures 4–5.
+- :func:`baseline_quality` / :func:`baseline_table` — how much of the
+  relevance signal each baseline erases: Table 1.
+- :func:`scheme_summary` — pairs, dropped pairs, convergence delta per scheme.
+- :func:`analyze` — all of the above from a list of schemes (what
+  ``fastnig analyze`` runs).
+
+Schemes are identified by (dataset, label); a dataset is in-domain when its
+name or SPEC §7 abbreviation equals ``in_domain`` (``"ms"`` by default).
+Percentages of a ∩ over several sets are |∩| / |one set| · 100 (all the sets
+of one level have the same size).  Figures are drawn with matplotlib's Agg
+canvas directly, so the caller's pyplot backend is left alone.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import os
+import re
+from itertools import combinations
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .schemes import (COMPONENTS, LABELS, OTHER_COMPONENTS, RANK_BY, NeuronSet, Scheme, fuse, fuse_all,
+                      intersection, short_name)
+
+DEFAULT_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+"""Pruning levels (% of all neurons) of the overlap curves; the paper's 0.01, 0.1 and 1 among them."""
+
+LABEL_SYMBOL = {"relevant": "P", "non-relevant": "N"}
+_LABEL_COLOR = {"relevant": "tab:red", "non-relevant": "tab:purple"}
+_COMPONENT_COLOR = {"query": "tab:blue", "key": "tab:orange", "value": "tab:green",
+                    "attention_output": "tab:red", "intermediate": "tab:purple", "ff_output": "tab:brown",
+                    "embeddings": "tab:gray", "pooler": "tab:olive", "other": "tab:cyan"}
+
+PathLike = Union[str, os.PathLike]
+Rows = List[Dict[str, object]]
+
+
+# ------------------------------------------------------------------- helpers
+def _matches(dataset: str, names: Iterable[str]) -> bool:
+    names = set(names)
+    return dataset in names or short_name(dataset) in names
+
+
+def index_schemes(schemes: Iterable[Scheme], in_domain: str = "ms") -> Dict[Tuple[str, str], Scheme]:
+    """``(dataset, label) -> Scheme``, in-domain datasets first, then in order of appearance.
+
+    Several schemes of one (dataset, label) — e.g. the parts of a split run —
+    are merged (exactly; shared pair ids are refused).  All schemes must
+    share model, modules and settings (except the target label); fused
+    schemes are refused (give the P_x / N_x schemes; fusions are derived).
+    """
+    schemes = list(schemes)
+    if not schemes:
+        raise ValueError("schemes: give at least one Scheme")
+    for s in schemes:
+        if not isinstance(s, Scheme):
+            raise TypeError(f"schemes: expected Scheme objects, got {type(s).__name__}")
+        if s.is_fused:
+            raise ValueError(f"schemes: {s.name} is a fusion; give the P_x / N_x schemes it was made from")
+        if s.count == 0:
+            raise ValueError(f"schemes: {s.name} has no pairs")
+        schemes[0].check_compatible(s, same_data=False, op="analyse together")
+    out: Dict[Tuple[str, str], Scheme] = {}
+    for s in schemes:
+        key = (s.dataset, s.label)
+        out[key] = out[key].merge(s) if key in out else s
+    return dict(sorted(out.items(), key=lambda kv: not _matches(kv[0][0], [in_domain])))
+
+
+class _TopCache:
+    """Top-X % sets computed once per (scheme, level)."""
+
+    def __init__(self, by: str):
+        if by not in RANK_BY:
+            raise ValueError(f"by must be one of {RANK_BY}, got {by!r}")
+        self.by = by
+        self._sets: Dict[Tuple[int, float], NeuronSet] = {}
+
+    def __call__(self, scheme: Scheme, level: float) -> NeuronSet:
+        key = (id(scheme), float(level))
+        if key not in self._sets:
+            self._sets[key] = scheme.top(level, by=self.by)
+        return self._sets[key]
+
+
+def _check_levels(levels) -> List[float]:
+    try:
+        levels = [float(x) for x in levels]
+    except (TypeError, ValueError):
+        raise TypeError(f"levels must be a list of percentages, got {levels!r}") from None
+    if not levels or any(not 0 < x <= 100 for x in levels):
+        raise ValueError(f"levels must be percentages in (0, 100], e.g. {list(DEFAULT_LEVELS)}; got {levels}")
+    return sorted(set(levels))
+
+
+def _suffix(exclude: Sequence[str]) -> str:
+    return "" if not exclude else "_without_" + "-".join(_slug(x) for x in exclude)
+
+
+def _slug(text: str) -> str:
+    text = text.replace("%", "pct").replace("@", "_at_").replace("⊕", "+").replace("∩", "cap").replace("|", "abs")
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "set"
+
+
+def write_csv(rows: Rows, path: PathLike, columns: Optional[Sequence[str]] = None) -> Path:
+    """Write rows (dicts) to a UTF-8 CSV with a header; floats at full precision."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(columns or (rows[0].keys() if rows else []))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def _figure(width: float = 7.0, height: float = 4.5):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # pragma: no cover - matplotlib is in the "ir" extra
+        raise ImportError("the figures need matplotlib: pip install 'fastnig[ir]' (or pip install matplotlib)") from None
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return path
+
+
+def _level_axis(ax, levels: Sequence[float]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(levels)
+    ax.set_xticklabels([f"{x:g}" for x in levels], rotation=45)
+    ax.minorticks_off()
+    ax.set_xlabel("top neurons kept (% of all neurons, log scale)")
+
+
+# ----------------------------------------------------------- Figures 2a-d
+PAIRWISE_COLUMNS = ("label", "scheme_a", "scheme_b", "dataset_a", "dataset_b", "pair_kind", "level_percent",
+                    "set_size", "common", "overlap_percent")
+
+
+def pairwise_overlaps(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = None, *,
+                      levels: Sequence[float] = DEFAULT_LEVELS, in_domain: str = "ms",
+                      exclude: Sequence[str] = (), by: str = "value") -> Rows:
+    """Overlap % of the top-X % sets of every two datasets of one label (Figures 2a–d).
+
+    Args:
+        schemes: P_x / N_x schemes (see :func:`index_schemes`).
+        out_dir: where to write ``pairwise_overlap<suffix>.csv`` and one
+            ``pairwise_overlap_<label><suffix>.png`` per label; ``None`` =
+            only compute.  ``<suffix>`` is ``_without_<x>-<y>`` when
+            ``exclude`` is given (the paper's Figures 2b/2d).
+        levels: pruning levels, % of all neurons of the model.
+        in_domain: the in-domain dataset (name or abbreviation).
+        exclude: datasets left out (names or abbreviations).
+        by: ``"value"`` (signed mean, default) or ``"abs"``.
+
+    Returns:
+        rows with :data:`PAIRWISE_COLUMNS`: ``pair_kind`` is ``"ID-OOD"``
+        when one dataset is in-domain, ``"OOD-OOD"`` otherwise (``"ID-ID"``
+        if both); ``overlap_percent`` = |S_a ∩ S_b| / |S_a| · 100 (NaN when
+        the level keeps no neuron).
+    """
+    levels = _check_levels(levels)
+    index = index_schemes(schemes, in_domain)
+    top = _TopCache(by)
+    rows: Rows = []
+    for label in LABELS:
+        chosen = [(d, s) for (d, l), s in index.items() if l == label and not _matches(d, exclude)]
+        for (da, sa), (db, sb) in combinations(chosen, 2):
+            ids = _matches(da, [in_domain]) + _matches(db, [in_domain])
+            kind = ("OOD-OOD", "ID-OOD", "ID-ID")[ids]
+            for level in levels:
+                a, b = top(sa, level), top(sb, level)
+                rows.append({"label": label, "scheme_a": sa.name, "scheme_b": sb.name,
+                             "dataset_a": short_name(da), "dataset_b": short_name(db), "pair_kind": kind,
+                             "level_percent": level, "set_size": len(a), "common": len(a & b),
+                             "overlap_percent": a.overlap(b)})
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        suffix = _suffix(exclude)
+        write_csv(rows, out_dir / f"pairwise_overlap{suffix}.csv", PAIRWISE_COLUMNS)
+        for label in LABELS:
+            label_rows = [r for r in rows if r["label"] == label]
+            if label_rows:
+                _plot_pairwise(label_rows, label, levels, exclude,
+                               out_dir / f"pairwise_overlap_{label}{suffix}.png")
+    return rows
+
+
+def _plot_pairwise(rows: Rows, label: str, levels: Sequence[float], exclude: Sequence[str], path: Path) -> Path:
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    curves: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}
+    for r in rows:
+        curves.setdefault((r["scheme_a"], r["scheme_b"], r["pair_kind"]), []).append(
+            (r["level_percent"], r["overlap_percent"]))
+    ood_labelled = False
+    for (a, b, kind), points in curves.items():
+        x, y = zip(*sorted(points))
+        if kind == "OOD-OOD":
+            ax.plot(x, y, linestyle="--", color="0.6", linewidth=1,
+                    label=None if ood_labelled else "OOD ∩ OOD pairs")
+            ood_labelled = True
+        else:
+            ax.plot(x, y, linestyle="-", marker="o", markersize=3, linewidth=1.5, label=f"{a} ∩ {b}")
+    _level_axis(ax, levels)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("overlap (% of a set)")
+    symbol = LABEL_SYMBOL[label]
+    title = f"{label.capitalize()} neurons: {symbol}_x ∩ {symbol}_y"
+    if exclude:
+        title += f" (without {', '.join(exclude)})"
+    ax.set_title(title)
+    ax.legend(fontsize="small", ncol=2)
+    return _save_figure(fig, path)
+
+
+# ------------------------------------------------------------------ Figure 3
+INTERSECTION_COLUMNS = ("curve", "name", "label", "datasets", "level_percent", "set_size", "common", "percent")
+
+
+def intersection_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = None, *,
+                         levels: Sequence[float] = DEFAULT_LEVELS, in_domain: str = "ms",
+                         exclude: Sequence[str] = (), by: str = "value") -> Rows:
+    """∩_O, ∩_A per label and P_x ∩ N_x per dataset over pruning levels (Figure 3).
+
+    Curves (``curve`` column):
+        ``cap_O``: ∩ of the top sets of every out-of-domain dataset of the
+        label (needs two or more); ``cap_A``: the same with the in-domain
+        dataset too (only when there is one); ``P_cap_N``: P_x ∩ N_x for each
+        dataset with both labels (``label`` = ``"both"``).
+    ``percent`` = |∩| / |one set| · 100.  Files: ``intersections<suffix>.csv``
+    and ``.png`` (arguments as in :func:`pairwise_overlaps`).
+    """
+    levels = _check_levels(levels)
+    index = index_schemes(schemes, in_domain)
+    top = _TopCache(by)
+    rows: Rows = []
+
+    def add(curve: str, name: str, label: str, members: List[Scheme], level: float) -> None:
+        sets = [top(s, level) for s in members]
+        common = len(intersection(*sets))
+        size = len(sets[0])
+        rows.append({"curve": curve, "name": name, "label": label,
+                     "datasets": "+".join(short_name(s.dataset) for s in members), "level_percent": level,
+                     "set_size": size, "common": common, "percent": common / size * 100 if size else float("nan")})
+
+    for label in LABELS:
+        symbol = LABEL_SYMBOL[label]
+        all_sets = [s for (d, l), s in index.items() if l == label and not _matches(d, exclude)]
+        ood = [s for s in all_sets if not _matches(s.dataset, [in_domain])]
+        for level in levels:
+            if len(ood) >= 2:
+                add("cap_O", f"∩_O {symbol}", label, ood, level)
+            if len(all_sets) >= 2 and len(all_sets) > len(ood):
+                add("cap_A", f"∩_A {symbol}", label, all_sets, level)
+    for (dataset, label), pos in index.items():
+        if label != "relevant" or _matches(dataset, exclude) or (dataset, "non-relevant") not in index:
+            continue
+        neg = index[(dataset, "non-relevant")]
+        for level in levels:
+            add("P_cap_N", f"{pos.name} ∩ {neg.name}", "both", [pos, neg], level)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        suffix = _suffix(exclude)
+        write_csv(rows, out_dir / f"intersections{suffix}.csv", INTERSECTION_COLUMNS)
+        if rows:
+            _plot_intersections(rows, levels, exclude, out_dir / f"intersections{suffix}.png")
+    return rows
+
+
+def _plot_intersections(rows: Rows, levels: Sequence[float], exclude: Sequence[str], path: Path) -> Path:
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    curves: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}
+    for r in rows:
+        curves.setdefault((r["curve"], r["name"], r["label"]), []).append((r["level_percent"], r["percent"]))
+    pn_labelled = False
+    for (curve, name, label), points in curves.items():
+        x, y = zip(*sorted(points))
+        if curve == "P_cap_N":
+            ax.plot(x, y, linestyle=":", color="0.5", linewidth=1.2,
+                    label=None if pn_labelled else "P_x ∩ N_x (each dataset)")
+            pn_labelled = True
+        else:
+            ax.plot(x, y, linestyle="--" if curve == "cap_O" else "-", marker="o", markersize=3,
+                    color=_LABEL_COLOR[label], label=name)
+    _level_axis(ax, levels)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("neurons in the intersection (% of a set)")
+    title = "Intersections of attribution schemes"
+    if exclude:
+        title += f" (without {', '.join(exclude)})"
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return _save_figure(fig, path)
+
+
+# -------------------------------------------------------------- Figures 4-5
+LAYER_COLUMNS = ("set", "layer", "component", "count")
+
+
+def layer_component_counts(neuron_sets: Union[NeuronSet, Sequence[NeuronSet]],
+                           out_dir: Optional[PathLike] = None) -> Rows:
+    """Members of each set per (layer, component), zeros included (Figures 4–5).
+
+    Files: ``layers_components.csv`` (all sets) and one stacked bar chart
+    ``layers_<set name>.png`` per set.  ``layer`` -1 = outside the layer stack.
+    """
+    if isinstance(neuron_sets, NeuronSet):
+        neuron_sets = [neuron_sets]
+    rows: Rows = []
+    for s in neuron_sets:
+        if not isinstance(s, NeuronSet):
+            raise TypeError(f"neuron_sets: expected NeuronSet objects, got {type(s).__name__}")
+        for (layer, comp), count in s.counts_by_layer_component().items():
+            rows.append({"set": s.name, "layer": layer, "component": comp, "count": count})
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_csv(rows, out_dir / "layers_components.csv", LAYER_COLUMNS)
+        for s in neuron_sets:
+            _plot_layers(s, out_dir / f"layers_{_slug(s.name)}.png")
+    return rows
+
+
+def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
+    counts = neuron_set.counts_by_layer_component()
+    layers = sorted({layer for layer, _ in counts})
+    present = [c for c in COMPONENTS + OTHER_COMPONENTS if any(comp == c for _, comp in counts)]
+    fig = _figure(max(6.0, 0.35 * len(layers) + 2), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = list(range(len(layers)))
+    bottom = [0] * len(layers)
+    for comp in present:
+        heights = [counts.get((layer, comp), 0) for layer in layers]
+        ax.bar(positions, heights, bottom=bottom, color=_COMPONENT_COLOR[comp], label=comp)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(positions)
+    ax.set_xticklabels(["other" if layer < 0 else str(layer) for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons")
+    ax.set_title(f"{neuron_set.name}: {len(neuron_set)} neurons per layer and component")
+    ax.legend(fontsize="small")
+    return _save_figure(fig, path)
+
+
+# ------------------------------------------------------------------- Table 1
+def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
+                         *, max_length: int = 512, batch_size: int = 16) -> Dict[str, float]:
+    """Mean over pairs of P(relevant) − P(non-relevant), at the input and at each baseline.
+
+    The baselines are built exactly as :func:`fastnig.attribute` builds them
+    (``encode_pairs`` + ``baseline_embeddings``): word embeddings replaced,
+    position / token-type embeddings and attention mask those of the input.
+    For a 1-logit model P(non-relevant) = 1 − P(relevant).
+
+    Returns:
+        ``{"original": d_input, "<baseline>": d_baseline, ...}`` (unitless, in [-1, 1]).
+    """
+    from .attribution import (BASELINES, _frozen_eval, _input_embeddings, _validate_pairs, baseline_embeddings,
+                              encode_pairs, relevance_probability)
+
+    pairs = _validate_pairs(pairs)
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    baselines = list(baselines)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"baselines: {unknown} unknown; choose from {BASELINES}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    embeddings = _input_embeddings(model)
+    device = embeddings.weight.device
+    accepts_types = ("token_type_ids" in inspect.signature(model.forward).parameters
+                     and "token_type_ids" in getattr(tokenizer, "model_input_names", ()))
+    totals = {name: 0.0 for name in ["original"] + baselines}
+    # The input's embeddings do not depend on the baseline: take them from the
+    # first encoding ("zero" when only "original" is asked: it needs no [PAD]).
+    first = baselines[0] if baselines else "zero"
+
+    def mean_difference_sum(inputs_embeds: torch.Tensor, enc) -> float:
+        kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": enc.attention_mask.to(device)}
+        if enc.token_type_ids is not None:
+            kwargs["token_type_ids"] = enc.token_type_ids.to(device)
+        p = relevance_probability(model(**kwargs).logits).double()
+        return float((2 * p - 1).sum())  # P(rel) - P(non-rel) = 2 P(rel) - 1
+
+    with _frozen_eval(model), torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start:start + batch_size]
+            enc_first = encode_pairs(tokenizer, batch, max_length, first, accepts_types)
+            x, _ = baseline_embeddings(embeddings, enc_first, first, tokenizer.pad_token_id)
+            totals["original"] += mean_difference_sum(x, enc_first)
+            for name in baselines:
+                enc = enc_first if name == first else encode_pairs(tokenizer, batch, max_length, name, accepts_types)
+                _, x_base = baseline_embeddings(embeddings, enc, name, tokenizer.pad_token_id)
+                totals[name] += mean_difference_sum(x_base, enc)
+    return {name: total / len(pairs) for name, total in totals.items()}
+
+
+def baseline_quality(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
+                     *, max_length: int = 512, batch_size: int = 16) -> Dict[str, float]:
+    """How much relevance signal each baseline keeps (the paper's Table 1, SPEC §3).
+
+    ``quality[b]`` = mean over pairs of P(rel) − P(non-rel) at baseline ``b``
+    divided by the same mean at the real input; ``"original"`` is 1.  Near 0
+    = the baseline erases the relevance signal (what a baseline should do).
+    The paper reports 1 / 0.21 / 1 / 0.67 / 1 for original / pad / pad-query /
+    zero / zero-query on MonoBERT.
+
+    Raises:
+        ValueError: when the mean difference at the input is 0 (the ratio is undefined).
+    """
+    diffs = baseline_differences(model, tokenizer, pairs, baselines, max_length=max_length, batch_size=batch_size)
+    if diffs["original"] == 0:
+        raise ValueError("baseline_quality: the mean P(rel) - P(non-rel) at the input is 0; choose other pairs")
+    return {name: d / diffs["original"] for name, d in diffs.items()}
+
+
+BASELINE_COLUMNS = ("baseline", "mean_difference", "quality")
+
+
+def baseline_table(differences: Mapping[str, float], out_dir: Optional[PathLike] = None) -> Rows:
+    """Table 1 from :func:`baseline_differences`: ``baselines.csv`` and a bar chart ``baselines.png``."""
+    if "original" not in differences:
+        raise ValueError("differences must contain 'original' (use baseline_differences)")
+    base = differences["original"]
+    rows = [{"baseline": name, "mean_difference": float(d), "quality": float(d) / base if base else float("nan")}
+            for name, d in differences.items()]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_csv(rows, out_dir / "baselines.csv", BASELINE_COLUMNS)
+        fig = _figure(6, 4)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.bar([r["baseline"] for r in rows], [r["quality"] for r in rows], color="tab:blue")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("mean P(rel) − P(non-rel), relative to the input")
+        ax.set_title("Baseline quality (closer to 0 = relevance signal erased)")
+        _save_figure(fig, out_dir / "baselines.png")
+    return rows
+
+
+# ------------------------------------------------------------------ summary
+SUMMARY_COLUMNS = ("name", "dataset", "label", "model", "pairs", "dropped", "mean_abs_delta", "max_abs_delta",
+                   "median_relative_delta", "baseline", "steps", "rule", "output", "max_length", "dtype")
+
+
+def scheme_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = None) -> Rows:
+    """One row per scheme: pairs summed, pairs dropped by the agreement filter,
+    convergence delta and settings; file ``schemes.csv``."""
+    rows: Rows = []
+    for s in schemes:
+        delta = s.delta_summary()
+        rows.append({"name": s.name, "dataset": s.dataset, "label": s.label, "model": s.model, "pairs": s.count,
+                     "dropped": s.num_dropped, "mean_abs_delta": delta["mean_abs_delta"],
+                     "max_abs_delta": delta["max_abs_delta"], "median_relative_delta": delta["median_relative_delta"],
+                     **{k: s.settings.get(k) for k in ("baseline", "steps", "rule", "output", "max_length", "dtype")}})
+    if out_dir is not None:
+        write_csv(rows, Path(out_dir) / "schemes.csv", SUMMARY_COLUMNS)
+    return rows
+
+
+# ----------------------------------------------------------------- all of it
+def standard_sets(schemes: Iterable[Scheme], percent: float = 1.0, *, in_domain: str = "ms",
+                  by: str = "value") -> List[NeuronSet]:
+    """The top ``percent`` % sets the paper looks at per layer: every P_x and N_x,
+    F_x = P_x ⊕ N_x for each dataset with both labels, and F_A."""
+    index = index_schemes(schemes, in_domain)
+    sets = [s.top(percent, by=by) for s in index.values()]
+    for (dataset, label), pos in index.items():
+        if label == "relevant" and (dataset, "non-relevant") in index:
+            sets.append(fuse(pos, index[(dataset, "non-relevant")]).top(percent, by=by))
+    if len(index) > 1:
+        sets.append(fuse_all(index.values()).top(percent, by=by))
+    return sets
+
+
+def analyze(schemes: Iterable[Scheme], out_dir: PathLike, *, levels: Sequence[float] = DEFAULT_LEVELS,
+            in_domain: str = "ms", exclude: Sequence[str] = (), by: str = "value",
+            layer_percent: float = 1.0) -> Dict[str, Rows]:
+    """Every scheme analysis into ``out_dir``; returns ``{table name: rows}``.
+
+    Writes ``schemes.csv``; ``pairwise_overlap.csv`` + per-label PNGs and
+    ``intersections.csv/.png`` over all datasets, and again with the
+    ``_without_<...>`` suffix when ``exclude`` is given; and
+    ``layers_components.csv`` + one PNG per set of :func:`standard_sets` at
+    ``layer_percent``.
+    """
+    schemes = list(schemes)
+    index = index_schemes(schemes, in_domain)
+    merged = list(index.values())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables: Dict[str, Rows] = {"schemes": scheme_summary(merged, out_dir)}
+    variants = [()] + ([tuple(exclude)] if exclude else [])
+    for ex in variants:
+        suffix = _suffix(ex)
+        tables[f"pairwise_overlap{suffix}"] = pairwise_overlaps(merged, out_dir, levels=levels,
+                                                                in_domain=in_domain, exclude=ex, by=by)
+        tables[f"intersections{suffix}"] = intersection_summary(merged, out_dir, levels=levels,
+                                                                in_domain=in_domain, exclude=ex, by=by)
+    tables["layers_components"] = layer_component_counts(
+        standard_sets(merged, layer_percent, in_domain=in_domain, by=by), out_dir)
+    return tables

@@ -1,0 +1,169 @@
+"""``fastnig analyze``: figures and CSV tables from saved attribution schemes."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import List
+
+from . import UsageError
+
+DESCRIPTION = """\
+Build the paper's analyses (RQ1/RQ2) from attribution schemes written by
+`fastnig attribute`: which neurons the datasets share, per label and pruning
+level, and where in the model those neurons are.
+
+INPUTS
+  SCHEMES   scheme files (the .json file of each scheme; its .safetensors
+            file must sit beside it) or folders, searched recursively for
+            scheme .json files.  One scheme per (dataset, label): P_x for
+            "relevant", N_x for "non-relevant".  Schemes of the same dataset
+            and label (e.g. two halves of a run) are merged.  All schemes
+            must come from the same model and settings (steps, baseline...).
+
+OUTPUTS (in --out)
+  schemes.csv                      pairs, dropped pairs, convergence delta per scheme
+  pairwise_overlap.csv             overlap % of the top-X% sets of every two datasets
+  pairwise_overlap_<label>.png     ... one figure per label (paper Fig. 2a/2c):
+                                   solid = in-domain vs OOD, grey dashed = OOD vs OOD
+  intersections.csv / .png         ∩ over OOD datasets, over all datasets, and
+                                   P_x ∩ N_x per dataset (paper Fig. 3)
+  *_without_<x>.csv / .png         the same without the --exclude datasets (Fig. 2b/2d)
+  layers_components.csv            neurons per layer and component of the top
+  layers_<set>.png                 --layer-percent sets: P_x, N_x, F_x = P_x ⊕ N_x, F_A
+                                   (paper Fig. 4-5)
+  baselines.csv / .png             with --baseline-model: Table 1, how much of the
+                                   relevance signal each baseline erases
+
+EXAMPLE
+  fastnig attribute ... --out runs/      # one scheme per dataset and label
+  fastnig analyze runs/ --out report/ --in-domain ms --exclude r nf
+  fastnig analyze --baseline-model castorini/monobert-large-msmarco \\
+      --baseline-pairs pairs.tsv --out report/
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze", help="figures and CSV tables (overlaps, intersections, layers, baselines) from schemes",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("schemes", nargs="*", metavar="SCHEMES",
+                   help="scheme .json files or folders containing them")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the CSV tables and PNG figures")
+    p.add_argument("--levels", type=float, nargs="+", metavar="PCT", default=None,
+                   help="pruning levels, %% of all neurons (default: 0.01 0.02 0.05 0.1 0.2 0.5 1 2 5 10)")
+    p.add_argument("--in-domain", default="ms", metavar="NAME",
+                   help="the in-domain dataset, by name or abbreviation (default: ms, TREC DL 2019)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                   help="also make every overlap figure without these datasets (the paper: r nf)")
+    p.add_argument("--by", choices=("value", "abs"), default="value",
+                   help="rank neurons by signed mean (value, default) or absolute mean (abs)")
+    p.add_argument("--layer-percent", type=float, default=1.0, metavar="PCT",
+                   help="top %% of neurons shown per layer and component (default: 1)")
+    b = p.add_argument_group("baseline comparison (Table 1), optional")
+    b.add_argument("--baseline-model", metavar="MODEL",
+                   help="Hugging Face cross-encoder (name or local folder) to compare baselines on")
+    b.add_argument("--baseline-pairs", metavar="FILE",
+                   help="pairs: TSV lines 'query<TAB>passage', or JSONL with 'query' and 'passage' keys")
+    b.add_argument("--baseline-max-pairs", type=int, default=1000, metavar="N",
+                   help="use the first N pairs of the file (default: 1000, as the paper)")
+    b.add_argument("--max-length", type=int, default=512, metavar="TOKENS",
+                   help="tokens of the pair encoding (default: 512)")
+    b.add_argument("--device", default=None, help="where to run the model (default: cuda if available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def find_scheme_files(paths: List[str]) -> List[Path]:
+    """Scheme JSON files from files and folders (folders searched recursively), sorted, no duplicates."""
+    from ..schemes import is_scheme_file, scheme_json_path
+
+    found: List[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*.json") if is_scheme_file(p))
+            if not inside:
+                raise UsageError(f"no scheme files (.json written by fastnig attribute) in folder {path}")
+            found.extend(inside)
+            continue
+        json_path = scheme_json_path(path)
+        if not json_path.is_file():
+            raise UsageError(f"{raw}: no such scheme file or folder")
+        if not is_scheme_file(json_path):
+            raise UsageError(f"{json_path} is not a fastnig scheme file")
+        found.append(json_path)
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def read_pairs(path: str, limit: int) -> list:
+    """(query, passage) pairs from a TSV or JSONL file, the first ``limit``."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--baseline-pairs: no such file {path}")
+    pairs = []
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    row = json.loads(line)
+                    pairs.append((row["query"], row.get("passage", row.get("text"))))
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise UsageError(f"{path}:{number}: a JSONL line needs 'query' and 'passage' ({exc})") from None
+            else:
+                parts = line.split("\t")
+                if len(parts) < 2:
+                    raise UsageError(f"{path}:{number}: expected 'query<TAB>passage'")
+                pairs.append((parts[-2], parts[-1]) if len(parts) > 2 else (parts[0], parts[1]))
+            if len(pairs) >= limit:
+                break
+    if not pairs:
+        raise UsageError(f"--baseline-pairs: {path} holds no pairs")
+    return pairs
+
+
+def run(args) -> int:
+    from ..analysis import DEFAULT_LEVELS, analyze, baseline_differences, baseline_table
+    from ..schemes import Scheme
+
+    if not args.schemes and not args.baseline_model:
+        raise UsageError("give scheme files/folders, or --baseline-model and --baseline-pairs (see --help)")
+    if bool(args.baseline_model) != bool(args.baseline_pairs):
+        raise UsageError("--baseline-model and --baseline-pairs go together")
+    if args.baseline_max_pairs < 1:
+        raise UsageError("--baseline-max-pairs must be >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time() - 1
+
+    if args.schemes:
+        files = find_scheme_files(args.schemes)
+        schemes = [Scheme.load(f) for f in files]
+        print(f"read {len(schemes)} scheme(s): " + ", ".join(f"{s.name} ({s.count} pairs)" for s in schemes))
+        tables = analyze(schemes, out, levels=args.levels or DEFAULT_LEVELS, in_domain=args.in_domain,
+                         exclude=args.exclude, by=args.by, layer_percent=args.layer_percent)
+        for row in tables["schemes"]:
+            print(f"  {row['name']}: {row['pairs']} pairs, {row['dropped']} dropped by the agreement filter, "
+                  f"mean |delta| {row['mean_abs_delta']:.3g}")
+
+    if args.baseline_model:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        pairs = read_pairs(args.baseline_pairs, args.baseline_max_pairs)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.baseline_model)
+            model = AutoModelForSequenceClassification.from_pretrained(args.baseline_model).to(device)
+        except OSError as exc:
+            raise UsageError(f"--baseline-model: cannot load {args.baseline_model!r}: {str(exc).splitlines()[0]}") from None
+        diffs = baseline_differences(model, tokenizer, pairs, max_length=args.max_length)
+        for row in baseline_table(diffs, out):
+            print(f"  baseline {row['baseline']:<10} quality {row['quality']:.3f}")
+
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= started)
+    print(f"wrote {len(written)} file(s) to {out}: " + ", ".join(p.name for p in written))
+    return 0

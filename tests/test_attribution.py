@@ -1,0 +1,231 @@
+"""fastnig.attribute against Captum, and its invariances."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastnig
+from fastnig.attribution import linear_modules, target_function
+from tiny_models import PAIRS, make_model, make_tokenizer
+
+captum_attr = pytest.importorskip("captum.attr")
+
+FAMILIES = [  # (model family, logits, tokenizer family)
+    ("bert", 2, "bert"),
+    ("electra", 1, "bert"),
+    ("distilbert", 2, "distilbert"),
+]
+
+
+def _captum_conductance(model, tokenizer, query, passage, target, steps):
+    """Captum LayerConductance (riemann_trapezoid) summed over tokens, per Linear."""
+    enc = tokenizer(query, passage, truncation="only_second", max_length=512, return_tensors="pt",
+                    return_special_tokens_mask=True)
+    ids = enc["input_ids"]
+    special = enc["special_tokens_mask"].bool()
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        x = emb(ids)
+        x_base = emb(torch.where(special, ids, torch.full_like(ids, tokenizer.pad_token_id)))  # 'pad' baseline
+    extra = {"attention_mask": enc["attention_mask"]}
+    if "token_type_ids" in enc:
+        extra["token_type_ids"] = enc["token_type_ids"]
+    relevant = target == "relevant"
+
+    def forward(inputs_embeds):
+        n = inputs_embeds.shape[0]
+        kwargs = {k: v.expand(n, -1) for k, v in extra.items()}
+        logits = model(inputs_embeds=inputs_embeds, **kwargs).logits
+        return target_function(logits, torch.full((n,), relevant), "probability")
+
+    result = {}
+    for name, module in linear_modules(model).items():
+        lc = captum_attr.LayerConductance(forward, module)
+        attr = lc.attribute(x, baselines=x_base, n_steps=steps, method="riemann_trapezoid")
+        result[name] = attr.detach().sum(dim=1)[0]
+    return result
+
+
+@pytest.mark.parametrize("family,logits,tok_family", FAMILIES)
+@pytest.mark.parametrize("target", ["relevant", "non-relevant"])
+def test_left_rule_equals_captum_layer_conductance(family, logits, tok_family, target):
+    tok = make_tokenizer(tok_family)
+    model = make_model(family, num_labels=logits, vocab_size=tok.vocab_size, seed=1)
+    query, passage = PAIRS[0]
+    steps = 16
+    ours = fastnig.attribute(model, [(query, passage)], tokenizer=tok, target=target, steps=steps,
+                             rule="left", progress=False)
+    ref = _captum_conductance(model, tok, query, passage, target, steps)
+    assert set(ours.scores) == set(ref)
+    # every encoder Linear: q, k, v, attention output, intermediate, output dense per layer
+    assert len(ref) >= 6 * model.config.num_hidden_layers if family != "distilbert" else len(ref) == 12
+    for name, expected in ref.items():
+        got = ours.scores[name][0]
+        rel = (got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)
+        assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
+
+
+def test_classifier_and_pooler_are_excluded_by_default(tiny_bert):
+    names = list(linear_modules(tiny_bert))
+    assert not any("classifier" in n or "pooler" in n for n in names)
+    assert any("pooler" in n for n in linear_modules(tiny_bert, include_pooler=True))
+    L = tiny_bert.config.num_hidden_layers
+    assert len(names) == 6 * L
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_bert, tokenizer):
+    return fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, progress=False)
+
+
+@pytest.mark.parametrize("step_batch", [1, 3, 7, 21])
+def test_chunked_equals_unchunked(tiny_bert, tokenizer, reference_run, step_batch):
+    chunked = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, step_batch=step_batch,
+                                progress=False)
+    for name, ref in reference_run.scores.items():
+        torch.testing.assert_close(chunked.scores[name], ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked.delta, reference_run.delta, rtol=1e-3, atol=1e-6)
+
+
+def test_batched_pairs_equal_one_by_one(tiny_bert, tokenizer, reference_run):
+    batched = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, pair_batch=len(PAIRS),
+                                progress=False)
+    assert len(set(batched.num_tokens.tolist())) > 1, "the pairs must differ in length"
+    for name, ref in reference_run.scores.items():
+        torch.testing.assert_close(batched.scores[name], ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(batched.f_input, reference_run.f_input, rtol=1e-5, atol=1e-6)
+
+
+def test_delta_shrinks_with_steps_and_trapezoid_beats_left(tiny_bert, tokenizer):
+    pairs = PAIRS[:2]
+    deltas = {}
+    for rule in ("left", "trapezoid"):
+        for steps in (4, 16, 64):
+            r = fastnig.attribute(tiny_bert, pairs, tokenizer=tokenizer, steps=steps, rule=rule, progress=False)
+            deltas[rule, steps] = r.delta.abs()
+    for rule in ("left", "trapezoid"):
+        assert (deltas[rule, 16] < deltas[rule, 4]).all()
+        assert (deltas[rule, 64] < deltas[rule, 16]).all()
+    assert (deltas["trapezoid", 64] < deltas["left", 64]).all()
+
+
+def test_completeness_of_the_input_sum(tiny_bert, tokenizer, reference_run):
+    # f_input / f_baseline are F at the path ends; the model agrees.
+    enc = tokenizer(*PAIRS[1], return_tensors="pt")
+    with torch.no_grad():
+        p = fastnig.relevance_probability(tiny_bert(**enc).logits)
+    assert reference_run.f_input[1].item() == pytest.approx(p.item(), abs=1e-5)
+    assert reference_run.relative_delta().max() < 1e-2
+
+
+def test_settings_and_shapes(reference_run, tiny_bert):
+    r = reference_run
+    assert r.num_pairs == len(PAIRS)
+    assert r.settings["steps"] == 20 and r.settings["rule"] == "trapezoid" and r.settings["baseline"] == "pad"
+    for name, module in linear_modules(tiny_bert).items():
+        assert r.scores[name].shape == (len(PAIRS), module.out_features)
+        assert r.scores[name].dtype == torch.float32
+    assert r.num_tokens[2] == 4  # "[CLS] boundary layer [SEP] [SEP]": empty passage is valid
+
+
+@pytest.mark.parametrize("family,tok_family", [("roberta", "roberta"), ("distilbert", "distilbert")])
+def test_models_without_token_type_ids(family, tok_family):
+    tok = make_tokenizer(tok_family)
+    model = make_model(family, num_labels=1, vocab_size=tok.vocab_size)
+    r = fastnig.attribute(model, PAIRS[:2], tokenizer=tok, steps=32, progress=False)
+    assert all(torch.isfinite(s).all() for s in r.scores.values())
+    assert r.delta.abs().max() < 0.01
+    enc = tok([PAIRS[0][0]], [PAIRS[0][1]], return_tensors="pt")
+    assert "token_type_ids" not in enc
+    with torch.no_grad():  # the embeddings path reproduces the model's own output on input_ids
+        p = fastnig.relevance_probability(model(**enc).logits)
+    assert r.f_input[0].item() == pytest.approx(p.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("baseline", ["pad", "pad-query", "zero", "zero-query"])
+def test_baselines_start_where_they_should(tiny_bert, tokenizer, baseline):
+    r = fastnig.attribute(tiny_bert, PAIRS[:1], tokenizer=tokenizer, steps=4, baseline=baseline, progress=False)
+    q, p = PAIRS[0]
+    enc = tokenizer(q, p, return_tensors="pt", return_special_tokens_mask=True)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"].bool()
+    replace = ~special
+    if baseline.endswith("query"):
+        replace &= enc["token_type_ids"] == 0
+    emb = tiny_bert.get_input_embeddings()
+    with torch.no_grad():
+        if baseline.startswith("pad"):
+            x = emb(torch.where(replace, torch.full_like(ids, tokenizer.pad_token_id), ids))
+        else:
+            x = emb(ids) * (~replace).unsqueeze(-1)
+        expected = fastnig.relevance_probability(
+            tiny_bert(inputs_embeds=x, attention_mask=enc["attention_mask"],
+                      token_type_ids=enc["token_type_ids"]).logits)
+    assert r.f_baseline[0].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_bf16_compute(tiny_bert, tokenizer, reference_run):
+    r = fastnig.attribute(tiny_bert, PAIRS[:2], tokenizer=tokenizer, steps=20, dtype=torch.bfloat16,
+                          progress=False)
+    for name in reference_run.scores:
+        got, ref = r.scores[name], reference_run.scores[name][:2]
+        assert (got - ref).norm() / ref.norm() < 0.1, name
+
+
+def test_tokenizer_and_model_load_from_a_saved_directory(tmp_path, tiny_bert, tokenizer, reference_run):
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    r = fastnig.attribute(model, PAIRS[:2], steps=20, progress=False)  # tokenizer from config.name_or_path
+    assert r.settings["model"] == str(tmp_path)
+    for name in reference_run.scores:
+        torch.testing.assert_close(r.scores[name], reference_run.scores[name][:2], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(pairs=[]), ValueError, "pairs is empty"),
+    (dict(pairs=[(1, "x")]), TypeError, "query and passage must be strings"),
+    (dict(pairs=("q", "p")), TypeError, "wrap a single pair"),
+    (dict(baseline="unk"), ValueError, "baseline must be one of"),
+    (dict(rule="simpson"), ValueError, "rule must be one of"),
+    (dict(target="maybe"), ValueError, "target must be"),
+    (dict(target=["relevant"]), ValueError, "target has 1 labels"),
+    (dict(steps=0), ValueError, "steps must be"),
+    (dict(step_batch=0), ValueError, "step_batch"),
+    (dict(layers=["nope"]), ValueError, "not nn.Linear"),
+])
+def test_bad_input_is_named(tiny_bert, tokenizer, kwargs, exc, words):
+    args = dict(pairs=PAIRS[:2])
+    args.update(kwargs)
+    pairs = args.pop("pairs")
+    with pytest.raises(exc, match=words):
+        fastnig.attribute(tiny_bert, pairs, tokenizer=tokenizer, progress=False, **args)
+
+
+def test_model_without_input_embeddings_is_refused(tokenizer):
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        fastnig.attribute(torch.nn.Linear(2, 2), PAIRS[:1], tokenizer=tokenizer, progress=False)
+
+
+def test_non_finite_result_names_the_layer(tokenizer):
+    model = make_model("bert", vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        fastnig.attribute(model, PAIRS[:1], tokenizer=tokenizer, steps=2, progress=False)
+
+
+def test_over_long_passage_is_truncated(tiny_bert, tokenizer):
+    long = " ".join(["heat transfer"] * 400)
+    r = fastnig.attribute(tiny_bert, [("wing", long)], tokenizer=tokenizer, steps=2, max_length=64,
+                          progress=False)
+    assert r.num_tokens[0] == 64
+
+
+def test_parameters_get_no_gradients_and_state_is_restored(tokenizer):
+    model = make_model("bert", vocab_size=tokenizer.vocab_size).train()
+    fastnig.attribute(model, PAIRS[:1], tokenizer=tokenizer, steps=2, progress=False)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
