@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "DATASETS", "ATTRIBUTION_DATASETS", "VALIDATION_DATASETS", "IN_DOMAIN", "PAPER_NAMES",
     "WITHOUT_NONRELEVANT", "DatasetUnavailable", "MissingJudgments", "LabelledPair", "Collection",
-    "load_collection", "sample_pairs", "filter_agreeing",
+    "load_collection", "sample_pairs", "filter_agreeing", "NEGATIVES",
 ]
 
 # ------------------------------------------------------------------ datasets
@@ -946,8 +946,34 @@ def _sample_key(seed: int, qid: str, did: str) -> bytes:
     return hashlib.blake2b(f"{seed}\x1f{qid}\x1f{did}".encode(), digest_size=8).digest()
 
 
+NEGATIVES = ("judged", "unjudged")
+
+
+def _unjudged_candidates(collection: Collection, qrels, relevance_threshold: int, seed: int, per_query: int):
+    """(qid, doc_id, 0) for up to ``per_query`` random unjudged documents of each query with a relevant doc."""
+    import random
+
+    doc_ids = sorted(did for did, _ in collection.iter_docs())
+    out = []
+    for qid in sorted(qrels):
+        judged = qrels[qid]
+        if not any(g >= relevance_threshold for g in judged.values()):
+            continue
+        rng = random.Random(_sample_key(seed, qid, ""))
+        picked = set()
+        for _ in range(per_query * 20):  # rejection sampling; judged docs are few
+            if len(picked) == per_query or len(picked) + len(judged) >= len(doc_ids):
+                break
+            did = doc_ids[rng.randrange(len(doc_ids))]
+            if did not in judged:
+                picked.add(did)
+        out.extend((qid, did, 0) for did in sorted(picked))
+    return out
+
+
 def sample_pairs(collection: Union[Collection, str], *, label: Union[int, str], num_pairs: int, seed: int = 0,
-                 relevance_threshold: int = 1, max_per_query: Optional[int] = None) -> List[LabelledPair]:
+                 relevance_threshold: int = 1, max_per_query: Optional[int] = None,
+                 negatives: str = "judged") -> List[LabelledPair]:
     """Draw ``num_pairs`` judged pairs of one label, deterministically from ``seed``.
 
     Relevant (label 1) = qrel grade >= ``relevance_threshold``; non-relevant
@@ -971,6 +997,12 @@ def sample_pairs(collection: Union[Collection, str], *, label: Union[int, str], 
         seed: any int.
         relevance_threshold: lowest grade counted as relevant (>= 1).
         max_per_query: at most this many pairs per query (``None`` = no cap).
+        negatives: for label 0, ``"judged"`` (default, SPEC §6: qrel grade 0
+            only) or ``"unjudged"``: random documents the qrels do not list
+            for a query that has a relevant one (grade 0 in the pairs) — the
+            usual random negatives, for collections such as Cranfield or
+            NFCorpus that judge no document non-relevant.  It lists every doc
+            id, so it is meant for small corpora.
 
     Returns:
         ``num_pairs`` :class:`LabelledPair`, in sampling order.
@@ -994,18 +1026,27 @@ def sample_pairs(collection: Union[Collection, str], *, label: Union[int, str], 
                                       or max_per_query < 1):
         raise ValueError(f"max_per_query must be an int >= 1 or None, got {max_per_query!r}")
 
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+
     queries = collection.queries()
     qrels = collection.qrels()
     grades = sorted({g for docs in qrels.values() for g in docs.values()})
-    matches = (lambda g: g == 0) if label == 0 else (lambda g: g >= relevance_threshold)
-    candidates = [(qid, did, g) for qid, docs in qrels.items() for did, g in docs.items() if matches(g)]
+    if label == 0 and negatives == "unjudged":
+        judged_queries = max(sum(1 for d in qrels.values() if d), 1)
+        candidates = _unjudged_candidates(collection, qrels, relevance_threshold, seed,
+                                          per_query=max(2 * -(-num_pairs // judged_queries), 2))
+    else:
+        matches = (lambda g: g == 0) if label == 0 else (lambda g: g >= relevance_threshold)
+        candidates = [(qid, did, g) for qid, docs in qrels.items() for did, g in docs.items() if matches(g)]
     if not candidates:
         if label == 0:
             raise MissingJudgments(
                 f"dataset {collection.name!r} has no non-relevant judgments (no qrel with grade 0; its grades "
                 f"are {grades}), so no label-0 pairs can be sampled: unjudged documents are not taken as "
                 f"non-relevant. SPEC §6 leaves such datasets out of the non-relevant schemes (N_x); check "
-                f"Collection.has_nonrelevant and sample label 1 only.")
+                f"Collection.has_nonrelevant and sample label 1 only, or pass negatives='unjudged' to use "
+                f"random unjudged documents as non-relevant.")
         raise MissingJudgments(
             f"dataset {collection.name!r} has no qrel with grade >= {relevance_threshold} (its grades are "
             f"{grades}); lower relevance_threshold.")

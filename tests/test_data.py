@@ -459,3 +459,24 @@ def test_filter_agreeing_arguments(tiny_bert, tokenizer):
         filter_agreeing(tiny_bert, tokenizer, [("q", "p")], progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         filter_agreeing(tiny_bert, tokenizer, labelled_pairs(), batch_size=0, progress=False)
+
+
+def test_unjudged_negatives_are_unjudged_and_deterministic(tmp_path):
+    from fastnig.data import load_collection, sample_pairs
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "title": "", "text": f"document number {i}"} for i in range(30)]
+    (folder / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (folder / "queries.jsonl").write_text("\n".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"})
+                                                    for i in range(3)) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td1\t1\nq1\td2\t2\nq2\td3\t1\n")
+    col = load_collection(folder, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="negatives='unjudged'"):
+        sample_pairs(col, label=0, num_pairs=4)
+    pairs = sample_pairs(col, label=0, num_pairs=6, seed=3, negatives="unjudged")
+    assert len(pairs) == 6 and all(p.label == 0 for p in pairs)
+    qrels = col.qrels()
+    assert all(p.doc_id not in qrels[p.query_id] for p in pairs)
+    assert pairs == sample_pairs(col, label=0, num_pairs=6, seed=3, negatives="unjudged")
+    assert pairs != sample_pairs(col, label=0, num_pairs=6, seed=4, negatives="unjudged")
