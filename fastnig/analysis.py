@@ -19,6 +19,8 @@ figure(s) there:
 
 Schemes are identified by (dataset, label); a dataset is in-domain when its
 name or SPEC §7 abbreviation equals ``in_domain`` (``"ms"`` by default).
+Datasets are listed in-domain first, then by short name, whatever the order
+the schemes were given in.
 Percentages of a ∩ over several sets are |∩| / |one set| · 100 (all the sets
 of one level have the same size).  Figures are drawn with matplotlib's Agg
 canvas directly, so the caller's pyplot backend is left alone.
@@ -58,7 +60,7 @@ def _matches(dataset: str, names: Iterable[str]) -> bool:
 
 
 def index_schemes(schemes: Iterable[Scheme], in_domain: str = "ms") -> Dict[Tuple[str, str], Scheme]:
-    """``(dataset, label) -> Scheme``, in-domain datasets first, then in order of appearance.
+    """``(dataset, label) -> Scheme``: in-domain datasets first, then by short name; P before N.
 
     Several schemes of one (dataset, label) — e.g. the parts of a split run —
     are merged (exactly; shared pair ids are refused).  All schemes must
@@ -80,7 +82,8 @@ def index_schemes(schemes: Iterable[Scheme], in_domain: str = "ms") -> Dict[Tupl
     for s in schemes:
         key = (s.dataset, s.label)
         out[key] = out[key].merge(s) if key in out else s
-    return dict(sorted(out.items(), key=lambda kv: not _matches(kv[0][0], [in_domain])))
+    return dict(sorted(out.items(), key=lambda kv: (not _matches(kv[0][0], [in_domain]), short_name(kv[0][0]),
+                                                    kv[0][0], LABELS.index(kv[0][1]))))
 
 
 class _TopCache:
@@ -363,6 +366,9 @@ def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
     ax.set_xticklabels(["other" if layer < 0 else str(layer) for layer in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{neuron_set.name}: {len(neuron_set)} neurons per layer and component")
     ax.legend(fontsize="small")
     return _save_figure(fig, path)

@@ -431,13 +431,25 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
             raise ValueError(f"NIG of layer {name} is not finite (NaN/Inf) for some pairs: the model overflows "
                              f"along the path; try dtype=torch.float32 or another baseline")
     delta = input_nig - (f_input - f_base)
-    settings = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", type(model).__name__),
-        "target": sorted(set(targets))[0] if len(set(targets)) == 1 else "per-pair",
-        "output": output, "baseline": baseline, "steps": steps, "rule": rule,
+    target_name = targets[0] if len(set(targets)) == 1 else "per-pair"
+    settings = attribution_settings(model, target=target_name, output=output, baseline=baseline, steps=steps,
+                                    rule=rule, max_length=max_length, dtype=dtype)
+    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings)
+
+
+def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
+                         steps: int = 100, rule: str = "trapezoid", max_length: int = 512,
+                         dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """The ``settings`` dict :func:`attribute` records for these arguments.
+
+    Lets a resumed job check, before computing anything, that a saved scheme
+    was made with the same settings.
+    """
+    return {
+        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
+        "target": target, "output": output, "baseline": baseline, "steps": steps, "rule": rule,
         "max_length": max_length, "dtype": str(dtype or torch.float32).replace("torch.", ""),
     }
-    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings)
 
 
 def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pad_id, baseline, alphas,

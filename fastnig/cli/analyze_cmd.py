@@ -142,6 +142,11 @@ def run(args) -> int:
     if args.schemes:
         files = find_scheme_files(args.schemes)
         schemes = [Scheme.load(f) for f in files]
+        for s in [s for s in schemes if s.is_fused]:
+            print(f"skipping {s.name}: a fusion (fusions are derived here from the P_x / N_x schemes)")
+        schemes = [s for s in schemes if not s.is_fused]
+        if not schemes:
+            raise UsageError("no P_x / N_x scheme among the files given (only fusions)")
         print(f"read {len(schemes)} scheme(s): " + ", ".join(f"{s.name} ({s.count} pairs)" for s in schemes))
         tables = analyze(schemes, out, levels=args.levels or DEFAULT_LEVELS, in_domain=args.in_domain,
                          exclude=args.exclude, by=args.by, layer_percent=args.layer_percent)
