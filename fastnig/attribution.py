@@ -23,6 +23,8 @@ from .kernels import RULES, Carry, accumulate_conductance
 BASELINES = ("pad", "pad-query", "zero", "zero-query")
 TARGETS = ("relevant", "non-relevant")
 OUTPUTS = ("probability", "logit")
+NODES = ("uniform", "chebyshev")
+AUTO_START_STEPS = 16
 
 Pair = Tuple[str, str]
 TargetSpec = Union[str, int, bool, Sequence[Union[str, int, bool]]]
@@ -41,6 +43,8 @@ class Attributions:
         f_input, f_baseline: ``[num_pairs]`` F at the input and the baseline.
         targets: per pair, ``"relevant"`` or ``"non-relevant"``.
         num_tokens: ``[num_pairs]`` real tokens of each pair after truncation.
+        steps_used: ``[num_pairs]`` path intervals N of each pair (differs
+            between pairs only with ``steps="auto"``).
         settings: what the scores were computed with (model, target function,
             baseline, steps, rule, max_length, dtype).
     """
@@ -52,6 +56,7 @@ class Attributions:
     targets: List[str]
     num_tokens: torch.Tensor
     settings: Dict[str, object] = field(default_factory=dict)
+    steps_used: Optional[torch.Tensor] = None
 
     @property
     def num_pairs(self) -> int:
@@ -63,7 +68,39 @@ class Attributions:
 
     def relative_delta(self) -> torch.Tensor:
         """``[num_pairs]`` |delta| / |F(x) - F(x')| (inf where F did not move)."""
-        return self.delta.abs() / (self.f_input - self.f_baseline).abs()
+        return relative_delta(self.delta, self.f_input, self.f_baseline)
+
+
+def relative_delta(delta: torch.Tensor, f_input: torch.Tensor, f_baseline: torch.Tensor,
+                   floor: float = 0.0) -> torch.Tensor:
+    """|delta| / max(|F(x) - F(x')|, floor): the integration error relative to what is attributed."""
+    return delta.abs() / (f_input - f_baseline).abs().clamp_min(floor)
+
+
+def path_nodes(steps: int, nodes: str = "uniform") -> torch.Tensor:
+    """The N + 1 path positions 0 = α_0 < ... < α_N = 1, float64 ``[steps + 1]``.
+
+    ``uniform``: α_k = k / N.  ``chebyshev``: Chebyshev–Lobatto nodes
+    α_k = (1 - cos(π k / N)) / 2, denser near both ends of the path, where
+    the baseline's and the input's saturated regions meet the transition.
+    """
+    k = torch.arange(steps + 1, dtype=torch.float64)
+    if nodes == "uniform":
+        alphas = k / steps
+    elif nodes == "chebyshev":
+        alphas = (1 - torch.cos(math.pi * k / steps)) / 2
+    else:
+        raise ValueError(f"nodes must be one of {NODES}, got {nodes!r}")
+    alphas[0], alphas[-1] = 0.0, 1.0
+    return alphas
+
+
+def auto_step_levels(max_steps: int) -> List[int]:
+    """Refinement levels of ``steps="auto"``: 16, 32, ... doubling, ending at ``max_steps``."""
+    levels = [min(AUTO_START_STEPS, max_steps)]
+    while levels[-1] < max_steps:
+        levels.append(min(levels[-1] * 2, max_steps))
+    return levels
 
 
 # --------------------------------------------------------------------------- F
@@ -310,7 +347,16 @@ def _chunks(total: int, size: int) -> List[Tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output):
+def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
+                    max_steps):
+    if nodes not in NODES:
+        raise ValueError(f"nodes must be one of {NODES}, got {nodes!r}")
+    if steps == "auto":
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
+            raise ValueError(f"tolerance must be a number > 0 (relative convergence delta), got {tolerance!r}")
+        steps = max_steps
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if rule not in RULES:
@@ -318,7 +364,7 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1 (path intervals), got {steps!r}")
+        raise ValueError(f"steps must be an integer >= 1 (path intervals) or 'auto', got {steps!r}")
     if step_batch is not None and (isinstance(step_batch, bool) or not isinstance(step_batch, int) or step_batch < 1):
         raise ValueError(f"step_batch must be None (all {steps + 1} path points at once) or an integer >= 1")
     if isinstance(pair_batch, bool) or not isinstance(pair_batch, int) or pair_batch < 1:
@@ -344,7 +390,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
               baseline: str = "pad", steps: int = 100, rule: str = "trapezoid",
               layers: Optional[Sequence[str]] = None, include_pooler: bool = False,
               step_batch: Optional[int] = None, pair_batch: int = 1, max_length: int = 512,
-              output: str = "probability", device: Union[str, torch.device, None] = None,
+              output: str = "probability", nodes: str = "uniform", tolerance: float = 0.01,
+              max_steps: int = 256, device: Union[str, torch.device, None] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True) -> Attributions:
     """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
 
@@ -358,7 +405,11 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         tokenizer: its fast tokenizer; ``None`` loads ``model.config.name_or_path``'s.
         target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair.
         baseline: ``"pad"`` (default), ``"pad-query"``, ``"zero"`` or ``"zero-query"`` (SPEC §3).
-        steps: N, the number of path intervals (N + 1 points are evaluated).
+        steps: N, the number of path intervals (N + 1 points are evaluated),
+            or ``"auto"``: per pair, N = 16, 32, ... doubling up to
+            ``max_steps`` until |delta| <= ``tolerance`` · max(|F(x) - F(x')|,
+            0.01); each level is a fresh run, so a pair's result equals a
+            fixed-``steps`` run at its final N (``Attributions.steps_used``).
         rule: ``"trapezoid"`` (default) or ``"left"`` (= Captum LayerConductance,
             ``riemann_trapezoid``).
         layers: Linear module names to attribute; ``None`` = every encoder Linear.
@@ -368,6 +419,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         pair_batch: pairs sharing one forward (padded to the longest).
         max_length: tokens of the pair encoding.
         output: ``"probability"`` (default) or ``"logit"``: what F is (SPEC §2).
+        nodes: ``"uniform"`` (default) or ``"chebyshev"`` path positions (:func:`path_nodes`).
+        tolerance, max_steps: the stopping rule of ``steps="auto"``.
         device: where to compute; ``None`` = the model's device (the model is
             moved there otherwise).
         dtype: compute dtype under autocast (e.g. ``torch.bfloat16``); the
@@ -378,7 +431,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``.
     """
     pairs = _validate_pairs(pairs)
-    _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output)
+    _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
+                    max_steps)
     targets = normalize_targets(target, len(pairs))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module (a Hugging Face cross-encoder), got {type(model).__name__}")
@@ -392,15 +446,14 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     accepts_types = ("token_type_ids" in inspect.signature(model.forward).parameters
                      and "token_type_ids" in getattr(tokenizer, "model_input_names", ()))
 
-    num_points = steps + 1
-    alphas = torch.linspace(0.0, 1.0, num_points, dtype=torch.float64)
-    step_chunks = _chunks(num_points, step_batch or num_points)
+    levels = auto_step_levels(max_steps) if steps == "auto" else [steps]
     P = len(pairs)
     scores = {n: torch.zeros(P, m.out_features, dtype=torch.float32) for n, m in modules.items()}
     input_nig = torch.zeros(P, dtype=torch.float64)
     f_input = torch.zeros(P, dtype=torch.float64)
     f_base = torch.zeros(P, dtype=torch.float64)
     num_tokens = torch.zeros(P, dtype=torch.long)
+    steps_used = torch.zeros(P, dtype=torch.long)
 
     # Pairs of similar length share a batch: less padding, same results.
     lengths_hint = [len(q) + len(p) for q, p in pairs]
@@ -411,19 +464,32 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     bar = tqdm(total=P, desc="NIG", unit="pair", disable=not progress)
     with _frozen_eval(model):
         for batch in batches:
-            enc = encode_pairs(tokenizer, [pairs[i] for i in batch], max_length, baseline, accepts_types)
-            relevant = torch.tensor([targets[i] == "relevant" for i in batch], device=device)
-            result = _attribute_batch(model, embeddings, modules, enc, relevant, tokenizer.pad_token_id,
-                                      baseline, alphas, step_chunks, rule, output, dtype)
-            out, nig_in, f_in, f_b = result
-            idx = torch.tensor(batch)
-            for n in scores:
-                scores[n][idx] = out[n].cpu()
-            input_nig[idx] = nig_in.cpu()
-            f_input[idx] = f_in.cpu().double()
-            f_base[idx] = f_b.cpu().double()
-            num_tokens[idx] = enc.lengths
-            bar.update(len(batch))
+            pending = batch
+            for level in levels:
+                alphas = path_nodes(level, nodes)
+                step_chunks = _chunks(level + 1, step_batch or level + 1)
+                enc = encode_pairs(tokenizer, [pairs[i] for i in pending], max_length, baseline, accepts_types)
+                relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
+                out, nig_in, f_in, f_b = _attribute_batch(model, embeddings, modules, enc, relevant,
+                                                          tokenizer.pad_token_id, baseline, alphas, step_chunks,
+                                                          rule, output, dtype)
+                nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
+                if level == levels[-1]:
+                    done = torch.ones(len(pending), dtype=torch.bool)
+                else:
+                    done = relative_delta(nig_in - (f_in - f_b), f_in, f_b, floor=0.01) <= tolerance
+                idx = torch.tensor(pending)[done]
+                for n in scores:
+                    scores[n][idx] = out[n].cpu()[done]
+                input_nig[idx] = nig_in[done]
+                f_input[idx] = f_in[done]
+                f_base[idx] = f_b[done]
+                num_tokens[idx] = enc.lengths[done]
+                steps_used[idx] = level
+                bar.update(int(done.sum()))
+                pending = [i for i, d in zip(pending, done.tolist()) if not d]
+                if not pending:
+                    break
     bar.close()
 
     for name, value in scores.items():
@@ -433,23 +499,29 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     delta = input_nig - (f_input - f_base)
     target_name = targets[0] if len(set(targets)) == 1 else "per-pair"
     settings = attribution_settings(model, target=target_name, output=output, baseline=baseline, steps=steps,
-                                    rule=rule, max_length=max_length, dtype=dtype)
-    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings)
+                                    rule=rule, max_length=max_length, dtype=dtype, nodes=nodes,
+                                    tolerance=tolerance, max_steps=max_steps)
+    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings,
+                        steps_used)
 
 
 def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
-                         steps: int = 100, rule: str = "trapezoid", max_length: int = 512,
-                         dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+                         steps: Union[int, str] = 100, rule: str = "trapezoid", max_length: int = 512,
+                         dtype: Optional[torch.dtype] = None, nodes: str = "uniform", tolerance: float = 0.01,
+                         max_steps: int = 256) -> Dict[str, object]:
     """The ``settings`` dict :func:`attribute` records for these arguments.
 
     Lets a resumed job check, before computing anything, that a saved scheme
     was made with the same settings.
     """
-    return {
+    settings = {
         "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
         "target": target, "output": output, "baseline": baseline, "steps": steps, "rule": rule,
-        "max_length": max_length, "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "nodes": nodes, "max_length": max_length, "dtype": str(dtype or torch.float32).replace("torch.", ""),
     }
+    if steps == "auto":
+        settings.update(tolerance=float(tolerance), max_steps=max_steps)
+    return settings
 
 
 def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pad_id, baseline, alphas,
@@ -462,7 +534,8 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
     types = enc.token_type_ids.to(device) if enc.token_type_ids is not None else None
     with torch.no_grad():
         x_in, x_base = baseline_embeddings(embeddings, enc, baseline, pad_id)
-        x_in, x_base = x_in.float(), x_base.float()
+        path_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
+        x_in, x_base = x_in.to(path_dtype), x_base.to(path_dtype)
         direction = x_in - x_base
     out = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=device) for n, m in modules.items()}
     carries: Dict[str, Carry] = {}
@@ -473,7 +546,7 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
     last = len(alphas) - 1
     for start, stop in step_chunks:
         S = stop - start
-        alpha = alphas[start:stop].to(device=device, dtype=torch.float32)
+        alpha = alphas[start:stop].to(device=device, dtype=path_dtype)
         path = (x_base.unsqueeze(1) + alpha.view(1, S, 1, 1) * direction.unsqueeze(1))
         path = path.flatten(0, 1).requires_grad_(True)
         state = _HookState(P, S, lengths, rule, out, carries)

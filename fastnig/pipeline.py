@@ -27,7 +27,8 @@ def pair_id(pair) -> str:
 def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_pairs: int, out: Union[str, Path],
                       seed: int = 0, negatives: str = "judged", relevance_threshold: int = 1,
                       agreement_filter: bool = True, chunk_pairs: int = 8, steps: int = 100,
-                      rule: str = "trapezoid", baseline: str = "pad", output: str = "probability",
+                      rule: str = "trapezoid", nodes: str = "uniform", baseline: str = "pad",
+                      output: str = "probability",
                       max_length: int = 512, step_batch: Optional[int] = None, pair_batch: int = 1,
                       layers: Optional[Sequence[str]] = None, include_pooler: bool = False, dtype=None,
                       device=None, progress: bool = True) -> Scheme:
@@ -44,7 +45,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         negatives: see :func:`fastnig.data.sample_pairs`.
         agreement_filter: keep only pairs whose prediction agrees (SPEC §6).
         chunk_pairs: pairs attributed between two saves (what a kill can lose).
-        steps, rule, baseline, output, max_length, step_batch, pair_batch,
+        steps, rule, nodes, baseline, output, max_length, step_batch, pair_batch,
         layers, include_pooler, dtype, device: as in :func:`fastnig.attribute`.
         progress: a progress bar (pairs done, pairs/s, ETA).
 
@@ -62,7 +63,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     if device is not None:
         model.to(device)
     settings = attribution_settings(model, target=target, output=output, baseline=baseline, steps=steps,
-                                    rule=rule, max_length=max_length, dtype=dtype)
+                                    rule=rule, max_length=max_length, dtype=dtype, nodes=nodes)
     sampling = {"seed": seed, "num_pairs": num_pairs, "negatives": negatives,
                 "relevance_threshold": relevance_threshold, "agreement_filter": agreement_filter}
     out = Path(out)
@@ -98,7 +99,8 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     for start in range(0, len(todo), chunk_pairs):
         chunk = todo[start:start + chunk_pairs]
         result = attribute(model, [p.text_pair for p in chunk], tokenizer=tokenizer, target=target,
-                           baseline=baseline, steps=steps, rule=rule, layers=layers, include_pooler=include_pooler,
+                           baseline=baseline, steps=steps, rule=rule, nodes=nodes, layers=layers,
+                           include_pooler=include_pooler,
                            step_batch=step_batch, pair_batch=pair_batch, max_length=max_length, output=output,
                            dtype=dtype, progress=False)
         scheme.add(result, [pair_id(p) for p in chunk])

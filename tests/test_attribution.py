@@ -192,6 +192,9 @@ def test_tokenizer_and_model_load_from_a_saved_directory(tmp_path, tiny_bert, to
     (dict(target="maybe"), ValueError, "target must be"),
     (dict(target=["relevant"]), ValueError, "target has 1 labels"),
     (dict(steps=0), ValueError, "steps must be"),
+    (dict(steps="many"), ValueError, "or .auto."),
+    (dict(nodes="gauss"), ValueError, "nodes must be one of"),
+    (dict(steps="auto", tolerance=0), ValueError, "tolerance"),
     (dict(step_batch=0), ValueError, "step_batch"),
     (dict(layers=["nope"]), ValueError, "not nn.Linear"),
 ])
@@ -229,3 +232,46 @@ def test_parameters_get_no_gradients_and_state_is_restored(tokenizer):
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("nodes", ["uniform", "chebyshev"])
+def test_path_nodes_include_both_ends(nodes):
+    from fastnig.attribution import path_nodes
+
+    a = path_nodes(8, nodes)
+    assert a[0] == 0 and a[-1] == 1 and (a.diff() > 0).all() and a.shape == (9,)
+    if nodes == "chebyshev":
+        assert a[1] < 1 / 8 and a[4] == pytest.approx(0.5)
+
+
+def test_chebyshev_nodes_converge(tiny_bert, tokenizer):
+    d = [fastnig.attribute(tiny_bert, PAIRS[:2], tokenizer=tokenizer, steps=s, nodes="chebyshev",
+                           progress=False).delta.abs() for s in (4, 16, 64)]
+    assert (d[1] < d[0]).all() and (d[2] < d[1]).all()
+
+
+def test_auto_steps_stop_at_the_tolerance_and_equal_fixed_runs(tiny_bert, tokenizer):
+    tol, max_steps = 0.025, 64
+    auto = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps="auto", tolerance=tol,
+                             max_steps=max_steps, rule="left", pair_batch=2, progress=False)
+    used = auto.steps_used.tolist()
+    assert all(s in (16, 32, 64) for s in used) and max(used) <= max_steps
+    assert len(set(used)) > 1, "the pairs should need different numbers of steps"
+    rel = fastnig.attribution.relative_delta(auto.delta, auto.f_input, auto.f_baseline, floor=0.01)
+    for i, s in enumerate(used):
+        assert rel[i] <= tol or s == max_steps
+        fixed = fastnig.attribute(tiny_bert, [PAIRS[i]], tokenizer=tokenizer, steps=s, rule="left", progress=False)
+        if s > 16:  # it did not stop earlier: the previous level was above the tolerance
+            coarse = fastnig.attribute(tiny_bert, [PAIRS[i]], tokenizer=tokenizer, steps=s // 2, rule="left",
+                                       progress=False)
+            assert fastnig.attribution.relative_delta(coarse.delta, coarse.f_input, coarse.f_baseline,
+                                                      floor=0.01)[0] > tol
+        for name, value in fixed.scores.items():
+            torch.testing.assert_close(auto.scores[name][i], value[0], rtol=1e-4, atol=1e-6)
+    assert auto.settings["steps"] == "auto" and auto.settings["tolerance"] == tol
+
+
+def test_auto_steps_never_exceed_the_maximum(tiny_bert, tokenizer):
+    auto = fastnig.attribute(tiny_bert, PAIRS[:2], tokenizer=tokenizer, steps="auto", tolerance=1e-12,
+                             max_steps=20, progress=False)
+    assert auto.steps_used.tolist() == [20, 20]

@@ -41,7 +41,9 @@ def register(sub) -> None:
     p.add_argument("--relevance-threshold", type=int, default=1, help="lowest grade counted relevant (default 1)")
     p.add_argument("--no-filter", action="store_true", help="keep pairs the model gets wrong")
     p.add_argument("--steps", type=int, default=100, help="path intervals N (default 100)")
-    p.add_argument("--rule", choices=["trapezoid", "left"], default="trapezoid")
+    p.add_argument("--rule", choices=["trapezoid", "left"], default="trapezoid",
+                   help="integration rule (default trapezoid; left = Captum's LayerConductance)")
+    p.add_argument("--nodes", choices=["uniform", "chebyshev"], default="uniform", help="path positions")
     p.add_argument("--baseline", choices=["pad", "pad-query", "zero", "zero-query"], default="pad")
     p.add_argument("--output", choices=["probability", "logit"], default="probability",
                    help="what F is: the class probability (default) or the raw logit")
@@ -65,7 +67,7 @@ def run(args) -> int:
     scheme = attribute_dataset(
         model, tokenizer, args.dataset, label=args.label, num_pairs=args.pairs, out=args.out, seed=args.seed,
         negatives=args.negatives, relevance_threshold=args.relevance_threshold,
-        agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, steps=args.steps, rule=args.rule,
+        agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, steps=args.steps, rule=args.rule, nodes=args.nodes,
         baseline=args.baseline, output=args.output, max_length=args.max_length, step_batch=args.step_batch,
         pair_batch=args.pair_batch, progress=not args.quiet)
     if not args.quiet:
