@@ -138,7 +138,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REQUIRED = object()
 SECTIONS: Dict[str, Dict[str, Any]] = {
     "run": {"name": None, "model": REQUIRED, "output": REQUIRED, "device": None, "cache_dir": None,
-            "attribution": REQUIRED, "analysis": {}, "pruning": {}},
+            "ir_datasets_files": {}, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
     "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
                     "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
                     "steps": 100, "rule": "trapezoid", "nodes": "uniform", "baseline": "pad",
@@ -240,11 +240,13 @@ class RunConfig:
     attribution: Dict[str, Any]
     analysis: Dict[str, Any]
     pruning: Dict[str, Any]
+    ir_datasets_files: Dict[str, str] = field(default_factory=dict)
     source: Optional[Path] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
-                "attribution": self.attribution, "analysis": self.analysis, "pruning": self.pruning}
+                "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
+                "analysis": self.analysis, "pruning": self.pruning}
 
 
 def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[str] = None,
@@ -333,9 +335,34 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
         except ValueError as exc:
             raise ConfigError(f"pruning.sets: {exc}") from None
     cache = Path(top["cache_dir"] or os.environ.get("FASTNIG_CACHE") or Path.home() / ".cache" / "fastnig")
+    files = top["ir_datasets_files"] or {}
+    if not isinstance(files, Mapping):
+        raise ConfigError("ir_datasets_files must map paths under IR_DATASETS_HOME to local files")
+    files = {str(k): _substitute(str(v)) for k, v in files.items()}
+    for target, source_file in files.items():
+        if not Path(source_file).is_file():
+            raise ConfigError(f"ir_datasets_files: {source_file} (for {target}) does not exist")
     return RunConfig(name=str(top["name"] or (path.stem if path else "run")), model=str(top["model"]),
                      output=Path(top["output"]), device=top["device"], cache_dir=cache, attribution=att,
-                     analysis=ana, pruning=pru, source=path)
+                     analysis=ana, pruning=pru, ir_datasets_files=files, source=path)
+
+
+def place_ir_datasets_files(files: Mapping[str, str]) -> None:
+    """Copy local archives where ir_datasets looks for them (``$IR_DATASETS_HOME``, default ~/.ir_datasets).
+
+    This is how a collection whose download is unreachable (no network) is
+    still read through its real ir_datasets id, e.g. ``cranfield/cran.tar.gz``.
+    """
+    import shutil
+
+    home = Path(os.environ.get("IR_DATASETS_HOME") or Path.home() / ".ir_datasets")
+    for target, source_file in files.items():
+        dest = home / target
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+            shutil.copyfile(source_file, tmp)
+            os.replace(tmp, dest)
 
 
 def _settings_hash(*parts: Any) -> str:
@@ -432,6 +459,7 @@ def preflight(cfg: RunConfig, ranks: Optional[Ranks] = None) -> Study:
     from .models import ModelUnavailable
 
     ranks = ranks or Ranks()
+    place_ir_datasets_files(cfg.ir_datasets_files)
     collections, validation = {}, {}
     for name, spec in cfg.attribution["datasets"].items():
         collections[name] = _open_dataset(load_collection, spec, f"attribution dataset {name!r}")
@@ -549,3 +577,127 @@ def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> P
         _mark_done(cfg.output, "analysis", key)
     study.ranks.barrier()
     return folder
+
+
+def _sharded_benchmark(study: Study, candidates):
+    """A PruningBenchmark whose scoring is split over the ranks (batches rank::world, summed back)."""
+    import numpy as np
+    import torch
+
+    from .pruning import EncodedCandidates, PruningBenchmark, score_candidates
+
+    ranks = study.ranks
+    cfg = study.config
+    max_length = cfg.pruning["max_length"] or cfg.attribution["max_length"]
+
+    class ShardedBenchmark(PruningBenchmark):
+        def score(self, desc: str) -> np.ndarray:
+            mine = EncodedCandidates(self.encoded.batches[ranks.rank::ranks.world],
+                                     self.encoded.rows[ranks.rank::ranks.world], self.encoded.num_pairs)
+            scores = torch.from_numpy(score_candidates(self.model, mine, self.progress and ranks.is_main, desc=desc,
+                                                       partial=True))
+            return ranks.sum_(scores).numpy()
+
+    return ShardedBenchmark(study.model, study.tokenizer, candidates, cfg.pruning["batch_size"], max_length,
+                            progress=ranks.is_main)
+
+
+def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progress: bool = True):
+    """Table 4: every set x level x validation dataset, with its random baseline; rows cached for resume."""
+    from .pruning import PruningTable, build_candidates, module_counts, table_row
+    from .set_expressions import evaluate
+
+    cfg, ranks = study.config, study.ranks
+    pru = cfg.pruning
+    if not pru["sets"]:
+        return None
+    folder = cfg.output / "pruning"
+    started = time.perf_counter()
+    in_domain = cfg.attribution["in_domain"]
+    sets = {expr: {level: evaluate(expr, schemes, level, in_domain=in_domain, by=pru["by"], name=expr)
+                   for level in pru["levels"]} for expr in pru["sets"]}
+    rows = []
+    for vname, collection in study.validation.items():
+        keys = {}
+        for expr, by_level in sets.items():
+            for level, nset in by_level.items():
+                keys[(expr, level)] = _settings_hash(vname, cfg.pruning["validation"][vname], expr, level,
+                                                     sorted((m, i.tolist()) for m, i in nset.by_module().items()),
+                                                     pru["repetitions"], pru["seed"], pru["queries"], pru["depth"],
+                                                     cfg.model, cfg.attribution["max_length"], pru["max_length"])
+        cached = {k: folder / "rows" / f"{h}.json" for k, h in keys.items()}
+        if all(p.exists() for p in cached.values()):
+            rows += [json.loads(p.read_text()) for p in cached.values()]
+            continue
+        candidates = build_candidates(collection, num_queries=pru["queries"], seed=pru["seed"], depth=pru["depth"],
+                                      cache_dir=cfg.cache_dir / "bm25", progress=progress and ranks.is_main)
+        candidates.name = vname
+        bench = _sharded_benchmark(study, candidates)
+        random_cache: Dict[Tuple, Any] = {}
+        for (expr, level), path in cached.items():
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                continue
+            nset = sets[expr][level]
+            signature = tuple(module_counts(nset).items())
+            if signature not in random_cache:
+                random_cache[signature] = bench.random_baseline(nset, pru["repetitions"], pru["seed"])
+            row = table_row(bench, expr, level, nset, random_cache[signature],
+                            group=cfg.pruning["validation"][vname]["group"])
+            if ranks.is_main:
+                _write_atomic(path, json.dumps(row))
+            rows.append(row)
+            log.info("pruned %s @ %s%% on %s: drop %.2f%% (random %.2f%%)", expr, level, vname,
+                     row["drop_percent"], row["random_drop_mean"])
+    table = PruningTable(rows)
+    if ranks.is_main:
+        table.write(folder)
+    ranks.barrier()
+    study.timings["pruning_s"] = time.perf_counter() - started
+    return table
+
+
+def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, model: Optional[str] = None,
+              datasets: Optional[Mapping[str, str]] = None, output: Optional[Union[str, Path]] = None) -> Path:
+    """Run every stage of a configuration; returns the report's path.
+
+    Restarted after a kill, it redoes only unfinished work: schemes resume
+    pair by pair, analyses are skipped when their stamp matches, and pruning
+    rows are cached one by one.
+    """
+    ranks = init_ranks()
+    cfg = config if isinstance(config, RunConfig) else load_config(config, model=model, datasets=datasets,
+                                                                     output=output)
+    study = preflight(cfg, ranks)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    handler = None
+    if ranks.is_main:
+        handler = logging.FileHandler(cfg.output / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        _write_atomic(cfg.output / "config.json", json.dumps(cfg.as_dict(), indent=2, default=str))
+    try:
+        log.info("run %s: model %s, %d attribution datasets, %d validation datasets, %d process(es)", cfg.name,
+                 cfg.model, len(study.collections), len(study.validation), ranks.world)
+        schemes = stage_attribution(study, progress)
+        stage_analysis(study, schemes)
+        stage_pruning(study, schemes, progress)
+        report = cfg.output / "report.md"
+        if ranks.is_main:
+            from .report import write_report
+
+            timings_path = cfg.output / "timings.json"
+            previous = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+            merged = {**previous.get("timings", {}), **study.timings}
+            throughput = {**previous.get("throughput", {}), **study.throughput}
+            _write_atomic(timings_path, json.dumps({"timings": merged, "throughput": throughput}, indent=2))
+            settings = {**cfg.as_dict(), "processes": ranks.world}
+            report = write_report(cfg.output, settings, merged, throughput)["md"]
+            log.info("report: %s", report)
+        ranks.barrier()
+        return report
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
