@@ -13,7 +13,7 @@ import inspect
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -337,6 +337,39 @@ class _HookState:
         accumulate_conductance(a4, g4, self.lengths, self.out[name], carry, self.rule)
 
 
+def auto_step_batch(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
+                    device: torch.device, dtype: Optional[torch.dtype] = None, fraction: float = 0.5) -> int:
+    """Path points per pair that fit in ``fraction`` of the free memory of ``device``.
+
+    Estimate per point and token: every attributed Linear output kept for its
+    gradient hook plus about as much again for autograd's saved tensors and
+    the gradients in flight (4 × the Linear outputs), plus the attention
+    probabilities (heads × tokens per layer, twice), in the compute dtype.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_host_memory()
+    size = torch.finfo(dtype or next(model.parameters()).dtype).bits // 8
+    width = sum(m.out_features for m in modules.values())
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", getattr(config, "n_heads", 0)) or 0
+    layers = getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)) or 0
+    per_point = tokens * pairs * size * (4 * width + 2 * heads * layers * tokens)
+    return max(1, int(free * fraction // max(per_point, 1)))
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown: assume 4 GiB
+
+
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None or dtype == torch.float32:
         return nullcontext()
@@ -365,8 +398,10 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1 (path intervals) or 'auto', got {steps!r}")
-    if step_batch is not None and (isinstance(step_batch, bool) or not isinstance(step_batch, int) or step_batch < 1):
-        raise ValueError(f"step_batch must be None (all {steps + 1} path points at once) or an integer >= 1")
+    if step_batch not in (None, "auto") and (isinstance(step_batch, bool) or not isinstance(step_batch, int)
+                                             or step_batch < 1):
+        raise ValueError(f"step_batch must be None (all {steps + 1} path points at once), 'auto' (from free "
+                         f"memory) or an integer >= 1, got {step_batch!r}")
     if isinstance(pair_batch, bool) or not isinstance(pair_batch, int) or pair_batch < 1:
         raise ValueError(f"pair_batch must be an integer >= 1, got {pair_batch!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
@@ -415,7 +450,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         layers: Linear module names to attribute; ``None`` = every encoder Linear.
         include_pooler: with ``layers=None``, also attribute the pooler.
         step_batch: path points per pair in one forward (bounds memory; the
-            result does not depend on it); ``None`` = all N + 1 at once.
+            result does not depend on it); ``None`` = all N + 1 at once;
+            ``"auto"`` = as many as half the free memory holds (:func:`auto_step_batch`).
         pair_batch: pairs sharing one forward (padded to the longest).
         max_length: tokens of the pair encoding.
         output: ``"probability"`` (default) or ``"logit"``: what F is (SPEC §2).
@@ -467,8 +503,11 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
             pending = batch
             for level in levels:
                 alphas = path_nodes(level, nodes)
-                step_chunks = _chunks(level + 1, step_batch or level + 1)
                 enc = encode_pairs(tokenizer, [pairs[i] for i in pending], max_length, baseline, accepts_types)
+                chunk = step_batch or level + 1
+                if step_batch == "auto":
+                    chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype)
+                step_chunks = _chunks(level + 1, chunk)
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
                 out, nig_in, f_in, f_b = _attribute_batch(model, embeddings, modules, enc, relevant,
                                                           tokenizer.pad_token_id, baseline, alphas, step_chunks,

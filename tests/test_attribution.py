@@ -275,3 +275,58 @@ def test_auto_steps_never_exceed_the_maximum(tiny_bert, tokenizer):
     auto = fastnig.attribute(tiny_bert, PAIRS[:2], tokenizer=tokenizer, steps="auto", tolerance=1e-12,
                              max_steps=20, progress=False)
     assert auto.steps_used.tolist() == [20, 20]
+
+
+def test_auto_step_batch_fits_memory_and_changes_nothing(tiny_bert, tokenizer, reference_run):
+    from fastnig.attribution import auto_step_batch
+
+    modules = linear_modules(tiny_bert)
+    n = auto_step_batch(tiny_bert, modules, tokens=128, pairs=1, device=torch.device("cpu"))
+    assert n >= 1
+    width = sum(m.out_features for m in modules.values())
+    assert auto_step_batch(tiny_bert, modules, 128, 1, torch.device("cpu"), fraction=1e-9) == 1
+    assert n * 128 * 4 * 4 * width <= 0.5 * 1e15  # finite, bounded by the host's memory estimate
+    r = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, step_batch="auto", progress=False)
+    for name, ref in reference_run.scores.items():
+        torch.testing.assert_close(r.scores[name], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_error_within_twice_plain_pytorch_bf16(tiny_bert, tokenizer):
+    """Flash-attention's rule: fastnig in bf16 (fp32 accumulation) vs fp32 is no worse than
+    2x the error of the same computation done in plain PyTorch bf16 (bf16 accumulation)."""
+    pairs, steps = PAIRS[:2], 16
+    ref = fastnig.attribute(tiny_bert, pairs, tokenizer=tokenizer, steps=steps, progress=False)
+    ours = fastnig.attribute(tiny_bert, pairs, tokenizer=tokenizer, steps=steps, dtype=torch.bfloat16,
+                             progress=False)
+    # plain PyTorch bf16: same autocast path, the sum taken in bf16 from the captured tensors
+    from fastnig.attribution import baseline_embeddings, encode_pairs, path_nodes
+
+    modules = linear_modules(tiny_bert)
+    plain = {n: [] for n in modules}
+    for q, p in pairs:
+        enc = encode_pairs(tokenizer, [(q, p)], 512, "pad", True)
+        with torch.no_grad():
+            x, xb = baseline_embeddings(tiny_bert.get_input_embeddings(), enc, "pad", tokenizer.pad_token_id)
+        alphas = path_nodes(steps).float()
+        path = (xb + alphas.view(-1, 1, 1) * (x - xb)).requires_grad_(True)
+        acts = {}
+        def keep(name):
+            def hook(module, inputs, output):
+                output.retain_grad()
+                acts[name] = output
+            return hook
+
+        hooks = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = tiny_bert(inputs_embeds=path, attention_mask=enc.attention_mask.expand(steps + 1, -1),
+                               token_type_ids=enc.token_type_ids.expand(steps + 1, -1)).logits
+        fastnig.target_function(logits, torch.ones(steps + 1, dtype=torch.bool)).sum().backward()
+        for h in hooks:
+            h.remove()
+        for n, a in acts.items():
+            a, g = a.detach().bfloat16(), a.grad.bfloat16()
+            plain[n].append((0.5 * (g[:-1] + g[1:]) * (a[1:] - a[:-1])).sum(dim=(0, 1)))
+    err_ours = max((ours.scores[n] - ref.scores[n]).abs().max().item() for n in modules)
+    err_plain = max((torch.stack(plain[n]).float() - ref.scores[n]).abs().max().item() for n in modules)
+    print("bf16 max error: fastnig", err_ours, "plain", err_plain)
+    assert err_ours <= 2 * err_plain, (err_ours, err_plain)
