@@ -13,6 +13,8 @@ from .attribution import Attributions, attribute, linear_modules, relevance_prob
 from .data import (DATASETS, Collection, DatasetUnavailable, LabelledPair, MissingJudgments, filter_agreeing,
                    load_collection, sample_pairs)
 from .kernels import accumulate_conductance, accumulate_conductance_ref
+from .pruning import (Candidates, PruningBenchmark, PruningTable, build_candidates, evaluate_pruning, ndcg_at_k,
+                      prune, pruned, random_like)
 from .schemes import (COMPONENTS, NeuronSet, Scheme, component, fuse, fuse_all, intersection, layer_index,
                       neuron_universe, union)
 
@@ -23,5 +25,7 @@ __all__ = [
     "load_collection", "sample_pairs",
     "COMPONENTS", "NeuronSet", "Scheme", "component", "fuse", "fuse_all", "intersection", "layer_index",
     "neuron_universe", "union",
+    "Candidates", "PruningBenchmark", "PruningTable", "build_candidates", "evaluate_pruning", "ndcg_at_k", "prune",
+    "pruned", "random_like",
 ]
 __version__ = "0.1.0"

@@ -554,7 +554,7 @@ def attribution_settings(model: nn.Module, *, target: str, output: str = "probab
     was made with the same settings.
     """
     settings = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
+        "model": getattr(getattr(model, "config", None), "name_or_path", "") or "",
         "target": target, "output": output, "baseline": baseline, "steps": steps, "rule": rule,
         "nodes": nodes, "max_length": max_length, "dtype": str(dtype or torch.float32).replace("torch.", ""),
     }

@@ -642,8 +642,8 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
             signature = tuple(module_counts(nset).items())
             if signature not in random_cache:
                 random_cache[signature] = bench.random_baseline(nset, pru["repetitions"], pru["seed"])
-            row = table_row(bench, expr, level, nset, random_cache[signature],
-                            group=cfg.pruning["validation"][vname]["group"])
+            row = table_row(bench, expr, level, bench.evaluate(nset), random_cache[signature],
+                            group=cfg.pruning["validation"][vname]["group"], dataset=vname)
             if ranks.is_main:
                 _write_atomic(path, json.dumps(row))
             rows.append(row)

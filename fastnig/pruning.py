@@ -239,9 +239,14 @@ class Candidates:
     def num_pairs(self) -> int:
         return sum(len(d) for d in self.docs.values())
 
+    @property
+    def num_queries(self) -> int:
+        return len(self.queries)
 
-def _bm25_cache_dir(cache_dir: Union[str, Path], collection_name: str, k1: float, b: float) -> Path:
-    key = hashlib.sha1(json.dumps([collection_name, k1, b, "bm25s-lucene-en-stopwords"]).encode()).hexdigest()[:12]
+
+def _bm25_cache_dir(cache_dir: Union[str, Path], collection_name: str, source: str, k1: float, b: float) -> Path:
+    identity = [collection_name, source, k1, b, "bm25s-lucene-en-stopwords-nostem"]
+    key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", collection_name).strip("_")[-60:] or "collection"
     return Path(cache_dir).expanduser() / f"{slug}-{key}"
 
@@ -252,8 +257,9 @@ def bm25_index(collection, cache_dir: Union[str, Path, None] = None, k1: float =
 
     Tokenisation: bm25s's (lowercase, words of 2+ characters, English stop
     words removed, no stemming).  With ``cache_dir`` the index is saved to /
-    loaded from ``cache_dir/<name>-<hash of name, k1, b>``; delete that folder
-    if the corpus changes under the same name.
+    loaded from ``cache_dir/<name>-<hash of name, source, k1, b>`` (the
+    collection's ``name`` and ``source``); delete that folder if the corpus
+    changes under the same name.
 
     Returns:
         ``(retriever, doc_ids)``: a ``bm25s.BM25`` and the list mapping its row
@@ -262,7 +268,8 @@ def bm25_index(collection, cache_dir: Union[str, Path, None] = None, k1: float =
     import bm25s
 
     name = str(getattr(collection, "name", "") or "")
-    folder = _bm25_cache_dir(cache_dir, name, k1, b) if cache_dir is not None and name else None
+    source = str(getattr(collection, "source", "") or "")
+    folder = _bm25_cache_dir(cache_dir, name, source, k1, b) if cache_dir is not None and name else None
     if folder is not None and (folder / "doc_ids.json").is_file():
         retriever = bm25s.BM25.load(str(folder))
         doc_ids = json.loads((folder / "doc_ids.json").read_text())
@@ -308,19 +315,37 @@ def bm25_run(collection, queries: Mapping[str, str], k: int = 100, cache_dir: Un
     return {qid: [(doc_ids[int(r)], float(s)) for r, s in zip(rows[i], scores[i])] for i, qid in enumerate(qids)}
 
 
+def _first_stage(collection, qids: Sequence[str], depth: int) -> Optional[Dict[str, List[Tuple[str, float]]]]:
+    """The dataset's own run for ``qids`` (top ``depth``, best first), or ``None`` when it has none."""
+    try:
+        run = collection.scoreddocs(query_ids=list(qids), depth=max(depth, 1))
+    except TypeError:  # a collection whose scoreddocs() takes no arguments
+        run = collection.scoreddocs()
+    if run is None:
+        return None
+    wanted = set(qids)
+    out = {}
+    for qid, hits in run.items():
+        if str(qid) in wanted:
+            ranked = sorted(((str(d), float(sc)) for d, sc in hits), key=lambda ds: (-ds[1], ds[0]))
+            out[str(qid)] = ranked[:depth]
+    return out
+
+
 def build_candidates(collection, num_queries: Optional[int] = None, seed: int = 0, depth: int = DEFAULT_DEPTH,
                      cache_dir: Union[str, Path, None] = None, k1: float = BM25_K1, b: float = BM25_B,
                      progress: bool = True) -> Candidates:
     """The candidates to rerank for (a seeded sample of) a dataset's queries (SPEC §8).
 
     Eligible queries have a text and at least one relevant judgment (grade >
-    0), and, when the dataset has a first-stage run, an entry in it.
-    ``num_queries`` of them are drawn with ``random.Random(seed)`` from the
-    sorted qids (all of them if ``None`` or more than there are).  Each gets
-    its first-stage top ``depth`` (``collection.scoreddocs()`` when it is not
-    ``None``, else :func:`bm25_run`) plus every judged relevant passage.
-    Relevant passages missing from the corpus stay in the qrels (they count
-    in the ideal DCG) but cannot be reranked.
+    0).  ``num_queries`` of them are drawn with ``random.Random(seed)`` from
+    the sorted qids (all of them if ``None`` or more than there are).  Each
+    gets its first-stage top ``depth`` (the dataset's own run,
+    ``collection.scoreddocs()``, when it has one; else :func:`bm25_run` over
+    its corpus) plus every judged relevant passage.  A sampled query missing
+    from the dataset's own run is left out (with a warning).  Relevant
+    passages missing from the corpus stay in the qrels (they count in the
+    ideal DCG) but cannot be reranked.
 
     Args:
         collection: a :mod:`fastnig.data` Collection (``name``, ``queries()``,
@@ -329,6 +354,7 @@ def build_candidates(collection, num_queries: Optional[int] = None, seed: int = 
         seed: sampling seed (integer >= 0).
         depth: first-stage passages per query (the paper: 20).
         cache_dir: where BM25 indexes are cached (``None``: not cached).
+        k1, b: BM25 parameters (default 0.9 / 0.4, Anserini's).
     """
     seed = _check_seed(seed)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
@@ -339,31 +365,32 @@ def build_candidates(collection, num_queries: Optional[int] = None, seed: int = 
     name = str(getattr(collection, "name", "") or "collection")
     query_texts = {str(q): t for q, t in collection.queries().items()}
     all_qrels = {str(q): {str(d): int(g) for d, g in docs.items()} for q, docs in collection.qrels().items()}
-    first_stage = collection.scoreddocs()
-    if first_stage is not None:
-        first_stage = {str(q): v for q, v in first_stage.items()}
     eligible = sorted(q for q, docs in all_qrels.items()
-                      if any(g > 0 for g in docs.values()) and (query_texts.get(q) or "").strip()
-                      and (first_stage is None or q in first_stage))
+                      if any(g > 0 for g in docs.values()) and (query_texts.get(q) or "").strip())
     if not eligible:
-        raise ValueError(f"dataset {name}: no query has both a text and a relevant judgment"
-                         + ("" if first_stage is None else " and a first-stage ranking"))
+        raise ValueError(f"dataset {name}: no query has both a text and a relevant judgment (grade > 0)")
     if num_queries is not None and num_queries < len(eligible):
         chosen = set(random.Random(seed).sample(eligible, num_queries))
         eligible = [q for q in eligible if q in chosen]
-    queries = {q: query_texts[q] for q in eligible}
 
-    if first_stage is not None:
+    run = _first_stage(collection, eligible, depth)
+    if run is not None:
         source = "scoreddocs"
-        ranked = {q: [d for d, _ in sorted(first_stage[q], key=lambda ds: -float(ds[1]))][:depth] for q in queries}
+        absent = [q for q in eligible if q not in run]
+        if absent:
+            warnings.warn(f"dataset {name}: {len(absent)} sampled queries are not in its first-stage run "
+                          f"(e.g. {absent[:3]}); they are left out", stacklevel=2)
+            eligible = [q for q in eligible if q in run]
+            if not eligible:
+                raise ValueError(f"dataset {name}: none of the sampled queries is in its first-stage run")
     else:
         source = "bm25"
-        ranked = ({q: [d for d, _ in hits] for q, hits in
-                   bm25_run(collection, queries, depth, cache_dir, k1, b, progress).items()} if depth else
-                  {q: [] for q in queries})
+        queries_for_bm25 = {q: query_texts[q] for q in eligible}
+        run = bm25_run(collection, queries_for_bm25, depth, cache_dir, k1, b, progress) if depth else {}
+    queries = {q: query_texts[q] for q in eligible}
     docs = {}
     for q in queries:
-        listed = [str(d) for d in ranked.get(q, [])]
+        listed = [str(d) for d, _ in run.get(q, [])]
         relevant = [d for d, g in sorted(all_qrels[q].items()) if g > 0]
         docs[q] = list(dict.fromkeys(listed + relevant))
     wanted = sorted({d for ds in docs.values() for d in ds})
@@ -463,11 +490,13 @@ def relevance_score(logits: torch.Tensor) -> torch.Tensor:
 
 
 def score_candidates(model: nn.Module, encoded: EncodedCandidates, progress: bool = True,
-                     desc: str = "rerank") -> np.ndarray:
+                     desc: str = "rerank", partial: bool = False) -> np.ndarray:
     """Relevance scores (:func:`relevance_score`) of every encoded pair.
 
     Returns:
-        float64 ``[num_pairs]``, in ``Candidates.pairs()`` order.
+        float64 ``[num_pairs]``, in ``Candidates.pairs()`` order.  With
+        ``partial`` (``encoded`` holds only some batches, e.g. one rank's
+        share), the pairs of the other batches are 0.
     """
     import inspect
 
@@ -475,7 +504,7 @@ def score_candidates(model: nn.Module, encoded: EncodedCandidates, progress: boo
 
     accepted = set(inspect.signature(model.forward).parameters)
     device = next(model.parameters()).device
-    scores = torch.empty(encoded.num_pairs, dtype=torch.float64)
+    scores = (torch.zeros if partial else torch.empty)(encoded.num_pairs, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
@@ -495,37 +524,41 @@ def score_candidates(model: nn.Module, encoded: EncodedCandidates, progress: boo
 # ============================================================ 5. metrics
 def ndcg_at_k(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]], k: int = 10
               ) -> Dict[str, float]:
-    """nDCG@k of each query with ranx (gain = grade; grades <= 0 count 0).
+    """nDCG@k of each query with ranx (gain = grade, Järvelin & Kekäläinen; grades <= 0 count 0).
 
     Ties in score are broken by doc id, descending, as trec_eval does, so the
     values equal trec_eval's / pytrec_eval's ``ndcg_cut_k``.  Queries of
     ``qrels`` without any relevant judgment are skipped (nDCG is undefined);
-    a query missing from ``run`` scores 0.
+    a query missing from ``run`` scores 0.  Uses ranx's numba kernel
+    (``ranx.metrics.ndcg``) on arrays built here, which avoids compiling
+    ranx's string-keyed containers on every new process.
 
     Returns:
         qid -> nDCG@k, for every query of ``qrels`` with a relevant judgment.
     """
-    from ranx import Qrels, Run, evaluate
+    from numba.typed import List as TypedList
+    from ranx.metrics import ndcg
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (rank cutoff), got {k!r}")
-    positive = {str(q): {str(d): int(g) for d, g in docs.items() if int(g) > 0} for q, docs in qrels.items()}
-    positive = {q: docs for q, docs in positive.items() if docs}
-    if not positive:
+    qids, qrels_arrays, run_arrays = [], [], []
+    for qid, judged in qrels.items():
+        qid = str(qid)
+        relevant = sorted(((str(d), int(g)) for d, g in judged.items() if int(g) > 0), key=lambda dg: -dg[1])
+        if not relevant:
+            continue
+        docs = {str(d): float(s) for d, s in run.get(qid, {}).items()}
+        # trec_eval's order: score descending, then doc id descending.
+        ranking = sorted(docs, key=lambda d: (docs[d], d), reverse=True)
+        number = {d: i for i, d in enumerate(dict.fromkeys([d for d, _ in relevant] + ranking))}
+        qids.append(qid)
+        qrels_arrays.append(np.array([[number[d], g] for d, g in relevant], dtype=np.float64).reshape(-1, 2))
+        run_arrays.append(np.array([[number[d], len(ranking) - i] for i, d in enumerate(ranking)],
+                                   dtype=np.float64).reshape(-1, 2))
+    if not qids:
         raise ValueError("qrels has no relevant judgment (grade > 0): nDCG is undefined")
-    ranked = {}
-    for q in positive:
-        docs = run.get(q, {})
-        # trec_eval order: score descending, then doc id descending; ranx then sees strictly decreasing scores.
-        order = sorted(docs, key=lambda d: (float(docs[d]), str(d)), reverse=True)
-        ranked[q] = {str(d): float(len(order) - i) for i, d in enumerate(order)}
-    metric = f"ndcg@{k}"
-    if all(not docs for docs in ranked.values()):
-        return {q: 0.0 for q in positive}
-    ranx_run = Run(ranked)
-    evaluate(Qrels(positive), ranx_run, metric, return_mean=False, make_comparable=True)
-    per_query = ranx_run.scores[metric]
-    return {q: float(per_query.get(q, 0.0)) for q in positive}
+    values = ndcg(TypedList(qrels_arrays), TypedList(run_arrays), k)
+    return {q: float(v) for q, v in zip(qids, values)}
 
 
 @dataclass
@@ -674,9 +707,12 @@ class PruningBenchmark:
     def original_scores(self) -> np.ndarray:
         """``[num_pairs]`` scores of the unpruned model (computed once)."""
         if self._original_scores is None:
-            self._original_scores = score_candidates(self.model, self.encoded, self.progress,
-                                                     desc=f"{self.name}: original")
+            self._original_scores = self.score(desc=f"{self.name}: original")
         return self._original_scores
+
+    def score(self, desc: str) -> np.ndarray:
+        """``[num_pairs]`` scores of the model as it is now (pruned or not)."""
+        return score_candidates(self.model, self.encoded, self.progress, desc=desc)
 
     @property
     def original_ndcg(self) -> np.ndarray:
@@ -703,7 +739,7 @@ class PruningBenchmark:
             _resolve(self.model, neuron_set)  # still validate the set against the model
             return self.original_scores
         with pruned(self.model, neuron_set):
-            return score_candidates(self.model, self.encoded, self.progress, desc=f"{self.name}: {desc}")
+            return self.score(desc=f"{self.name}: {desc}")
 
     def evaluate(self, neuron_set) -> PruningResult:
         """nDCG@k with ``neuron_set`` pruned vs the original model."""
@@ -743,6 +779,22 @@ def _level_key(level) -> float:
     return value
 
 
+def table_row(bench: "PruningBenchmark", set_name: str, level: float, result: "PruningResult",
+              rand: "RandomBaseline", group: Optional[str] = None, dataset: Optional[str] = None) -> Dict[str, Any]:
+    """One row of Table 4 (:data:`CSV_COLUMNS`): a set at a level on one dataset, and its random baseline."""
+    c = result.comparison
+    dataset = dataset or bench.name
+    return {
+        "set": set_name, "level_percent": _level_key(level), "dataset": dataset, "group": group or dataset,
+        "num_neurons": result.num_neurons, "num_queries": len(bench.qids),
+        "num_candidates": bench.candidates.num_pairs, "ndcg_original": c.ndcg_original,
+        "ndcg_pruned": c.ndcg_pruned, "drop_percent": c.drop_percent, "p_value": c.p_value,
+        "significant": c.significant, "random_repetitions": rand.repetitions,
+        "random_ndcg_mean": float(rand.ndcg_pruned.mean()), "random_drop_mean": rand.mean_drop,
+        "random_drop_std": rand.std_drop, "random_significant": rand.num_significant,
+    }
+
+
 def evaluate_pruning(model: nn.Module, tokenizer, neuron_sets: Mapping[str, Mapping[float, Any]],
                      datasets: Mapping[str, Union[Candidates, PruningBenchmark]],
                      groups: Optional[Mapping[str, str]] = None, repetitions: int = DEFAULT_REPETITIONS,
@@ -777,27 +829,23 @@ def evaluate_pruning(model: nn.Module, tokenizer, neuron_sets: Mapping[str, Mapp
         raise ValueError(f"groups names datasets that are not in datasets: {unknown}")
     plan = [(name, _level_key(level), nset) for name, by_level in neuron_sets.items()
             for level, nset in by_level.items()]
+    from tqdm.auto import tqdm
+
     rows = []
     for dataset_name, data in datasets.items():
         bench = data if isinstance(data, PruningBenchmark) else PruningBenchmark(
             model, tokenizer, data, batch_size, max_length, k, alpha, progress)
+        bench.original_ndcg  # noqa: B018 (computed once, before any pruning)
+        bench.progress = False  # then one bar per dataset below instead of one per reranking
         random_cache: Dict[Tuple, RandomBaseline] = {}
-        for set_name, level, nset in plan:
+        for set_name, level, nset in tqdm(plan, desc=f"{dataset_name}: sets x levels", unit="set",
+                                          disable=not progress):
             result = bench.evaluate(nset)
             signature = tuple(module_counts(nset).items())
             if signature not in random_cache:
                 random_cache[signature] = bench.random_baseline(nset, repetitions, seed)
-            rand = random_cache[signature]
-            c = result.comparison
-            rows.append({
-                "set": set_name, "level_percent": level, "dataset": dataset_name,
-                "group": groups.get(dataset_name, dataset_name), "num_neurons": result.num_neurons,
-                "num_queries": len(bench.qids), "num_candidates": bench.candidates.num_pairs,
-                "ndcg_original": c.ndcg_original, "ndcg_pruned": c.ndcg_pruned, "drop_percent": c.drop_percent,
-                "p_value": c.p_value, "significant": c.significant, "random_repetitions": rand.repetitions,
-                "random_ndcg_mean": float(rand.ndcg_pruned.mean()), "random_drop_mean": rand.mean_drop,
-                "random_drop_std": rand.std_drop, "random_significant": rand.num_significant,
-            })
+            rows.append(table_row(bench, set_name, level, result, random_cache[signature],
+                                  group=groups.get(dataset_name, dataset_name), dataset=dataset_name))
         del bench
     return PruningTable(rows)
 
@@ -819,7 +867,14 @@ def _fmt(value: float) -> str:
 def _latex_escape(text: str) -> str:
     if "$" in text:  # already LaTeX (e.g. "$\cap_{o \in O} P_o$")
         return text
-    return re.sub(r"([&%#_{}])", r"\\\1", text).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    text = re.sub(r"([&%#_{}])", r"\\\1", text).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    for symbol, command in (("∩", r"$\cap$"), ("∪", r"$\cup$"), ("⊕", r"$\oplus$")):
+        text = text.replace(symbol, command)
+    return text
+
+
+def _markdown_escape(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 @dataclass
@@ -938,7 +993,7 @@ class PruningTable:
         for set_name, group, cells in grid:
             label = set_name if set_name != previous else ""
             previous = set_name
-            lines.append("| " + " | ".join([label, group] + cells) + " |")
+            lines.append("| " + " | ".join([_markdown_escape(label), _markdown_escape(group)] + cells) + " |")
         lines += ["", "% of nDCG@10 difference between the original and the pruned model, (original - pruned) / "
                   "original * 100 (positive = worse). (n): datasets of the row with a significant difference "
                   "(two-tailed paired t-test over queries, p <= 0.05). Bold: biggest drop at each level and "

@@ -39,8 +39,8 @@ def make_tokenizer(kind: str = "bert", folder: Optional[str] = None):
     folder = folder or tempfile.mkdtemp(prefix="fastnig-vocab-")
     vocab = write_vocab(folder)
     if kind == "distilbert":
-        return DistilBertTokenizerFast(vocab_file=vocab)
-    tok = BertTokenizerFast(vocab_file=vocab)
+        return DistilBertTokenizerFast(vocab=vocab)  # transformers 5 ignores vocab_file=
+    tok = BertTokenizerFast(vocab=vocab)
     if kind == "roberta":  # a model without token_type_ids
         tok.model_input_names = ["input_ids", "attention_mask"]
     return tok
