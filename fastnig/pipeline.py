@@ -446,8 +446,8 @@ class Study:
 def _load_model(cfg: RunConfig, device: str):
     from .models import OFFLINE_DEMO, load_cross_encoder, offline_demo_model
 
-    if cfg.model == OFFLINE_DEMO:
-        return offline_demo_model(cfg.cache_dir / "demo-model", device=device)
+    if cfg.model in ("demo", OFFLINE_DEMO):  # MiniLM-L6 fine-tuned on Cranfield, cached
+        return offline_demo_model(cfg.cache_dir / "models", device=device)
     return load_cross_encoder(cfg.model, device=device)
 
 
