@@ -34,3 +34,13 @@ def tiny_bert(tokenizer):
     from tiny_models import make_model
 
     return make_model("bert", num_labels=2, vocab_size=tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def neutral_working_directory(tmp_path_factory):
+    """Run from an empty folder: `python -m fastnig` in a subprocess must import the
+    installed package (with its compiled extension), not the source tree."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)

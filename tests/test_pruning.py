@@ -389,7 +389,8 @@ def scheme_of(model, tok, collection, label):
         ids = [(q, d) for q in queries for d in sorted(docs)[::9] if d not in qrels[q]][:150]
     attributions = fastnig.attribute(model, [(queries[q], docs[d]) for q, d in ids], tokenizer=tok, target=label,
                                      baseline="pad-query", steps=16, pair_batch=16, progress=False)
-    return Scheme.from_attributions(attributions, [f"{q}\t{d}" for q, d in ids], collection.name)
+    return Scheme.from_attributions(attributions, [f"{q}\t{d}" for q, d in ids], collection.name,
+                                    model="lexical-overlap-bert")
 
 
 @pytest.fixture(scope="module")
