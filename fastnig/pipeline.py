@@ -579,7 +579,7 @@ def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> P
     return folder
 
 
-def _sharded_benchmark(study: Study, candidates):
+def _sharded_benchmark(study: Study, candidates, progress: bool = True):
     """A PruningBenchmark whose scoring is split over the ranks (batches rank::world, summed back)."""
     import numpy as np
     import torch
@@ -599,7 +599,7 @@ def _sharded_benchmark(study: Study, candidates):
             return ranks.sum_(scores).numpy()
 
     return ShardedBenchmark(study.model, study.tokenizer, candidates, cfg.pruning["batch_size"], max_length,
-                            progress=ranks.is_main)
+                            progress=progress and ranks.is_main)
 
 
 def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progress: bool = True):
@@ -632,7 +632,7 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
         candidates = build_candidates(collection, num_queries=pru["queries"], seed=pru["seed"], depth=pru["depth"],
                                       cache_dir=cfg.cache_dir / "bm25", progress=progress and ranks.is_main)
         candidates.name = vname
-        bench = _sharded_benchmark(study, candidates)
+        bench = _sharded_benchmark(study, candidates, progress)
         random_cache: Dict[Tuple, Any] = {}
         for (expr, level), path in cached.items():
             if path.exists():

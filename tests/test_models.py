@@ -1,0 +1,176 @@
+"""Fine-tuning a cross-encoder and the cached offline demo model, on a tiny model and collection.
+
+MiniLM is never fine-tuned here: the same code runs on a 2-layer BERT from
+``tiny_models`` over a generated TREC-files collection, in a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from fastnig import models
+from fastnig.data import load_collection
+from fastnig.models import finetune_cross_encoder, offline_demo_model, split_queries
+
+TOPICS = [
+    ("heat transfer", "heat transfer heating theory flow"),
+    ("boundary layer", "boundary layer laminar turbulent flow"),
+    ("supersonic wings", "supersonic wing wings shock wave pressure"),
+    ("cancer diet", "cancer diet food vitamin risk patients"),
+    ("protein gene", "protein gene genes cell cells"),
+    ("information retrieval", "information retrieval search query documents index"),
+    ("library books", "library books users system data"),
+    ("blood disease", "blood disease patient brain acid"),
+]
+FILLER = "the study of results and methods in this case shows new values of large and small numbers".split()
+
+
+def _write_collection(folder):
+    """8 queries, 3 relevant docs each (their topic's words) and 16 distractors sharing only filler."""
+    docs, queries, qrels = [], [], []
+    for t, (query, words) in enumerate(TOPICS, start=1):
+        queries.append(f"q{t}\t{query}")
+        for j in range(3):
+            did = f"d{t}-{j}"
+            text = " ".join(words.split()[j:] + FILLER[j * 3:j * 3 + 6] + words.split()[:j])
+            docs.append(f"{did}\t{text}")
+            qrels.append(f"q{t} 0 {did} {1 + (j == 0)}")
+    for k in range(16):
+        other = TOPICS[k % len(TOPICS)][1].split()
+        docs.append(f"x{k}\t{' '.join(FILLER[k % 5:k % 5 + 8])} {other[-1]}")
+    (folder / "docs.tsv").write_text("\n".join(docs) + "\n")
+    (folder / "queries.tsv").write_text("\n".join(queries) + "\n")
+    (folder / "qrels.txt").write_text("\n".join(qrels) + "\n")
+    return load_collection("trec", docs_tsv=str(folder / "docs.tsv"), queries_tsv=str(folder / "queries.tsv"),
+                           qrels_trec=str(folder / "qrels.txt"), cache_dir=str(folder / "docstore"), offline=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads spin badly on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_models import make_model, make_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-ce")
+    collection = _write_collection(folder)
+    tokenizer = make_tokenizer("bert")
+    base = folder / "base"
+    model = make_model("bert", num_labels=1, vocab_size=tokenizer.vocab_size, init_range=0.02)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return collection, tokenizer, base
+
+
+FAST = dict(steps=40, batch_size=8, lr=2e-3, max_length=32, negative_depth=6, warmup=0.1, progress=False)
+
+
+def _fresh(base):
+    from fastnig.models import load_cross_encoder
+
+    torch.manual_seed(0)
+    return load_cross_encoder(str(base), num_labels=1)
+
+
+def test_split_queries_is_seeded_and_disjoint(tiny):
+    collection = tiny[0]
+    train, test = split_queries(collection, test_fraction=0.25, seed=3)
+    assert len(test) == 2 and len(train) == 6
+    assert not set(train) & set(test)
+    assert (train, test) == split_queries(collection, test_fraction=0.25, seed=3)
+    assert train == sorted(train, key=lambda q: int(q[1:]))
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_queries(collection, test_fraction=1.0)
+
+
+@pytest.mark.parametrize("random_negatives", [0.0, 0.5])
+def test_finetune_lowers_the_loss_and_is_deterministic(tiny, tmp_path, random_negatives):
+    collection, _, base = tiny
+    model, tokenizer = _fresh(base)
+    log = finetune_cross_encoder(model, tokenizer, collection, random_negatives=random_negatives,
+                                 bm25_cache_dir=tmp_path / "bm25", **FAST)
+    assert len(log.losses) == FAST["steps"] and all(map(lambda x: x == x, log.losses))
+    assert statistics.mean(log.losses[-8:]) < 0.85 * statistics.mean(log.losses[:8])
+    assert log.num_positives == 24 and log.num_negatives > 0
+    assert not model.training
+    assert all(p.requires_grad for p in model.parameters())  # the frozen embeddings are released
+    again, _ = _fresh(base)
+    log2 = finetune_cross_encoder(again, tokenizer, collection, random_negatives=random_negatives,
+                                  bm25_cache_dir=tmp_path / "bm25", **FAST)
+    assert log2.losses == log.losses
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_finetune_freezes_embeddings_and_ranks_relevant_higher(tiny, tmp_path):
+    collection, _, base = tiny
+    model, tokenizer = _fresh(base)
+    before = model.get_input_embeddings().weight.detach().clone()
+    finetune_cross_encoder(model, tokenizer, collection, query_ids=["q1", "q2", "q3", "q4", "q5", "q6"],
+                           bm25_cache_dir=tmp_path / "bm25", **dict(FAST, steps=60))
+    assert torch.equal(before, model.get_input_embeddings().weight)
+    ev = models.evaluate_reranker(model, tokenizer, collection, ["q1", "q2", "q3", "q4", "q5", "q6"], depth=10,
+                                  bm25_cache_dir=tmp_path / "bm25")
+    assert ev["queries"] == 6 and 0 <= ev["ndcg"] <= 1 and 0 <= ev["bm25_ndcg"] <= 1
+    assert ev["ndcg"] > 0.5  # the training queries: it has learnt their relevant docs
+
+
+def test_finetune_rejects_bad_settings(tiny):
+    collection, _, base = tiny
+    model, tokenizer = _fresh(base)
+    for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(random_negatives=2.0), "random_"),
+                          (dict(query_ids=["nope"]), "query_ids")):
+        with pytest.raises(ValueError, match=match):
+            finetune_cross_encoder(model, tokenizer, collection, progress=False, **kwargs)
+
+
+def test_offline_demo_model_caches_atomically_and_round_trips(tiny, tmp_path, monkeypatch):
+    collection, _, base = tiny
+    cache = tmp_path / "models"
+    settings = dict(dataset=collection, base=str(base), test_fraction=0.25, evaluate=True,
+                    steps=FAST["steps"], batch_size=8, lr=FAST["lr"], max_length=32, progress=False)
+
+    # A run killed while saving leaves no model folder and no temporary one behind.
+    real_save = type(tiny[1]).save_pretrained
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(type(tiny[1]), "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        offline_demo_model(cache, **settings)
+    assert [p.name for p in cache.iterdir()] == ["bm25"]
+    monkeypatch.setattr(type(tiny[1]), "save_pretrained", real_save)
+
+    model, tokenizer = offline_demo_model(cache, **settings)
+    folders = [p for p in cache.iterdir() if p.name != "bm25"]
+    assert len(folders) == 1 and str(folders[0]) == model.config.name_or_path
+    record = json.loads((folders[0] / "fastnig_training.json").read_text())
+    assert record["settings"]["steps"] == FAST["steps"] and len(record["training"]["losses"]) == FAST["steps"]
+    assert record["evaluation"]["queries"] == 2  # the held-out queries
+
+    def trained_is_forbidden(*a, **k):
+        raise AssertionError("the cached model must be loaded, not trained again")
+
+    monkeypatch.setattr(models, "finetune_cross_encoder", trained_is_forbidden)
+    again, tok2 = offline_demo_model(cache, **settings)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    enc = tok2([("heat transfer", "heat transfer theory")][0][0], "heat transfer theory", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, again(**enc).logits)
+    assert not again.training
+
+    # Other settings, another folder (and a training run).
+    monkeypatch.undo()
+    offline_demo_model(cache, **dict(settings, seed=1, evaluate=False))
+    assert len([p for p in cache.iterdir() if p.name != "bm25"]) == 2
