@@ -1,4 +1,12 @@
-"""Jobs that chain the stages: dataset -> pairs -> agreement filter -> NIG -> scheme file.
+"""Jobs that chain the stages.
+
+* :func:`attribute_dataset` (``fastnig attribute``): dataset -> pairs ->
+  agreement filter -> NIG -> scheme file, resumable;
+* :func:`run_study` (``fastnig run CONFIG``): the whole study of the paper
+  from one configuration (:func:`load_config`), stage by stage
+  (:func:`stage_attribution`, :func:`stage_analysis`, :func:`stage_pruning`,
+  then :func:`fastnig.report.write_report`), resumable and sharded over
+  torchrun ranks (:class:`Ranks`).
 
 :func:`attribute_dataset` is what ``fastnig attribute`` runs.  It saves the
 scheme (atomically, see :mod:`fastnig.schemes`) after every chunk of pairs;
@@ -10,9 +18,16 @@ uninterrupted one writes.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .attribution import TARGETS, attribute, attribution_settings
 from .data import filter_agreeing, load_collection, sample_pairs
@@ -125,14 +140,6 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
 # =============================================================== the study
 # `fastnig run CONFIG`: every stage of the paper, each skipped when its output
 # exists with the same settings, sharded over torchrun ranks when launched so.
-import copy
-import hashlib
-import json
-import logging
-import os
-import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REQUIRED = object()
