@@ -36,6 +36,20 @@ def tiny_bert(tokenizer):
     return make_model("bert", num_labels=2, vocab_size=tokenizer.vocab_size)
 
 
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory, tokenizer):
+    """``saved_tiny_model(seed)``: folder of a tiny 2-logit BERT + tokenizer (``from_pretrained``-able)."""
+    from tiny_models import make_model
+
+    def save(seed: int = 0):
+        folder = tmp_path_factory.mktemp(f"model-seed{seed}")
+        make_model("bert", num_labels=2, vocab_size=tokenizer.vocab_size, seed=seed).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+
+    return save
+
+
 @pytest.fixture(scope="session", autouse=True)
 def neutral_working_directory(tmp_path_factory):
     """Run from an empty folder: `python -m fastnig` in a subprocess must import the

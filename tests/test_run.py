@@ -18,13 +18,8 @@ from fastnig.schemes import Scheme
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    from tiny_models import make_model
-
-    folder = tmp_path_factory.mktemp("model")
-    make_model("bert", num_labels=2, vocab_size=tokenizer.vocab_size, seed=5).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def model_dir(saved_tiny_model):
+    return saved_tiny_model(seed=5)
 
 
 def _config(model_dir, data, **overrides):
