@@ -530,9 +530,9 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
             schemes[(name, label)] = scheme
             log.info("%s: %d pairs, %d dropped by the agreement filter", scheme.name, scheme.count,
                      scheme.num_dropped)
-    elapsed = time.perf_counter() - started
-    study.timings["attribution_s"] = elapsed
-    if pairs_done:
+    if pairs_done:  # a resumed run with nothing left to do keeps the timing of the run that did the work
+        elapsed = time.perf_counter() - started
+        study.timings["attribution_s"] = elapsed
         study.throughput["attribution_pairs_per_s"] = pairs_done / elapsed
     return schemes
 
@@ -623,7 +623,7 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
     in_domain = cfg.attribution["in_domain"]
     sets = {expr: {level: evaluate(expr, schemes, level, in_domain=in_domain, by=pru["by"], name=expr)
                    for level in pru["levels"]} for expr in pru["sets"]}
-    rows = []
+    rows, computed = [], 0
     for vname, collection in study.validation.items():
         keys = {}
         for expr, by_level in sets.items():
@@ -654,13 +654,15 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
             if ranks.is_main:
                 _write_atomic(path, json.dumps(row))
             rows.append(row)
+            computed += 1
             log.info("pruned %s @ %s%% on %s: drop %.2f%% (random %.2f%%)", expr, level, vname,
                      row["drop_percent"], row["random_drop_mean"])
     table = PruningTable(rows)
     if ranks.is_main:
         table.write(folder)
     ranks.barrier()
-    study.timings["pruning_s"] = time.perf_counter() - started
+    if computed:
+        study.timings["pruning_s"] = time.perf_counter() - started
     return table
 
 

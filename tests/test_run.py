@@ -199,3 +199,13 @@ def test_bad_config_stops_before_any_work(tmp_path, model_dir, shared_data, irds
     assert words in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_rerun_with_nothing_left_keeps_the_timings(tmp_path, reference, irds_home):
+    ref_out, config = reference
+    before = json.loads((ref_out / "timings.json").read_text())
+    assert before["timings"]["attribution_s"] > 0 and before["timings"]["pruning_s"] > 0
+    _finish(_start(["run", config, "--output", ref_out, "--quiet"], irds_home))
+    after = json.loads((ref_out / "timings.json").read_text())
+    assert after["timings"]["attribution_s"] == before["timings"]["attribution_s"]
+    assert after["timings"]["pruning_s"] == before["timings"]["pruning_s"]
