@@ -4,9 +4,15 @@ Prints one JSON object.  For each model shape (random weights, real BERT
 architecture) and one pair of ~`tokens` tokens, it times, interleaved and
 repeated (median):
 
-* ``fastnig``: ``fastnig.attribute`` over every encoder Linear (N+1 points);
+* ``fastnig``: ``fastnig.attribute`` over every encoder Linear (N+1 points,
+  default settings: path chunks sized by ``auto_step_batch``, last layer cut
+  to the first token by ``first_token_cut``);
+* ``fastnig_no_cut``: the same without the first-token cut (what the cut saves);
 * ``bare``: one forward + input-gradient backward over the same N+1 path
-  points, with the same frozen parameters: the floor any method must pay;
+  points in one batch, with the same frozen parameters;
+* ``bare_chunked``: the same over the same path chunks as ``fastnig``: the
+  floor a plain one-pass method pays (the ``fastnig_over_bare`` reported is
+  against the faster of the two bares);
 * ``captum``: Captum ``LayerConductance`` looped over a sample of the same
   Linear modules (spread over depth), extrapolated to all of them;
 
@@ -32,7 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fastnig  # noqa: E402
-from fastnig.attribution import baseline_embeddings, encode_pairs, linear_modules, target_function  # noqa: E402
+from fastnig import attribution  # noqa: E402
+from fastnig.attribution import (_chunks, auto_step_batch, baseline_embeddings, encode_pairs,  # noqa: E402
+                                 linear_modules, target_function)
 from fastnig.kernels import Carry, accumulate_conductance, accumulate_conductance_ref  # noqa: E402
 from tiny_models import make_model, make_tokenizer  # noqa: E402
 
@@ -65,8 +73,16 @@ def run_fastnig(model, tok, tokens, steps, **kw):
                              progress=False, **kw)
 
 
-def bare_forward_backward(model, tok, tokens, steps):
-    """Forward + backward to the input embeddings over the same path points."""
+def fastnig_chunks(model, tok, tokens, steps):
+    """The path chunks ``fastnig.attribute`` uses by default for this pair."""
+    n_tokens = int(encode_pairs(tok, [(QUERY, PASSAGE)], tokens, "pad", True).lengths[0])
+    points = auto_step_batch(model, linear_modules(model), n_tokens, 1, torch.device("cpu"))
+    return _chunks(steps + 1, points)
+
+
+def bare_forward_backward(model, tok, tokens, steps, chunks=None):
+    """Forward + backward to the input embeddings over the same path points
+    (in one batch, or chunk by chunk); returns the last chunk's input gradient."""
     enc = encode_pairs(tok, [(QUERY, PASSAGE)], tokens, "pad", True)
     emb = model.get_input_embeddings()
     for p in model.parameters():
@@ -74,13 +90,24 @@ def bare_forward_backward(model, tok, tokens, steps):
     with torch.no_grad():
         x, xb = baseline_embeddings(emb, enc, "pad", tok.pad_token_id)
     alphas = torch.linspace(0, 1, steps + 1)
-    path = (xb + alphas.view(-1, 1, 1) * (x - xb)).requires_grad_(True)
-    n = steps + 1
-    logits = model(inputs_embeds=path, attention_mask=enc.attention_mask.expand(n, -1),
-                   token_type_ids=enc.token_type_ids.expand(n, -1)).logits
-    f = target_function(logits, torch.ones(n, dtype=torch.bool))
-    torch.autograd.backward(f.sum(), inputs=[path])
+    for start, stop in chunks or [(0, steps + 1)]:
+        n = stop - start
+        path = (xb + alphas[start:stop].view(-1, 1, 1) * (x - xb)).requires_grad_(True)
+        logits = model(inputs_embeds=path, attention_mask=enc.attention_mask.expand(n, -1),
+                       token_type_ids=enc.token_type_ids.expand(n, -1)).logits
+        f = target_function(logits, torch.ones(n, dtype=torch.bool))
+        torch.autograd.backward(f.sum(), inputs=[path])
     return path.grad
+
+
+def run_fastnig_without_cut(model, tok, tokens, steps):
+    """``fastnig.attribute`` with the first-token cut of the last layer switched off."""
+    original = attribution.first_token_cut
+    attribution.first_token_cut = lambda model: None
+    try:
+        return run_fastnig(model, tok, tokens, steps)
+    finally:
+        attribution.first_token_cut = original
 
 
 def captum_layers(model, tok, tokens, steps, names):
@@ -168,11 +195,14 @@ def bench_shape(shape, repeats, captum_sample):
     # A sample spread evenly over depth: Captum's cost per layer depends on depth.
     k = min(captum_sample, len(names)) if captum_sample else len(names)
     sample = [names[round(i * (len(names) - 1) / max(k - 1, 1))] for i in range(k)]
-    times = {"fastnig": [], "bare": [], "captum": []}
+    chunks = fastnig_chunks(model, tok, tokens, steps)
+    times = {"fastnig": [], "fastnig_no_cut": [], "bare": [], "bare_chunked": [], "captum": []}
     run_fastnig(model, tok, tokens, steps)  # warm-up
     for r in range(repeats):
         times["bare"].append(_timed(lambda: bare_forward_backward(model, tok, tokens, steps)))
+        times["bare_chunked"].append(_timed(lambda: bare_forward_backward(model, tok, tokens, steps, chunks)))
         times["fastnig"].append(_timed(lambda: run_fastnig(model, tok, tokens, steps)))
+        times["fastnig_no_cut"].append(_timed(lambda: run_fastnig_without_cut(model, tok, tokens, steps)))
         if r < max(1, repeats // 2):  # Captum is slow; fewer repetitions
             times["captum"].append(_timed(lambda: captum_layers(model, tok, tokens, steps, sample))
                                    * len(names) / len(sample))
@@ -181,13 +211,15 @@ def bench_shape(shape, repeats, captum_sample):
     result = {
         "shape": shape, "layers": SHAPES[shape][0], "hidden": SHAPES[shape][1],
         "intermediate": SHAPES[shape][2], "tokens": n_tokens, "steps": steps, "linear_modules": len(names),
-        "captum_layers_timed": len(sample), "seconds_median": med, "seconds_all": times,
+        "captum_layers_timed": len(sample), "path_chunks": [b - a for a, b in chunks],
+        "seconds_median": med, "seconds_all": times,
         "fastnig_vs_captum_speedup": med["captum"] / med["fastnig"],
-        "fastnig_over_bare": med["fastnig"] / med["bare"],
+        "fastnig_over_bare": med["fastnig"] / min(med["bare"], med["bare_chunked"]),
+        "fastnig_no_cut_over_bare": med["fastnig_no_cut"] / min(med["bare"], med["bare_chunked"]),
         "fused_op": bench_op(model, tok, tokens, steps, max(repeats, 5)),
     }
     chunk = max((steps + 1) // 4, 1)
-    result["peak_rss_mib"] = {"step_batch=None": peak_memory(shape, None),
+    result["peak_rss_mib"] = {f"step_batch={steps + 1} (all at once)": peak_memory(shape, steps + 1),
                               f"step_batch={chunk}": peak_memory(shape, chunk)}
     return result
 

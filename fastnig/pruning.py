@@ -14,7 +14,9 @@ The stages, top to bottom:
    first-stage run, or of BM25 (:func:`bm25_run`, ``bm25s``, index cached on
    disk) when it has none.
 4. **Reranking.** :func:`encode_candidates` tokenises the pairs once;
-   :func:`score_candidates` scores them in batches.  The score is the
+   :func:`score_candidates` scores them in batches (the last layer past
+   self-attention on the first token only, which is all the head reads:
+   :func:`fastnig.attribution.first_token_only`).  The score is the
    relevance **logit** (1-logit models: the logit; 2-logit models:
    ``logit[1] - logit[0]``), i.e. the log-odds of P(relevant): it ranks
    exactly like P(relevant) = sigmoid(score) but does not saturate to ties at
@@ -50,6 +52,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from .attribution import first_token_only
 
 DEFAULT_DEPTH = 20
 DEFAULT_REPETITIONS = 50
@@ -508,7 +512,7 @@ def score_candidates(model: nn.Module, encoded: EncodedCandidates, progress: boo
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), first_token_only(model):
             for batch, rows in tqdm(list(zip(encoded.batches, encoded.rows)), desc=desc, unit="batch",
                                     disable=not progress, leave=False):
                 inputs = {k: v.to(device) for k, v in batch.items() if k in accepted}

@@ -65,6 +65,40 @@ def test_left_rule_equals_captum_layer_conductance(family, logits, tok_family, t
         assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("family,tok_family", [("bert", "bert"), ("electra", "bert"), ("roberta", "roberta"),
+                                               ("distilbert", "distilbert")])
+def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(family, tok_family, monkeypatch):
+    """The head reads the last layer at token 0 only: the cut runs its feed-forward block on
+    that token alone, and every attribution equals the uncut run's."""
+    from fastnig import attribution
+
+    tok = make_tokenizer(tok_family)
+    model = make_model(family, vocab_size=tok.vocab_size, seed=2)
+    assert attribution.first_token_cut(model) is not None
+    last_ffn = list(linear_modules(model))[-1]  # the last layer's output projection
+    rows = []
+    handle = dict(model.named_modules())[last_ffn].register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
+    cut = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False)
+    handle.remove()
+    assert set(rows) == {1}
+    monkeypatch.setattr(attribution, "first_token_cut", lambda model: None)
+    full = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False)
+    for name, expected in full.scores.items():
+        torch.testing.assert_close(cut.scores[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(cut.delta, full.delta, rtol=0, atol=1e-6)  # a difference of near-equal sums
+
+
+def test_first_token_cut_only_for_heads_that_read_the_first_token(tiny_bert):
+    from fastnig.attribution import first_token_cut
+    import transformers
+
+    class MeanPoolingRanker(transformers.BertForSequenceClassification):
+        pass  # an unknown head could read every token: nothing may be skipped
+
+    assert first_token_cut(MeanPoolingRanker(tiny_bert.config)) is None
+    assert first_token_cut(tiny_bert.bert) is None
+
+
 def test_classifier_and_pooler_are_excluded_by_default(tiny_bert):
     names = list(linear_modules(tiny_bert))
     assert not any("classifier" in n or "pooler" in n for n in names)
@@ -75,7 +109,7 @@ def test_classifier_and_pooler_are_excluded_by_default(tiny_bert):
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_bert, tokenizer):
-    return fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, progress=False)
+    return fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, step_batch=21, progress=False)
 
 
 @pytest.mark.parametrize("step_batch", [1, 3, 7, 21])

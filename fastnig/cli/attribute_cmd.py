@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--output", choices=["probability", "logit"], default="probability",
                    help="what F is: the class probability (default) or the raw logit")
     p.add_argument("--max-length", type=int, default=512, help="tokens per pair (default 512)")
-    p.add_argument("--step-batch", type=int, default=None, help="path points per forward (bounds memory)")
+    p.add_argument("--step-batch", type=int, default=None, help="path points per forward (default: sized from free memory, ~2048 token rows on CPU)")
     p.add_argument("--pair-batch", type=int, default=1, help="pairs per forward (default 1)")
     p.add_argument("--chunk-pairs", type=int, default=8, help="pairs between two saves (default 8)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
