@@ -57,6 +57,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("a"), py::arg("g"), py::arg("shape"), py::arg("a_strides"), py::arg("g_strides"), py::arg("dtype"),
       py::arg("lengths"), py::arg("out"), py::arg("out_dtype"), py::arg("a_carry"), py::arg("g_carry"),
       py::arg("has_prev"), py::arg("write_carry"), py::arg("rule"), py::arg("n_threads"));
+  m.def("cpu_kernel_isa", &fastnig::cpu_kernel_isa,
+        "the instruction set the CPU kernel runs with here: 'avx2' (AVX2 + FMA build) or 'baseline'");
 #ifdef FASTNIG_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def(

@@ -43,6 +43,13 @@ def _extension():
     return _C
 
 
+def cpu_kernel_isa() -> str:
+    """Which build of the CPU kernel runs here: ``"avx2"`` (AVX2 + FMA, chosen at
+    run time when the CPU has both) or ``"baseline"``; the environment variable
+    ``FASTNIG_CPU_ISA=baseline`` (read at the first call) forces the latter."""
+    return _extension().cpu_kernel_isa()
+
+
 def cuda_kernels_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return bool(getattr(_extension(), "with_cuda", False))

@@ -137,3 +137,22 @@ def test_large_input_uses_threads_and_matches():
     a, g, lens = _inputs((2, 17, 64, 384), [64, 31], torch.float32, "cpu")
     ours, ref = _both(a, g, lens, "trapezoid")
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_baseline_cpu_build_too():
+    """Both builds of the CPU kernel (AVX2 + FMA and baseline) pass this file's tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastnig.kernels import cpu_kernel_isa
+
+    assert cpu_kernel_isa() in ("avx2", "baseline")
+    if os.environ.get("FASTNIG_CPU_ISA") == "baseline":
+        assert cpu_kernel_isa() == "baseline"
+        return
+    env = dict(os.environ, FASTNIG_CPU_ISA="baseline")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -12,8 +12,26 @@
 #include <thread>
 #include <vector>
 
+// This file is compiled twice: for the baseline ISA (namespace fastnig::baseline)
+// and, where the compiler can, with AVX2 + FMA (namespace fastnig::avx2);
+// dispatch_cpu.cpp picks one at run time from the CPU's flags.
+#ifndef FASTNIG_CPU_VARIANT
+#define FASTNIG_CPU_VARIANT baseline
+#endif
+
 namespace fastnig {
+namespace FASTNIG_CPU_VARIANT {
 namespace {
+
+// One path step of one (pair, token) row: out[h] += rule(prev, cur) over the features.
+template <typename T, typename Acc, Rule R>
+inline void add_step(Acc* __restrict out, const T* __restrict a_prev, const T* __restrict g_prev,
+                     const T* __restrict a_cur, const T* __restrict g_cur, int64_t H) {
+  for (int64_t h = 0; h < H; ++h) {
+    out[h] += step_term<R, Acc>(to_acc<Acc>(a_prev[h]), to_acc<Acc>(g_prev[h]), to_acc<Acc>(a_cur[h]),
+                                to_acc<Acc>(g_cur[h]));
+  }
+}
 
 template <typename T, typename Acc, Rule R>
 void accumulate_rows(const T* a, const T* g, const Geometry& geo, const int64_t* lengths,
@@ -37,12 +55,7 @@ void accumulate_rows(const T* a, const T* g, const Geometry& geo, const int64_t*
     for (int64_t s = 0; s < S; ++s) {
       const T* a_cur = a_row + s * geo.a_stride[1];
       const T* g_cur = g_row + s * geo.g_stride[1];
-      if (a_prev != nullptr) {
-        for (int64_t h = 0; h < H; ++h) {
-          out[h] += step_term<R, Acc>(to_acc<Acc>(a_prev[h]), to_acc<Acc>(g_prev[h]),
-                                      to_acc<Acc>(a_cur[h]), to_acc<Acc>(g_cur[h]));
-        }
-      }
+      if (a_prev != nullptr) add_step<T, Acc, R>(out, a_prev, g_prev, a_cur, g_cur, H);
       a_prev = a_cur;
       g_prev = g_cur;
     }
@@ -109,7 +122,7 @@ void dispatch_acc(DType out_dtype, Rule rule, const void* a, const void* g, cons
 
 }  // namespace
 
-void accumulate_conductance_cpu(DType dtype, DType out_dtype, Rule rule, const void* a, const void* g,
+void accumulate(DType dtype, DType out_dtype, Rule rule, const void* a, const void* g,
                                 const Geometry& geo, const int64_t* lengths, void* out, void* a_carry,
                                 void* g_carry, int n_threads) {
   switch (dtype) {
@@ -120,4 +133,5 @@ void accumulate_conductance_cpu(DType dtype, DType out_dtype, Rule rule, const v
   }
 }
 
+}  // namespace FASTNIG_CPU_VARIANT
 }  // namespace fastnig
