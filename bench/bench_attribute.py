@@ -21,7 +21,7 @@ subprocesses, RSS) and the fused accumulation op alone against the unfused
 PyTorch expression (``accumulate_conductance_ref``) on the same tensors.
 
     python bench/bench_attribute.py                 # MiniLM shape + BERT-large shape
-    python bench/bench_attribute.py --shapes minilm --repeats 5
+    python bench/bench_attribute.py --shapes minilm --repeats 15 --captum-repeats 4
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def peak_memory(shape, step_batch):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench_shape(shape, repeats, captum_sample):
+def bench_shape(shape, repeats, captum_sample, captum_repeats):
     model, tok, tokens, steps = build(shape)
     names = list(linear_modules(model))
     # A sample spread evenly over depth: Captum's cost per layer depends on depth.
@@ -197,13 +197,14 @@ def bench_shape(shape, repeats, captum_sample):
     sample = [names[round(i * (len(names) - 1) / max(k - 1, 1))] for i in range(k)]
     chunks = fastnig_chunks(model, tok, tokens, steps)
     times = {"fastnig": [], "fastnig_no_cut": [], "bare": [], "bare_chunked": [], "captum": []}
+    captum_at = {i * repeats // captum_repeats for i in range(min(captum_repeats, repeats))}
     run_fastnig(model, tok, tokens, steps)  # warm-up
     for r in range(repeats):
         times["bare"].append(_timed(lambda: bare_forward_backward(model, tok, tokens, steps)))
         times["bare_chunked"].append(_timed(lambda: bare_forward_backward(model, tok, tokens, steps, chunks)))
         times["fastnig"].append(_timed(lambda: run_fastnig(model, tok, tokens, steps)))
         times["fastnig_no_cut"].append(_timed(lambda: run_fastnig_without_cut(model, tok, tokens, steps)))
-        if r < max(1, repeats // 2):  # Captum is slow; fewer repetitions
+        if r in captum_at:  # Captum is slow: fewer repetitions, spread over the run
             times["captum"].append(_timed(lambda: captum_layers(model, tok, tokens, steps, sample))
                                    * len(names) / len(sample))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -227,7 +228,9 @@ def bench_shape(shape, repeats, captum_sample):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions per timing (median reported)")
+    parser.add_argument("--repeats", type=int, default=9, help="repetitions per timing (median reported)")
+    parser.add_argument("--captum-repeats", type=int, default=3,
+                        help="repetitions of the (slow) Captum timing, MiniLM shape; 1 for BERT-large")
     parser.add_argument("--captum-sample", type=int, default=0,
                         help="time Captum on this many Linear modules spread over depth and extrapolate "
                              "(0 = all of them for the MiniLM shape, 8 for BERT-large)")
@@ -237,7 +240,8 @@ def main():
         torch.set_num_threads(args.threads)
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
               "results": [bench_shape(s, args.repeats if s == "minilm" else max(1, args.repeats // 3),
-                                      args.captum_sample or (0 if s == "minilm" else 8))
+                                      args.captum_sample or (0 if s == "minilm" else 8),
+                                      args.captum_repeats if s == "minilm" else 1)
                           for s in args.shapes]}
     print(json.dumps(report, indent=2))
 

@@ -308,6 +308,11 @@ def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str,
 
 
 # ---------------------------------------------------------------- the engine
+# Threads of the CPU kernel when called between autograd's ops: torch's OpenMP
+# workers spin-wait for a while after each op, so a second kernel thread only
+# fights them for the core (MiniLM shape: 83 ms of kernel time per call of
+# attribute with 1 thread, 123 ms with 2).
+ENGINE_CPU_KERNEL_THREADS = 1
 # Sequence-classification heads that read the last layer's output at the first
 # token only (BERT's pooler, the ELECTRA/RoBERTa heads, DistilBERT's pre-classifier).
 FIRST_TOKEN_HEADS = ("BertForSequenceClassification", "ElectraForSequenceClassification",
@@ -393,7 +398,7 @@ class _HookState:
         if carry is None:
             carry = self.carries[name] = Carry.like(a4)
         lengths = self.lengths.clamp(max=a4.shape[2])  # outputs cut to the first token (first_token_cut)
-        accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule)
+        accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS)
 
 
 # On CPU, forwards of about this many token rows (path points × pairs × tokens)
@@ -690,5 +695,5 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         grad4 = path.grad.unflatten(0, (P, S))
         if input_carry is None:
             input_carry = Carry.like(path4)
-        accumulate_conductance(path4, grad4, lengths, input_out, input_carry, rule)
+        accumulate_conductance(path4, grad4, lengths, input_out, input_carry, rule, ENGINE_CPU_KERNEL_THREADS)
     return out, input_out.sum(dim=1), f_in, f_b

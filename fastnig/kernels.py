@@ -102,7 +102,8 @@ def _check(a: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor, out: torch.T
 
 
 def accumulate_conductance(a: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor,
-                           carry: Optional[Carry] = None, rule: str = "trapezoid") -> torch.Tensor:
+                           carry: Optional[Carry] = None, rule: str = "trapezoid",
+                           threads: Optional[int] = None) -> torch.Tensor:
     """Fused op: add this chunk's conductance of every feature into ``out``.
 
     Args:
@@ -115,11 +116,14 @@ def accumulate_conductance(a: torch.Tensor, g: torch.Tensor, lengths: torch.Tens
         carry: the previous chunk's last point (read when ``carry.filled``),
             replaced by this chunk's last point; ``None`` for a single chunk.
         rule: ``"left"`` or ``"trapezoid"``.
+        threads: CPU threads (``None`` = ``torch.get_num_threads()``); ignored on CUDA.
 
     Returns:
         ``out``.
     """
     _check(a, g, lengths, out, carry, rule)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None (torch's thread count) or an integer >= 1, got {threads!r}")
     if a.stride(3) != 1 and a.shape[3] > 1:
         a = a.contiguous()
     if g.stride(3) != 1 and g.shape[3] > 1:
@@ -133,7 +137,7 @@ def accumulate_conductance(a: torch.Tensor, g: torch.Tensor, lengths: torch.Tens
         carry is not None and carry.filled, carry is not None, _RULE_CODES[rule],
     )
     if a.device.type == "cpu":
-        ext.accumulate_cpu(*args, torch.get_num_threads())
+        ext.accumulate_cpu(*args, threads or torch.get_num_threads())
     elif a.device.type == "cuda":
         if not cuda_kernels_built():
             raise RuntimeError(

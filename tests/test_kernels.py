@@ -130,12 +130,16 @@ def test_bad_arguments_are_named():
         accumulate_conductance(a, g.double(), lens, torch.zeros(1, 4), None, "left")
     with pytest.raises(ValueError, match="lengths"):
         accumulate_conductance(a, g, torch.tensor([1, 2]), torch.zeros(1, 4), None, "left")
+    with pytest.raises(ValueError, match="threads"):
+        accumulate_conductance(a, g, lens, torch.zeros(1, 4), None, "left", threads=0)
 
 
-def test_large_input_uses_threads_and_matches():
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_large_input_uses_threads_and_matches(threads):
     torch.manual_seed(0)
     a, g, lens = _inputs((2, 17, 64, 384), [64, 31], torch.float32, "cpu")
-    ours, ref = _both(a, g, lens, "trapezoid")
+    ours = accumulate_conductance(a, g, lens, torch.zeros(2, 384), threads=threads)
+    ref = accumulate_conductance_ref(a, g, lens, torch.zeros(2, 384))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
