@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fastnig  # noqa: E402
 from fastnig import attribution  # noqa: E402
-from fastnig.attribution import (_chunks, auto_step_batch, baseline_embeddings, encode_pairs,  # noqa: E402
-                                 linear_modules, target_function)
+from fastnig.attribution import (auto_step_batch, baseline_embeddings, encode_pairs,  # noqa: E402
+                                 linear_modules, path_chunks, target_function)
 from fastnig.kernels import Carry, accumulate_conductance, accumulate_conductance_ref  # noqa: E402
 from tiny_models import make_model, make_tokenizer  # noqa: E402
 
@@ -77,7 +77,7 @@ def fastnig_chunks(model, tok, tokens, steps):
     """The path chunks ``fastnig.attribute`` uses by default for this pair."""
     n_tokens = int(encode_pairs(tok, [(QUERY, PASSAGE)], tokens, "pad", True).lengths[0])
     points = auto_step_batch(model, linear_modules(model), n_tokens, 1, torch.device("cpu"))
-    return _chunks(steps + 1, points)
+    return path_chunks(steps + 1, points)
 
 
 def bare_forward_backward(model, tok, tokens, steps, chunks=None):

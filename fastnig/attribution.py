@@ -5,7 +5,10 @@
 path points in batched forward + backward passes, and, from hooks on every
 selected ``nn.Linear``, feeds each layer's activations and output gradients to
 the fused op of :mod:`fastnig.kernels`, which adds the conductance summed over
-the pair's real tokens into a per-pair accumulator (SPEC §5).
+the pair's real tokens into a per-pair accumulator (SPEC §5).  Where the
+classification head reads only the first token, the last layer runs past
+self-attention on that token alone (:func:`first_token_cut`): exact, and ~13 %
+less matrix work on a 6-layer model.
 """
 from __future__ import annotations
 
@@ -313,6 +316,7 @@ def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str,
 # fights them for the core (MiniLM shape: 83 ms of kernel time per call of
 # attribute with 1 thread, 123 ms with 2).
 ENGINE_CPU_KERNEL_THREADS = 1
+
 # Sequence-classification heads that read the last layer's output at the first
 # token only (BERT's pooler, the ELECTRA/RoBERTa heads, DistilBERT's pre-classifier).
 FIRST_TOKEN_HEADS = ("BertForSequenceClassification", "ElectraForSequenceClassification",
@@ -452,7 +456,7 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _chunks(total: int, size: int) -> List[Tuple[int, int]]:
+def path_chunks(total: int, size: int) -> List[Tuple[int, int]]:
     """``[start, stop)`` ranges of at most ``size`` covering ``range(total)``, as even as possible."""
     count = -(-total // size)
     bounds = [round(i * total / count) for i in range(count + 1)]
@@ -588,7 +592,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                 chunk = step_batch
                 if step_batch in (None, "auto"):
                     chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype)
-                step_chunks = _chunks(level + 1, chunk)
+                step_chunks = path_chunks(level + 1, chunk)
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
                 out, nig_in, f_in, f_b = _attribute_batch(model, embeddings, modules, enc, relevant,
                                                           tokenizer.pad_token_id, baseline, alphas, step_chunks,
