@@ -324,6 +324,18 @@ FIRST_TOKEN_HEADS = ("BertForSequenceClassification", "ElectraForSequenceClassif
                      "CamembertForSequenceClassification", "DistilBertForSequenceClassification")
 
 
+def _last_layer_before_first_token_head(model: nn.Module) -> Optional[nn.Module]:
+    """The last encoder layer of a model with one of :data:`FIRST_TOKEN_HEADS`, else ``None``."""
+    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+        return None
+    base = getattr(model, "base_model", model)
+    stack = (getattr(getattr(base, "encoder", None), "layer", None)
+             or getattr(getattr(base, "transformer", None), "layer", None))
+    if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
+        return None
+    return stack[-1]
+
+
 def first_token_cut(model: nn.Module) -> Optional[nn.Module]:
     """The module of the last encoder layer from which on only the first token matters, or ``None``.
 
@@ -338,14 +350,9 @@ def first_token_cut(model: nn.Module) -> Optional[nn.Module]:
     ``(hidden, residual)``) or DistilBERT's ``sa_layer_norm``. Any other model
     gets ``None``: nothing is skipped.
     """
-    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+    last = _last_layer_before_first_token_head(model)
+    if last is None:
         return None
-    base = getattr(model, "base_model", model)
-    stack = (getattr(getattr(base, "encoder", None), "layer", None)
-             or getattr(getattr(base, "transformer", None), "layer", None))
-    if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
-        return None
-    last = stack[-1]
     attention_output = getattr(getattr(last, "attention", None), "output", None)
     if isinstance(attention_output, nn.Module) and isinstance(getattr(attention_output, "dense", None), nn.Linear):
         return attention_output
@@ -361,18 +368,72 @@ def _keep_first_token(module, args, kwargs):
     return tuple(first(a) for a in args), {k: first(v) for k, v in kwargs.items()}
 
 
+def _first_query_self_attention(module: nn.Module):
+    """A ``forward`` for a BERT-family self-attention module whose queries are the first token's only.
+
+    Keys and values still cover every token; the context returned is
+    ``[batch, 1, hidden]`` (what :func:`first_token_cut`'s module reads anyway).
+    Masks: ``None``, ``[batch, tokens]`` (1 = attend), or 4-D boolean / additive
+    ``[batch, 1, queries, tokens]`` as transformers passes them; anything else,
+    or a module in training mode (dropout), takes the module's own forward.
+    """
+    original = type(module).forward
+
+    def forward(hidden_states, attention_mask=None, *args, **kwargs):
+        mask = attention_mask
+        if module.training or (mask is not None and mask.dim() not in (2, 4)):
+            return original(module, hidden_states, attention_mask, *args, **kwargs)
+        if mask is not None and mask.dim() == 2:
+            mask = mask[:, None, None, :].bool()
+        elif mask is not None and mask.shape[-2] > 1:
+            mask = mask[:, :, :1, :]
+        batch = hidden_states.shape[0]
+        shape = (batch, -1, module.num_attention_heads, module.attention_head_size)
+        query = module.query(hidden_states[:, :1]).view(shape).transpose(1, 2)
+        key = module.key(hidden_states).view(shape).transpose(1, 2)
+        value = module.value(hidden_states).view(shape).transpose(1, 2)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(query.dtype)
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=getattr(module, "scaling", None))
+        return context.transpose(1, 2).reshape(batch, 1, -1), None
+
+    return forward
+
+
+def _first_query_module(model: nn.Module) -> Optional[nn.Module]:
+    """The last layer's BERT-family self-attention, when its queries can be cut to the first token too."""
+    attention = getattr(getattr(_last_layer_before_first_token_head(model), "attention", None), "self", None)
+    ok = (attention is not None
+          and all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("query", "key", "value"))
+          and isinstance(getattr(attention, "num_attention_heads", None), int)
+          and isinstance(getattr(attention, "attention_head_size", None), int)
+          and not getattr(attention, "is_decoder", False) and not getattr(attention, "is_causal", False)
+          and getattr(attention, "position_embedding_type", "absolute") == "absolute")
+    return attention if ok else None
+
+
 @contextmanager
 def first_token_only(model: nn.Module) -> Iterator[None]:
     """Within the block, the model's last layer runs past self-attention on the
-    first token only (:func:`first_token_cut`): same logits and same
-    attributions, less work. Does nothing for models without such a cut."""
+    first token only (:func:`first_token_cut`), and for the BERT family its
+    queries (projection and attention) too, keys and values still over every
+    token: same logits and same attributions, less work. Does nothing for
+    models without such a cut."""
     cut = first_token_cut(model)
-    handle = None if cut is None else cut.register_forward_pre_hook(_keep_first_token, with_kwargs=True)
+    if cut is None:
+        yield
+        return
+    handle = cut.register_forward_pre_hook(_keep_first_token, with_kwargs=True)
+    attention = _first_query_module(model)
+    if attention is not None:
+        attention.forward = _first_query_self_attention(attention)
     try:
         yield
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
+        if attention is not None:
+            del attention.forward
 
 
 class _HookState:

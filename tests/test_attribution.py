@@ -65,22 +65,30 @@ def test_left_rule_equals_captum_layer_conductance(family, logits, tok_family, t
         assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("family,tok_family", [("bert", "bert"), ("electra", "bert"), ("roberta", "roberta"),
-                                               ("distilbert", "distilbert")])
-def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(family, tok_family, monkeypatch):
-    """The head reads the last layer at token 0 only: the cut runs its feed-forward block on
-    that token alone, and every attribution equals the uncut run's."""
+@pytest.mark.parametrize("family,tok_family,attention", [
+    ("bert", "bert", "sdpa"), ("bert", "bert", "eager"), ("electra", "bert", "sdpa"),
+    ("roberta", "roberta", "sdpa"), ("distilbert", "distilbert", "sdpa")])
+def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(family, tok_family, attention,
+                                                                             monkeypatch):
+    """The head reads the last layer at token 0 only: the cut runs its feed-forward block (and,
+    for the BERT family, its queries) on that token alone, and every attribution equals the
+    uncut run's, with batch padding (boolean or additive attention masks)."""
     from fastnig import attribution
 
     tok = make_tokenizer(tok_family)
     model = make_model(family, vocab_size=tok.vocab_size, seed=2)
+    model.set_attn_implementation(attention)
     assert attribution.first_token_cut(model) is not None
-    last_ffn = list(linear_modules(model))[-1]  # the last layer's output projection
-    rows = []
-    handle = dict(model.named_modules())[last_ffn].register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
+    names = list(linear_modules(model))
+    last_query, last_ffn = names[-6], names[-1]  # the last layer's query and output projections
+    rows = {last_query: set(), last_ffn: set()}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: rows[n].add(o.shape[1])) for n in rows]
     cut = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False)
-    handle.remove()
-    assert set(rows) == {1}
+    for h in handles:
+        h.remove()
+    assert rows[last_ffn] == {1}
+    assert (rows[last_query] == {1}) == (family != "distilbert")
     monkeypatch.setattr(attribution, "first_token_cut", lambda model: None)
     full = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False)
     for name, expected in full.scores.items():
