@@ -7,8 +7,8 @@ selected ``nn.Linear``, feeds each layer's activations and output gradients to
 the fused op of :mod:`fastnig.kernels`, which adds the conductance summed over
 the pair's real tokens into a per-pair accumulator (SPEC §5).  Where the
 classification head reads only the first token, the last layer runs past
-self-attention on that token alone (:func:`first_token_cut`): exact, and ~13 %
-less matrix work on a 6-layer model.
+self-attention (and, for the BERT family, its queries) on that token alone
+(:func:`first_token_only`): exact, and ~14 % less matrix work on a 6-layer model.
 """
 from __future__ import annotations
 
