@@ -293,6 +293,15 @@ def steps_to_reach(rows, rule, nodes, column, target):
 
 
 # ------------------------------------------------------------------ output
+def _write_csv(path, rows, cols):
+    """``rows`` (dicts) as CSV with columns ``cols``; floats to 6 significant digits."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
+
+
 def write_outputs(out, args, rows, auto_rows, per_pair_info, timings, check, model_info, reference_n):
     import matplotlib
 
@@ -301,20 +310,12 @@ def write_outputs(out, args, rows, auto_rows, per_pair_info, timings, check, mod
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["rule", "nodes", "steps", "points", "median_rel_delta", "p90_rel_delta", "max_rel_delta",
-            "overlap_top0.1", "overlap_top1"]
-    with open(out / "steps_accuracy.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
-    auto_cols = ["rule", "nodes", "tolerance", "max_steps", "mean_steps", "max_steps_used", "median_rel_delta",
-                 "overlap_top0.1", "overlap_top1"]
-    with open(out / "steps_accuracy_auto.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=auto_cols)
-        w.writeheader()
-        for r in auto_rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in auto_cols})
+    _write_csv(out / "steps_accuracy.csv", rows,
+               ["rule", "nodes", "steps", "points", "median_rel_delta", "p90_rel_delta", "max_rel_delta",
+                "overlap_top0.1", "overlap_top1"])
+    _write_csv(out / "steps_accuracy_auto.csv", auto_rows,
+               ["rule", "nodes", "tolerance", "max_steps", "mean_steps", "max_steps_used", "median_rel_delta",
+                "overlap_top0.1", "overlap_top1"])
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {("left", "uniform"): ("tab:blue", "-o"), ("left", "chebyshev"): ("tab:blue", "--s"),

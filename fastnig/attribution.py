@@ -442,6 +442,8 @@ class _HookState:
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
                  out: Dict[str, torch.Tensor], carries: Dict[str, Carry]):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
+        # real tokens per pair for outputs of T tokens (T = 1 past the first-token cut)
+        self.lengths_for: Dict[int, torch.Tensor] = {}
         self.out, self.carries = out, carries
         self.activations: Dict[str, torch.Tensor] = {}
 
@@ -462,7 +464,10 @@ class _HookState:
         carry = self.carries.get(name)
         if carry is None:
             carry = self.carries[name] = Carry.like(a4)
-        lengths = self.lengths.clamp(max=a4.shape[2])  # outputs cut to the first token (first_token_cut)
+        tokens = a4.shape[2]
+        lengths = self.lengths_for.get(tokens)
+        if lengths is None:
+            lengths = self.lengths_for[tokens] = self.lengths.clamp(max=tokens)
         accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS)
 
 
