@@ -38,9 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fastnig  # noqa: E402
-from fastnig import attribution  # noqa: E402
+from fastnig import first_token  # noqa: E402
 from fastnig.attribution import (auto_step_batch, baseline_embeddings, encode_pairs,  # noqa: E402
-                                 linear_modules, path_chunks, target_function)
+                                 linear_modules, path_chunks)
+from fastnig.cross_encoder import target_function  # noqa: E402
 from fastnig.kernels import Carry, accumulate_conductance, accumulate_conductance_ref  # noqa: E402
 from tiny_models import make_model, make_tokenizer  # noqa: E402
 
@@ -102,12 +103,12 @@ def bare_forward_backward(model, tok, tokens, steps, chunks=None):
 
 def run_fastnig_without_cut(model, tok, tokens, steps):
     """``fastnig.attribute`` with the first-token cut of the last layer switched off."""
-    original = attribution.first_token_cut
-    attribution.first_token_cut = lambda model: None
+    original = first_token.first_token_cut
+    first_token.first_token_cut = lambda model: None
     try:
         return run_fastnig(model, tok, tokens, steps)
     finally:
-        attribution.first_token_cut = original
+        first_token.first_token_cut = original
 
 
 def captum_layers(model, tok, tokens, steps, names):

@@ -28,7 +28,6 @@ canvas directly, so the caller's pyplot backend is left alone.
 from __future__ import annotations
 
 import csv
-import inspect
 import os
 import re
 from itertools import combinations
@@ -37,8 +36,12 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from .schemes import (COMPONENTS, LABELS, OTHER_COMPONENTS, RANK_BY, NeuronSet, Scheme, fuse, fuse_all,
-                      intersection, short_name)
+from .attribution import BASELINES, baseline_embeddings, encode_pairs
+from .common import check_int
+from .cross_encoder import (accepts_token_type_ids, frozen_eval, input_embeddings, relevance_probability,
+                            resolve_max_length, unwrap, validate_pairs)
+from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection, short_name
+from .schemes import LABELS, RANK_BY, Scheme, fuse, fuse_all
 
 DEFAULT_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Pruning levels (% of all neurons) of the overlap curves; the paper's 0.01, 0.1 and 1 among them."""
@@ -376,7 +379,7 @@ def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
 
 # ------------------------------------------------------------------- Table 1
 def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
-                         *, max_length: int = 512, batch_size: int = 16) -> Dict[str, float]:
+                         *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
     """Mean over pairs of P(relevant) − P(non-relevant), at the input and at each baseline.
 
     The baselines are built exactly as :func:`fastnig.attribute` builds them
@@ -387,22 +390,19 @@ def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("p
     Returns:
         ``{"original": d_input, "<baseline>": d_baseline, ...}`` (unitless, in [-1, 1]).
     """
-    from .attribution import (BASELINES, _frozen_eval, _input_embeddings, _validate_pairs, baseline_embeddings,
-                              encode_pairs, relevance_probability)
-
-    pairs = _validate_pairs(pairs)
+    pairs = validate_pairs(pairs)
     if isinstance(baselines, str):
         baselines = [baselines]
     baselines = list(baselines)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"baselines: {unknown} unknown; choose from {BASELINES}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    embeddings = _input_embeddings(model)
+    check_int("batch_size", batch_size, 1)
+    model, tokenizer = unwrap(model, tokenizer)
+    max_length = resolve_max_length(model, tokenizer, max_length)
+    embeddings = input_embeddings(model)
     device = embeddings.weight.device
-    accepts_types = ("token_type_ids" in inspect.signature(model.forward).parameters
-                     and "token_type_ids" in getattr(tokenizer, "model_input_names", ()))
+    accepts_types = accepts_token_type_ids(model, tokenizer)
     totals = {name: 0.0 for name in ["original"] + baselines}
     # The input's embeddings do not depend on the baseline: take them from the
     # first encoding ("zero" when only "original" is asked: it needs no [PAD]).
@@ -415,7 +415,7 @@ def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("p
         p = relevance_probability(model(**kwargs).logits).double()
         return float((2 * p - 1).sum())  # P(rel) - P(non-rel) = 2 P(rel) - 1
 
-    with _frozen_eval(model), torch.no_grad():
+    with frozen_eval(model), torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
             enc_first = encode_pairs(tokenizer, batch, max_length, first, accepts_types)
@@ -429,7 +429,7 @@ def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("p
 
 
 def baseline_quality(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
-                     *, max_length: int = 512, batch_size: int = 16) -> Dict[str, float]:
+                     *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
     """How much relevance signal each baseline keeps (the paper's Table 1, SPEC §3).
 
     ``quality[b]`` = mean over pairs of P(rel) − P(non-rel) at baseline ``b``

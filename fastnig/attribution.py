@@ -1,35 +1,43 @@
 """Neuron Integrated Gradients (conductance) of every Linear neuron in one pass.
 
+Owns: :func:`attribute` and :class:`Attributions` — the path from a baseline
+to the input, its chunks and memory model, the hooks that feed every Linear's
+activations and gradients to the fused op, ``steps="auto"``.  Must not:
+tokenise or read logits itself (:mod:`fastnig.cross_encoder`), know about
+datasets, schemes or files.
+
 ``attribute(model, pairs)`` interpolates the word embeddings of each
-(query, passage) pair from a baseline to the input (SPEC §3), evaluates all
+(query, passage) pair from a baseline to the input (docs/method.md §3), evaluates all
 path points in batched forward + backward passes, and, from hooks on every
 selected ``nn.Linear``, feeds each layer's activations and output gradients to
 the fused op of :mod:`fastnig.kernels`, which adds the conductance summed over
-the pair's real tokens into a per-pair accumulator (SPEC §5).  Where the
+the pair's real tokens into a per-pair accumulator (docs/method.md §5).  Where the
 classification head reads only the first token, the last layer runs past
 self-attention (and, for the BERT family, its queries) on that token alone
 (:func:`first_token_only`): exact, and ~14 % less matrix work on a 6-layer model.
 """
 from __future__ import annotations
 
-import inspect
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .common import check_int, check_number
+from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, check_model, frozen_eval,
+                            input_embeddings, load_tokenizer, move_model, resolve_max_length, target_function,
+                            tokenize_pair, unwrap, validate_pairs)
+from .first_token import first_token_only
 from .kernels import RULES, Carry, accumulate_conductance
 
 BASELINES = ("pad", "pad-query", "zero", "zero-query")
-TARGETS = ("relevant", "non-relevant")
-OUTPUTS = ("probability", "logit")
 NODES = ("uniform", "chebyshev")
 AUTO_START_STEPS = 16
 
-Pair = Tuple[str, str]
 TargetSpec = Union[str, int, bool, Sequence[Union[str, int, bool]]]
 
 
@@ -125,36 +133,6 @@ def normalize_targets(target: TargetSpec, num_pairs: int) -> List[str]:
     return [one(v) for v in values]
 
 
-def target_function(logits: torch.Tensor, relevant: torch.Tensor, output: str = "probability") -> torch.Tensor:
-    """F for each row (SPEC §2).
-
-    Args:
-        logits: ``[batch, 1]`` or ``[batch, 2]`` classifier outputs.
-        relevant: ``[batch]`` bool, True where the target label is "relevant".
-        output: ``"probability"`` (softmax / sigmoid) or ``"logit"`` (raw ±logit).
-    Returns:
-        ``[batch]`` F.
-    """
-    if logits.dtype != torch.float64:  # probabilities in at least fp32, whatever the compute dtype
-        logits = logits.float()
-    if logits.shape[-1] == 1:
-        s = logits[:, 0]
-        signed = torch.where(relevant, s, -s)
-        return torch.sigmoid(signed) if output == "probability" else signed
-    if logits.shape[-1] == 2:
-        values = torch.softmax(logits, dim=-1) if output == "probability" else logits
-        return torch.where(relevant, values[:, 1], values[:, 0])
-    raise ValueError(
-        f"the model has {logits.shape[-1]} output logits; fastnig supports cross-encoders with 1 logit "
-        "(relevance score) or 2 logits (non-relevant, relevant)")
-
-
-def relevance_probability(logits: torch.Tensor) -> torch.Tensor:
-    """``[batch]`` P(relevant) from 1- or 2-logit cross-encoder outputs."""
-    ones = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return target_function(logits, ones, "probability")
-
-
 # ------------------------------------------------------------------ the model
 def _is_attributed_by_default(name: str) -> bool:
     return "pooler" not in name.split(".")
@@ -188,34 +166,6 @@ def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
     return chosen
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module:
-    try:
-        emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        emb = None
-    if emb is None:
-        raise TypeError(
-            "model: fastnig needs a Hugging Face model with get_input_embeddings() (e.g. an "
-            f"AutoModelForSequenceClassification); {type(model).__name__} has none")
-    return emb
-
-
-@contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the duration, restored after."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 # ------------------------------------------------------------------ the input
 @dataclass
 class EncodedPairs:
@@ -233,27 +183,6 @@ class EncodedPairs:
     lengths: torch.Tensor
 
 
-def _validate_pairs(pairs) -> List[Pair]:
-    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
-        raise TypeError("pairs must be a list of (query, passage) tuples; wrap a single pair as [(query, passage)]")
-    try:
-        pairs = list(pairs)
-    except TypeError:
-        raise TypeError("pairs must be a list of (query, passage) string tuples") from None
-    if not pairs:
-        raise ValueError("pairs is empty: give at least one (query, passage) tuple")
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"pairs[{i}] must be a (query, passage) tuple, got {pair!r:.80}")
-        query, passage = pair
-        if not isinstance(query, str) or not isinstance(passage, str):
-            raise TypeError(f"pairs[{i}]: query and passage must be strings, got "
-                            f"{type(query).__name__} and {type(passage).__name__}")
-        if not query.strip():
-            raise ValueError(f"pairs[{i}]: the query is empty")
-    return [(q, p) for q, p in pairs]
-
-
 def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: str,
                  use_token_type_ids: bool) -> EncodedPairs:
     """Tokenise (query, passage) pairs as the cross-encoder sees them (SPEC §1)."""
@@ -264,12 +193,7 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: st
         raise ValueError(f"baseline={baseline!r} needs a [PAD] token but the tokenizer has none; use 'zero'")
     rows = []
     for query, passage in pairs:
-        try:
-            enc = tokenizer(query, passage, truncation="only_second", max_length=max_length,
-                            return_special_tokens_mask=True)
-        except Exception:  # the query alone is longer than max_length
-            enc = tokenizer(query, passage, truncation="longest_first", max_length=max_length,
-                            return_special_tokens_mask=True)
+        enc = tokenize_pair(tokenizer, query, passage, max_length, return_special_tokens_mask=True)
         seq = enc.sequence_ids()
         special = torch.tensor(enc["special_tokens_mask"], dtype=torch.bool)
         if baseline.endswith("query"):
@@ -316,125 +240,6 @@ def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str,
 # fights them for the core (MiniLM shape: 83 ms of kernel time per call of
 # attribute with 1 thread, 123 ms with 2).
 ENGINE_CPU_KERNEL_THREADS = 1
-
-# Sequence-classification heads that read the last layer's output at the first
-# token only (BERT's pooler, the ELECTRA/RoBERTa heads, DistilBERT's pre-classifier).
-FIRST_TOKEN_HEADS = ("BertForSequenceClassification", "ElectraForSequenceClassification",
-                     "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
-                     "CamembertForSequenceClassification", "DistilBertForSequenceClassification")
-
-
-def _last_layer_before_first_token_head(model: nn.Module) -> Optional[nn.Module]:
-    """The last encoder layer of a model with one of :data:`FIRST_TOKEN_HEADS`, else ``None``."""
-    if type(model).__name__ not in FIRST_TOKEN_HEADS:
-        return None
-    base = getattr(model, "base_model", model)
-    stack = (getattr(getattr(base, "encoder", None), "layer", None)
-             or getattr(getattr(base, "transformer", None), "layer", None))
-    if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
-        return None
-    return stack[-1]
-
-
-def first_token_cut(model: nn.Module) -> Optional[nn.Module]:
-    """The module of the last encoder layer from which on only the first token matters, or ``None``.
-
-    With a head that reads the last layer's output at position 0 only
-    (:data:`FIRST_TOKEN_HEADS`), every row of the last layer after self-attention
-    reaches F only through its first token: the other rows of the attention
-    output projection and of the feed-forward block have exactly zero gradient,
-    hence exactly zero conductance (Captum gets exact zeros for them too).
-    Feeding the returned module its first token alone skips that work (~3/4 of
-    the last layer) without changing any attribution. It is the BERT family's
-    ``attention.output`` (projection + residual LayerNorm, inputs
-    ``(hidden, residual)``) or DistilBERT's ``sa_layer_norm``. Any other model
-    gets ``None``: nothing is skipped.
-    """
-    last = _last_layer_before_first_token_head(model)
-    if last is None:
-        return None
-    attention_output = getattr(getattr(last, "attention", None), "output", None)
-    if isinstance(attention_output, nn.Module) and isinstance(getattr(attention_output, "dense", None), nn.Linear):
-        return attention_output
-    if isinstance(getattr(last, "sa_layer_norm", None), nn.LayerNorm):
-        return last.sa_layer_norm
-    return None
-
-
-def _keep_first_token(module, args, kwargs):
-    """Forward pre-hook: ``[batch, tokens, features]`` inputs -> their first token ``[batch, 1, features]``."""
-    def first(value):
-        return value[:, :1] if isinstance(value, torch.Tensor) and value.dim() == 3 else value
-    return tuple(first(a) for a in args), {k: first(v) for k, v in kwargs.items()}
-
-
-def _first_query_self_attention(module: nn.Module):
-    """A ``forward`` for a BERT-family self-attention module whose queries are the first token's only.
-
-    Keys and values still cover every token; the context returned is
-    ``[batch, 1, hidden]`` (what :func:`first_token_cut`'s module reads anyway).
-    Masks: ``None``, ``[batch, tokens]`` (1 = attend), or 4-D boolean / additive
-    ``[batch, 1, queries, tokens]`` as transformers passes them; anything else,
-    or a module in training mode (dropout), takes the module's own forward.
-    """
-    original = type(module).forward
-
-    def forward(hidden_states, attention_mask=None, *args, **kwargs):
-        mask = attention_mask
-        if module.training or (mask is not None and mask.dim() not in (2, 4)):
-            return original(module, hidden_states, attention_mask, *args, **kwargs)
-        if mask is not None and mask.dim() == 2:
-            mask = mask[:, None, None, :].bool()
-        elif mask is not None and mask.shape[-2] > 1:
-            mask = mask[:, :, :1, :]
-        batch = hidden_states.shape[0]
-        shape = (batch, -1, module.num_attention_heads, module.attention_head_size)
-        query = module.query(hidden_states[:, :1]).view(shape).transpose(1, 2)
-        key = module.key(hidden_states).view(shape).transpose(1, 2)
-        value = module.value(hidden_states).view(shape).transpose(1, 2)
-        if mask is not None and mask.is_floating_point():
-            mask = mask.to(query.dtype)
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=getattr(module, "scaling", None))
-        return context.transpose(1, 2).reshape(batch, 1, -1), None
-
-    return forward
-
-
-def _first_query_module(model: nn.Module) -> Optional[nn.Module]:
-    """The last layer's BERT-family self-attention, when its queries can be cut to the first token too."""
-    attention = getattr(getattr(_last_layer_before_first_token_head(model), "attention", None), "self", None)
-    ok = (attention is not None
-          and all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("query", "key", "value"))
-          and isinstance(getattr(attention, "num_attention_heads", None), int)
-          and isinstance(getattr(attention, "attention_head_size", None), int)
-          and not getattr(attention, "is_decoder", False) and not getattr(attention, "is_causal", False)
-          and getattr(attention, "position_embedding_type", "absolute") == "absolute")
-    return attention if ok else None
-
-
-@contextmanager
-def first_token_only(model: nn.Module) -> Iterator[None]:
-    """Within the block, the model's last layer runs past self-attention on the
-    first token only (:func:`first_token_cut`), and for the BERT family its
-    queries (projection and attention) too, keys and values still over every
-    token: same logits and same attributions, less work. Does nothing for
-    models without such a cut."""
-    cut = first_token_cut(model)
-    if cut is None:
-        yield
-        return
-    handle = cut.register_forward_pre_hook(_keep_first_token, with_kwargs=True)
-    attention = _first_query_module(model)
-    if attention is not None:
-        attention.forward = _first_query_self_attention(attention)
-    try:
-        yield
-    finally:
-        handle.remove()
-        if attention is not None:
-            del attention.forward
-
 
 class _HookState:
     """Per-batch bookkeeping shared by the forward and gradient hooks."""
@@ -534,10 +339,8 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
     if nodes not in NODES:
         raise ValueError(f"nodes must be one of {NODES}, got {nodes!r}")
     if steps == "auto":
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
-        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
-            raise ValueError(f"tolerance must be a number > 0 (relative convergence delta), got {tolerance!r}")
+        check_int("max_steps", max_steps, 1)
+        check_number("tolerance", tolerance, positive=True, hint=" (relative convergence delta)")
         steps = max_steps
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -545,50 +348,36 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1 (path intervals) or 'auto', got {steps!r}")
-    if step_batch not in (None, "auto") and (isinstance(step_batch, bool) or not isinstance(step_batch, int)
-                                             or step_batch < 1):
+    check_int("steps", steps, 1, " (path intervals) or 'auto'")
+    if step_batch not in (None, "auto") and not (isinstance(step_batch, int) and not isinstance(step_batch, bool)
+                                                 and step_batch >= 1):
         raise ValueError(f"step_batch must be None / 'auto' (sized from free memory) or an integer >= 1 "
                          f"(path points per forward; {steps + 1} = all at once), got {step_batch!r}")
-    if isinstance(pair_batch, bool) or not isinstance(pair_batch, int) or pair_batch < 1:
-        raise ValueError(f"pair_batch must be an integer >= 1, got {pair_batch!r}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
-        raise ValueError(f"max_length must be an integer >= 4 (tokens), got {max_length!r}")
-
-
-def _load_tokenizer(model):
-    name = getattr(getattr(model, "config", None), "name_or_path", None)
-    if not name:
-        raise ValueError("tokenizer: the model has no config.name_or_path to load its tokenizer from; "
-                         "pass tokenizer=AutoTokenizer.from_pretrained(...)")
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as exc:
-        raise ValueError(f"tokenizer: could not load the tokenizer of {name!r} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); pass tokenizer=... explicitly") from None
+    check_int("pair_batch", pair_batch, 1)
+    if max_length is not None:
+        check_int("max_length", max_length, 4, " (tokens)")
 
 
 def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target: TargetSpec = "relevant",
               baseline: str = "pad", steps: int = 100, rule: str = "trapezoid",
               layers: Optional[Sequence[str]] = None, include_pooler: bool = False,
-              step_batch: Optional[int] = None, pair_batch: int = 1, max_length: int = 512,
+              step_batch: Optional[int] = None, pair_batch: int = 1, max_length: Optional[int] = None,
               output: str = "probability", nodes: str = "uniform", tolerance: float = 0.01,
               max_steps: int = 256, device: Union[str, torch.device, None] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True) -> Attributions:
     """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
 
     One batched forward + backward over the path points gives every layer's
-    attribution at once (SPEC §5); parameters get no gradients.
+    attribution at once (docs/method.md §5); parameters get no gradients.
 
     Args:
-        model: a Hugging Face sequence-classification cross-encoder (1 or 2 logits).
+        model: a Hugging Face sequence-classification cross-encoder (1 or 2 logits),
+            or a ``sentence_transformers.CrossEncoder`` (its model and tokenizer are used).
         pairs: list of (query, passage) strings; an empty or over-long passage
             is fine (truncated to ``max_length`` tokens, passage first).
         tokenizer: its fast tokenizer; ``None`` loads ``model.config.name_or_path``'s.
         target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair.
-        baseline: ``"pad"`` (default), ``"pad-query"``, ``"zero"`` or ``"zero-query"`` (SPEC §3).
+        baseline: ``"pad"`` (default), ``"pad-query"``, ``"zero"`` or ``"zero-query"`` (docs/method.md §3).
         steps: N, the number of path intervals (N + 1 points are evaluated),
             or ``"auto"``: per pair, N = 16, 32, ... doubling up to
             ``max_steps`` until |delta| <= ``tolerance`` · max(|F(x) - F(x')|,
@@ -604,7 +393,9 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
             CPU at most ~2048 token rows, which is faster (:func:`auto_step_batch`);
             an integer = at most that many (``steps + 1`` = all at once).
         pair_batch: pairs sharing one forward (padded to the longest).
-        max_length: tokens of the pair encoding.
+        max_length: tokens of the pair encoding; ``None`` = the tokenizer's
+            ``model_max_length`` (a CrossEncoder's ``max_length``), else 512; never
+            more than the model's position embeddings allow.
         output: ``"probability"`` (default) or ``"logit"``: what F is (SPEC §2).
         nodes: ``"uniform"`` (default) or ``"chebyshev"`` path positions (:func:`path_nodes`).
         tolerance, max_steps: the stopping rule of ``steps="auto"``.
@@ -617,21 +408,19 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     Returns:
         :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``.
     """
-    pairs = _validate_pairs(pairs)
+    pairs = validate_pairs(pairs)
     _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
                     max_steps)
     targets = normalize_targets(target, len(pairs))
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module (a Hugging Face cross-encoder), got {type(model).__name__}")
-    embeddings = _input_embeddings(model)
+    model, tokenizer = unwrap(model, tokenizer)
+    embeddings = input_embeddings(check_model(model))
     modules = linear_modules(model, layers, include_pooler)
     if tokenizer is None:
-        tokenizer = _load_tokenizer(model)
-    if device is not None:
-        model.to(device)
+        tokenizer = load_tokenizer(model)
+    max_length = resolve_max_length(model, tokenizer, max_length)
+    move_model(model, device)
     device = embeddings.weight.device
-    accepts_types = ("token_type_ids" in inspect.signature(model.forward).parameters
-                     and "token_type_ids" in getattr(tokenizer, "model_input_names", ()))
+    accepts_types = accepts_token_type_ids(model, tokenizer)
 
     levels = auto_step_levels(max_steps) if steps == "auto" else [steps]
     P = len(pairs)
@@ -647,9 +436,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     order = sorted(range(P), key=lambda i: -lengths_hint[i])
     batches = [order[i:i + pair_batch] for i in range(0, P, pair_batch)]
 
-    from tqdm.auto import tqdm
     bar = tqdm(total=P, desc="NIG", unit="pair", disable=not progress)
-    with _frozen_eval(model):
+    with frozen_eval(model):
         for batch in batches:
             pending = batch
             for level in levels:

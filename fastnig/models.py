@@ -8,6 +8,10 @@ classification head is new, so it must be fine-tuned before it ranks.
 :func:`offline_demo_model` (``"minilm-l6-cranfield"``) is that fine-tuning,
 done once on a collection's judgments (:func:`finetune_cross_encoder`) and
 cached on disk: a small cross-encoder that ranks, with no network.
+
+Owns: loading cross-encoders by name or folder, the offline MiniLM, the demo
+model's fine-tuning, caching and held-out evaluation.  Must not: tokenise,
+score or rank by itself (:mod:`fastnig.cross_encoder`, :mod:`fastnig.reranking`).
 """
 from __future__ import annotations
 
@@ -15,12 +19,24 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .common import check_int, check_number, sample_key
+from .cross_encoder import encode_batch, move_model, score_pairs
+from .data import load_collection
+from .reranking import bm25_run, ndcg_at_k
 
 OFFLINE_MINILM = "minilm-l6"
 
@@ -44,7 +60,8 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
     """Load a sequence-classification cross-encoder and its fast tokenizer, in eval mode.
 
     Args:
-        name_or_path: a Hugging Face id, a local folder (``save_pretrained``), or
+        name_or_path: a Hugging Face id, a local folder (``save_pretrained``, or a
+            sentence-transformers ``CrossEncoder.save`` folder), or
             ``"minilm-l6"`` for the offline MiniLM-L6 encoder with a new head,
             or ``"minilm-l6-cranfield"`` for :func:`offline_demo_model` (the
             same MiniLM fine-tuned on Cranfield, trained on first use, cached).
@@ -55,13 +72,10 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
     Raises:
         ModelUnavailable: no network / unknown id / missing folder, with the fix.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     if name_or_path == OFFLINE_DEMO and num_labels in (None, 1):
         return offline_demo_model(device=device)
 
-    path = str(offline_minilm_path()) if name_or_path == OFFLINE_MINILM else name_or_path
+    path = str(offline_minilm_path()) if name_or_path == OFFLINE_MINILM else _transformer_folder(name_or_path)
     kwargs = {}
     if num_labels is not None or name_or_path == OFFLINE_MINILM:
         kwargs["num_labels"] = num_labels or 1
@@ -84,6 +98,22 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def _transformer_folder(name_or_path: str) -> str:
+    """The Hugging Face model folder inside a sentence-transformers folder (its ``modules.json`` names
+    the Transformer module's sub-folder; a CrossEncoder keeps it at the top), else ``name_or_path``."""
+    modules = Path(name_or_path).expanduser() / "modules.json"
+    if not modules.is_file():
+        return name_or_path
+    try:
+        entries = json.loads(modules.read_text())
+    except ValueError:
+        return name_or_path
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Transformer"):
+            return str(modules.parent / str(entry.get("path", "")))
+    return name_or_path
 
 
 # ------------------------------------------------------------ the offline demo cross-encoder
@@ -130,10 +160,6 @@ class TrainingLog:
         return asdict(self)
 
 
-def _sample_key(seed: int, *parts: str) -> bytes:
-    return hashlib.sha256("\0".join([str(seed), *parts]).encode()).digest()
-
-
 def split_queries(collection, test_fraction: float = 0.3, seed: int = 0) -> Tuple[List[str], List[str]]:
     """A seeded train / held-out split of the queries that have a relevant judgment.
 
@@ -148,7 +174,7 @@ def split_queries(collection, test_fraction: float = 0.3, seed: int = 0) -> Tupl
         raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
     queries = collection.queries()
     judged = [q for q, docs in collection.qrels().items() if queries.get(q) and any(g > 0 for g in docs.values())]
-    order = sorted(judged, key=lambda q: (_sample_key(seed, "split", q), q))
+    order = sorted(judged, key=lambda q: (sample_key(seed, "split", q), q))
     held = set(order[:round(test_fraction * len(order))])
     position = {q: i for i, q in enumerate(queries)}
     ranked = sorted(judged, key=lambda q: position.get(q, len(position)))
@@ -159,8 +185,6 @@ def _training_pairs(collection, query_ids: Sequence[str], *, negative_depth: int
                     bm25_cache_dir, progress: bool):
     """(query, passage) positives (judged relevant), hard negatives (BM25 top ``negative_depth`` not judged
     relevant) and random negatives (``random_per_query`` corpus documents not judged relevant, seeded)."""
-    from .pruning import bm25_run
-
     queries, qrels = collection.queries(), collection.qrels()
     texts_of = {q: queries[q] for q in query_ids}
     run = bm25_run(collection, texts_of, k=negative_depth, cache_dir=bm25_cache_dir, progress=progress)
@@ -171,7 +195,7 @@ def _training_pairs(collection, query_ids: Sequence[str], *, negative_depth: int
         pos_ids += [(q, d) for d in sorted(relevant)]
         hard_ids += [(q, d) for d, _ in run.get(q, []) if d not in relevant]
         if random_per_query:
-            ranked = sorted((d for d in all_ids if d not in relevant), key=lambda d: _sample_key(seed, "neg", q, d))
+            ranked = sorted((d for d in all_ids if d not in relevant), key=lambda d: sample_key(seed, "neg", q, d))
             random_ids += [(q, d) for d in ranked[:random_per_query]]
     passages = collection.doc_texts({d for _, d in pos_ids + hard_ids + random_ids})
 
@@ -236,17 +260,10 @@ def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[
     Returns:
         :class:`TrainingLog` (per-step losses, timings, pair counts, settings).
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .data import load_collection
-
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 2), ("max_length", max_length, 8),
                              ("negative_depth", negative_depth, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        check_int(name, value, low)
+    check_number("lr", lr, positive=True)
     if not 0 <= random_negatives <= 1:
         raise ValueError(f"random_negatives must be a fraction in [0, 1], got {random_negatives!r}")
     if not 0 <= warmup < 1:
@@ -278,9 +295,7 @@ def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[
             raise ValueError(f"{collection.name}: no {what} training pairs for the {len(query_ids)} training queries")
     prepare_seconds = time.perf_counter() - started
 
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
+    device = move_model(model, device)
     rng = random.Random(seed)
     pos_iter, hard_iter = _cycle(positives, rng), _cycle(hard, rng)
     easy_iter = _cycle(easy, rng) if n_random else iter(())
@@ -310,9 +325,7 @@ def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[
             batch = ([next(pos_iter) for _ in range(half)] + [next(hard_iter) for _ in range(n_neg - n_random)]
                      + [next(easy_iter) for _ in range(n_random)])
             labels = torch.tensor([1.0] * half + [0.0] * (batch_size - half), device=device)
-            enc = tokenizer([q for q, _ in batch], [p for _, p in batch], truncation="only_second",
-                            max_length=max_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = {k: v.to(device) for k, v in encode_batch(tokenizer, batch, max_length).items()}
             logits = model(**enc).logits.float()
             if num_labels == 1:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels)
@@ -345,29 +358,14 @@ def evaluate_reranker(model, tokenizer, collection, query_ids: Sequence[str], *,
         ``{"queries", "depth", "k", "ndcg", "bm25_ndcg", "per_query": {qid: [model, bm25]}}``
         (means over the queries with a relevant judgment; :func:`fastnig.pruning.ndcg_at_k`).
     """
-    import torch
-
-    from .pruning import bm25_run, ndcg_at_k, relevance_score
-
     queries, qrels = collection.queries(), collection.qrels()
     query_ids = [str(q) for q in query_ids]
     run = bm25_run(collection, {q: queries[q] for q in query_ids}, k=depth, cache_dir=bm25_cache_dir,
                    progress=False)
     texts = collection.doc_texts({d for q in query_ids for d, _ in run[q]})
     pairs = [(q, d) for q in query_ids for d, _ in run[q]]
-    scores: List[float] = []
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start:start + batch_size]
-                enc = tokenizer([queries[q] for q, _ in chunk], [texts.get(d, "") for _, d in chunk],
-                                truncation="only_second", max_length=max_length, padding=True, return_tensors="pt")
-                scores += relevance_score(model(**{n: v.to(device) for n, v in enc.items()}).logits).tolist()
-    finally:
-        model.train(was_training)
+    scores = score_pairs(model, tokenizer, [(queries[q], texts.get(d, "")) for q, d in pairs],
+                         max_length=max_length, batch_size=batch_size, progress=progress, desc="evaluate")
     reranked: Dict[str, Dict[str, float]] = {}
     for (q, d), s in zip(pairs, scores):
         reranked.setdefault(q, {})[d] = s
@@ -379,8 +377,6 @@ def evaluate_reranker(model, tokenizer, collection, query_ids: Sequence[str], *,
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-40:] or "data"
 
 
@@ -420,8 +416,6 @@ def offline_demo_model(cache_dir=None, *, dataset=DEFAULT_DEMO_DATASET, train_qu
         ``(model, tokenizer)``, the model in eval mode, its
         ``config.name_or_path`` the cache folder.
     """
-    from .data import load_collection
-
     collection = load_collection(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     base_path = offline_minilm_path() if base == OFFLINE_MINILM else Path(base).expanduser()
     all_train, held_out = split_queries(collection, test_fraction, seed)
@@ -448,10 +442,6 @@ def _base_fingerprint(base: Path) -> str:
 
 def _train_demo(folder: Path, collection, settings: Dict[str, Any], held_out: Sequence[str], device,
                 progress: bool) -> None:
-    import sys
-
-    import torch
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"fastnig: fine-tuning the offline demo cross-encoder on {collection.name} "

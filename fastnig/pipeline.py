@@ -1,5 +1,11 @@
 """Jobs that chain the stages.
 
+Owns: the ``fastnig attribute`` job (:func:`attribute_dataset`) and the
+stages of ``fastnig run`` (preflight, attribution, analysis, pruning,
+report) with their resume stamps.  Must not: parse configs
+(:mod:`fastnig.config`), hold torchrun plumbing (:mod:`fastnig.distributed`),
+or compute anything a lower stage owns.
+
 * :func:`attribute_dataset` (``fastnig attribute``): dataset -> pairs ->
   agreement filter -> NIG -> scheme file, resumable;
 * :func:`run_study` (``fastnig run CONFIG``): the whole study of the paper
@@ -18,20 +24,31 @@ uninterrupted one writes.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from .attribution import TARGETS, attribute, attribution_settings
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .analysis import analyze, baseline_differences, baseline_table
+from .attribution import attribute, attribution_settings
+from .common import check_int, write_atomic
+from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files  # noqa: F401 (re-exported)
+from .cross_encoder import TARGETS, move_model, resolve_max_length, unwrap
 from .data import filter_agreeing, load_collection, sample_pairs
+from .distributed import Ranks, init_ranks
+from .models import OFFLINE_DEMO, ModelUnavailable, load_cross_encoder, offline_demo_model
+from .pruning import PruningBenchmark, module_counts, table_row
+from .report import PruningTable, write_report
+from .reranking import EncodedCandidates, build_candidates, score_candidates
 from .schemes import Scheme, neuron_universe
+from .set_expressions import evaluate
 
 
 def pair_id(pair) -> str:
@@ -44,7 +61,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                       agreement_filter: bool = True, chunk_pairs: int = 8, steps: int = 100,
                       rule: str = "trapezoid", nodes: str = "uniform", baseline: str = "pad",
                       output: str = "probability",
-                      max_length: int = 512, step_batch: Optional[int] = None, pair_batch: int = 1,
+                      max_length: Optional[int] = None, step_batch: Optional[int] = None, pair_batch: int = 1,
                       layers: Optional[Sequence[str]] = None, include_pooler: bool = False, dtype=None,
                       device=None, progress: bool = True, dataset_name: Optional[str] = None,
                       shard: Tuple[int, int] = (0, 1)) -> Scheme:
@@ -59,7 +76,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
             agreement filter; the scheme holds those that agree.
         out: scheme path (``runs/P_nf`` writes ``runs/P_nf.json`` + tensors).
         negatives: see :func:`fastnig.data.sample_pairs`.
-        agreement_filter: keep only pairs whose prediction agrees (SPEC §6).
+        agreement_filter: keep only pairs whose prediction agrees (docs/method.md §6).
         chunk_pairs: pairs attributed between two saves (what a kill can lose).
         steps, rule, nodes, baseline, output, max_length, step_batch, pair_batch,
         layers, include_pooler, dtype, device: as in :func:`fastnig.attribute`.
@@ -72,10 +89,9 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     Returns:
         The saved :class:`fastnig.Scheme`.
     """
-    from tqdm.auto import tqdm
-
-    if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, int) or chunk_pairs < 1:
-        raise ValueError(f"chunk_pairs must be an integer >= 1, got {chunk_pairs!r}")
+    check_int("chunk_pairs", chunk_pairs, 1)
+    model, tokenizer = unwrap(model, tokenizer)
+    max_length = resolve_max_length(model, tokenizer, max_length)
     collection = load_collection(dataset) if isinstance(dataset, (str, Path)) else dataset
     pairs = sample_pairs(collection, label=label, num_pairs=num_pairs, seed=seed,
                          relevance_threshold=relevance_threshold, negatives=negatives)
@@ -83,8 +99,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     dataset_name = dataset_name or collection.name
     target = TARGETS[0] if pairs and pairs[0].label == 1 else TARGETS[1]
     pairs = pairs[rank::world]
-    if device is not None:
-        model.to(device)
+    move_model(model, device)
     settings = attribution_settings(model, target=target, output=output, baseline=baseline, steps=steps,
                                     rule=rule, max_length=max_length, dtype=dtype, nodes=nodes)
     sampling = {"seed": seed, "num_pairs": num_pairs, "negatives": negatives,
@@ -141,298 +156,11 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
 # `fastnig run CONFIG`: every stage of the paper, each skipped when its output
 # exists with the same settings, sharded over torchrun ranks when launched so.
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-REQUIRED = object()
-SECTIONS: Dict[str, Dict[str, Any]] = {
-    "run": {"name": None, "model": REQUIRED, "output": REQUIRED, "device": None, "cache_dir": None,
-            "ir_datasets_files": {}, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
-    "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
-                    "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
-                    "steps": 100, "rule": "trapezoid", "nodes": "uniform", "baseline": "pad",
-                    "output": "probability", "max_length": 512, "step_batch": None, "pair_batch": 1,
-                    "chunk_pairs": 8},
-    "analysis": {"levels": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10], "exclude": [], "layer_percent": 1.0,
-                 "baseline_pairs": 0, "by": "value"},
-    "pruning": {"levels": [0.01, 0.1, 1], "sets": [], "validation": {}, "queries": 100, "depth": 20,
-                "repetitions": 50, "seed": 0, "batch_size": 32, "max_length": None, "by": "value"},
-}
 log = logging.getLogger("fastnig.run")
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; the message names the problem."""
-
-
-def _section(raw: Any, name: str) -> Dict[str, Any]:
-    allowed = SECTIONS[name]
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
-    out = {}
-    for key, default in allowed.items():
-        if key in raw:
-            out[key] = raw[key]
-        elif default is REQUIRED:
-            raise ConfigError(f"config section {name!r} needs the key {key!r}")
-        else:
-            out[key] = copy.deepcopy(default)
-    return out
-
-
-def _read_config_file(source: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
-    path = Path(source)
-    if not path.exists() and not path.suffix:
-        packaged = CONFIG_DIR / f"{source}.yaml"
-        if packaged.exists():
-            path = packaged
-        else:
-            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise ConfigError(f"config {str(source)!r} is neither a file nor a packaged config ({names})")
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-            raw = tomllib.loads(text)
-        else:
-            import yaml
-            raw = yaml.safe_load(text)
-    except Exception as exc:  # a syntax error: one line, with the parser's position
-        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: "
-                          f"{str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping (model, output, attribution, ...)")
-    return dict(raw), path
-
-
-def shared_data_dir() -> Optional[Path]:
-    """Where offline test collections live: $FASTNIG_DATA, else a ``shared/data`` near here."""
-    if os.environ.get("FASTNIG_DATA"):
-        return Path(os.environ["FASTNIG_DATA"])
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        for candidate in (base / "shared" / "data", base.parent / "shared" / "data"):
-            if candidate.is_dir():
-                return candidate
-    return None
-
-
-def _substitute(value: str) -> str:
-    """``${data}`` -> :func:`shared_data_dir`; ``${ENV}`` -> the environment variable."""
-    def repl(m):
-        key = m.group(1)
-        if key == "data":
-            found = shared_data_dir()
-            if found is None:
-                raise ConfigError("the config uses ${data} but no data folder was found: set FASTNIG_DATA to the "
-                                  "folder holding the collections (e.g. shared/data)")
-            return str(found)
-        if key not in os.environ:
-            raise ConfigError(f"the config uses ${{{key}}} but the environment variable {key} is not set")
-        return os.environ[key]
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", repl, value)
-
-
-@dataclass
-class RunConfig:
-    """A validated ``fastnig run`` configuration (see ``fastnig/configs/*.yaml``)."""
-
-    name: str
-    model: str
-    output: Path
-    device: Optional[str]
-    cache_dir: Path
-    attribution: Dict[str, Any]
-    analysis: Dict[str, Any]
-    pruning: Dict[str, Any]
-    ir_datasets_files: Dict[str, str] = field(default_factory=dict)
-    source: Optional[Path] = None
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
-                "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
-                "analysis": self.analysis, "pruning": self.pruning}
-
-
-def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[str] = None,
-                datasets: Optional[Mapping[str, str]] = None, output: Optional[Union[str, Path]] = None) -> RunConfig:
-    """Read and check a run configuration (YAML/TOML file, packaged name, or dict).
-
-    Checks keys, types and set expressions; datasets and the model are
-    checked by :func:`preflight`.  ``model``, ``datasets`` (name -> spec,
-    added or replacing, attribution or validation) and ``output`` override the file.
-    """
-    from .attribution import BASELINES, NODES, OUTPUTS, RULES, TARGETS
-    from .set_expressions import check as check_expression
-
-    if isinstance(source, Mapping):
-        raw, path = dict(source), None
-    else:
-        raw, path = _read_config_file(source)
-    top = _section(raw, "run")
-    att = _section(top["attribution"], "attribution")
-    ana = _section(top["analysis"], "analysis")
-    pru = _section(top["pruning"], "pruning")
-    if model:
-        top["model"] = model
-    if output:
-        top["output"] = str(output)
-    if not isinstance(att["datasets"], Mapping) or not att["datasets"]:
-        raise ConfigError("attribution.datasets must map names to dataset specs, e.g. {ms: ms, nf: nf}")
-    att["datasets"] = {str(k): str(v) for k, v in att["datasets"].items()}
-    validation = {}
-    for vname, spec in (pru["validation"] or {}).items():
-        if isinstance(spec, str):
-            spec = {"dataset": spec}
-        if not isinstance(spec, Mapping) or "dataset" not in spec or set(spec) - {"dataset", "group"}:
-            raise ConfigError(f"pruning.validation.{vname} must be a dataset spec or {{dataset: SPEC, group: NAME}}")
-        validation[str(vname)] = {"dataset": str(spec["dataset"]), "group": str(spec.get("group", vname))}
-    pru["validation"] = validation
-    for name, spec in (datasets or {}).items():
-        if name in validation:
-            validation[name]["dataset"] = spec
-        else:
-            att["datasets"][name] = spec
-    att["datasets"] = {k: _substitute(v) for k, v in att["datasets"].items()}
-    for v in validation.values():
-        v["dataset"] = _substitute(v["dataset"])
-
-    def choice(section, key, allowed):
-        value = section[key]
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
-
-    choice(att, "rule", RULES)
-    choice(att, "nodes", NODES)
-    choice(att, "baseline", BASELINES)
-    choice(att, "output", OUTPUTS)
-    choice(att, "negatives", ("judged", "unjudged"))
-    for label in att["labels"]:
-        if label not in TARGETS:
-            raise ConfigError(f"attribution.labels: {label!r} is not one of {list(TARGETS)}")
-    for key in ("pairs", "chunk_pairs", "pair_batch", "max_length"):
-        if isinstance(att[key], bool) or not isinstance(att[key], int) or att[key] < 1:
-            raise ConfigError(f"attribution.{key} must be a positive integer, got {att[key]!r}")
-    if att["steps"] != "auto" and (isinstance(att["steps"], bool) or not isinstance(att["steps"], int)
-                                   or att["steps"] < 1):
-        raise ConfigError(f"attribution.steps must be a positive integer or 'auto', got {att['steps']!r}")
-    unknown_id = [d for d in att["in_domain"] if d not in att["datasets"]]
-    if unknown_id:
-        raise ConfigError(f"attribution.in_domain names {unknown_id}, which are not attribution datasets "
-                          f"{list(att['datasets'])}")
-    unknown_ex = [d for d in ana["exclude"] if d not in att["datasets"]]
-    if unknown_ex:
-        raise ConfigError(f"analysis.exclude names {unknown_ex}, which are not attribution datasets")
-    for key, section in (("analysis.levels", ana["levels"]), ("pruning.levels", pru["levels"])):
-        if not section or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 100
-                              for x in section):
-            raise ConfigError(f"{key} must be a non-empty list of percentages in (0, 100], got {section!r}")
-    for key in ("queries", "repetitions", "batch_size"):
-        if isinstance(pru[key], bool) or not isinstance(pru[key], int) or pru[key] < 1:
-            raise ConfigError(f"pruning.{key} must be a positive integer, got {pru[key]!r}")
-    if pru["sets"] and not pru["validation"]:
-        raise ConfigError("pruning.sets is given but pruning.validation names no dataset to rerank")
-    labels = {d: list(att["labels"]) for d in att["datasets"]}
-    pru["sets"] = [str(s) for s in pru["sets"]]
-    for expression in pru["sets"]:
-        try:
-            check_expression(expression, list(att["datasets"]), labels)
-        except ValueError as exc:
-            raise ConfigError(f"pruning.sets: {exc}") from None
-    cache = Path(top["cache_dir"] or os.environ.get("FASTNIG_CACHE") or Path.home() / ".cache" / "fastnig")
-    files = top["ir_datasets_files"] or {}
-    if not isinstance(files, Mapping):
-        raise ConfigError("ir_datasets_files must map paths under IR_DATASETS_HOME to local files")
-    files = {str(k): _substitute(str(v)) for k, v in files.items()}
-    for target, source_file in files.items():
-        if not Path(source_file).is_file():
-            raise ConfigError(f"ir_datasets_files: {source_file} (for {target}) does not exist")
-    return RunConfig(name=str(top["name"] or (path.stem if path else "run")), model=str(top["model"]),
-                     output=Path(top["output"]), device=top["device"], cache_dir=cache, attribution=att,
-                     analysis=ana, pruning=pru, ir_datasets_files=files, source=path)
-
-
-def place_ir_datasets_files(files: Mapping[str, str]) -> None:
-    """Copy local archives where ir_datasets looks for them (``$IR_DATASETS_HOME``, default ~/.ir_datasets).
-
-    This is how a collection whose download is unreachable (no network) is
-    still read through its real ir_datasets id, e.g. ``cranfield/cran.tar.gz``.
-    """
-    import shutil
-
-    home = Path(os.environ.get("IR_DATASETS_HOME") or Path.home() / ".ir_datasets")
-    for target, source_file in files.items():
-        dest = home / target
-        if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-            shutil.copyfile(source_file, tmp)
-            os.replace(tmp, dest)
 
 
 def _settings_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------- distribution
-@dataclass
-class Ranks:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def gather(self, obj) -> List[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-        out: List[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def sum_(self, tensor):
-        """In-place sum over ranks (exact when every element has one non-zero contributor)."""
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def init_ranks() -> Ranks:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    import torch
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-    return Ranks(dist.get_rank(), dist.get_world_size(), local)
 
 
 # ------------------------------------------------------------------ stages
@@ -451,8 +179,6 @@ class Study:
 
 
 def _load_model(cfg: RunConfig, device: str):
-    from .models import OFFLINE_DEMO, load_cross_encoder, offline_demo_model
-
     if cfg.model in ("demo", OFFLINE_DEMO):  # MiniLM-L6 fine-tuned on Cranfield, cached
         return offline_demo_model(cfg.cache_dir / "models", device=device)
     return load_cross_encoder(cfg.model, device=device)
@@ -460,11 +186,6 @@ def _load_model(cfg: RunConfig, device: str):
 
 def preflight(cfg: RunConfig, ranks: Optional[Ranks] = None) -> Study:
     """Open every dataset and the model before any work: a bad one stops here with one message."""
-    import torch
-
-    from .data import load_collection
-    from .models import ModelUnavailable
-
     ranks = ranks or Ranks()
     place_ir_datasets_files(cfg.ir_datasets_files)
     collections, validation = {}, {}
@@ -500,7 +221,7 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
     for name, collection in study.collections.items():
         for label in att["labels"]:
             if label == "non-relevant" and att["negatives"] == "judged" and not collection.has_nonrelevant:
-                log.info("%s has no non-relevant judgments: no N_%s (SPEC §6)", name, name)
+                log.info("%s has no non-relevant judgments: no N_%s (docs/method.md §6)", name, name)
                 continue
             path = _scheme_path(cfg.output, name, label)
             kwargs = dict(label=label, num_pairs=att["pairs"], seed=att["seed"], negatives=att["negatives"],
@@ -553,13 +274,11 @@ def _stage_done(out: Path, stage: str, key: str) -> bool:
 
 
 def _mark_done(out: Path, stage: str, key: str) -> None:
-    _write_atomic(_stamp_path(out, stage), json.dumps({"key": key}))
+    write_atomic(_stamp_path(out, stage), json.dumps({"key": key}))
 
 
 def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> Path:
     """Figures 2, 3, 5 and Table 1 into ``<output>/analysis`` (rank 0)."""
-    from .analysis import analyze, baseline_differences, baseline_table
-
     cfg = study.config
     folder = cfg.output / "analysis"
     key = _settings_hash(cfg.analysis, cfg.attribution, {f"{d}/{l}": s.count for (d, l), s in schemes.items()})
@@ -588,11 +307,6 @@ def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> P
 
 def _sharded_benchmark(study: Study, candidates, progress: bool = True):
     """A PruningBenchmark whose scoring is split over the ranks (batches rank::world, summed back)."""
-    import numpy as np
-    import torch
-
-    from .pruning import EncodedCandidates, PruningBenchmark, score_candidates
-
     ranks = study.ranks
     cfg = study.config
     max_length = cfg.pruning["max_length"] or cfg.attribution["max_length"]
@@ -611,9 +325,6 @@ def _sharded_benchmark(study: Study, candidates, progress: bool = True):
 
 def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progress: bool = True):
     """Table 4: every set x level x validation dataset, with its random baseline; rows cached for resume."""
-    from .pruning import PruningTable, build_candidates, module_counts, table_row
-    from .set_expressions import evaluate
-
     cfg, ranks = study.config, study.ranks
     pru = cfg.pruning
     if not pru["sets"]:
@@ -652,7 +363,7 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
             row = table_row(bench, expr, level, bench.evaluate(nset), random_cache[signature],
                             group=cfg.pruning["validation"][vname]["group"], dataset=vname)
             if ranks.is_main:
-                _write_atomic(path, json.dumps(row))
+                write_atomic(path, json.dumps(row))
             rows.append(row)
             computed += 1
             log.info("pruned %s @ %s%% on %s: drop %.2f%% (random %.2f%%)", expr, level, vname,
@@ -685,7 +396,7 @@ def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, mod
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        _write_atomic(cfg.output / "config.json", json.dumps(cfg.as_dict(), indent=2, default=str))
+        write_atomic(cfg.output / "config.json", json.dumps(cfg.as_dict(), indent=2, default=str))
     try:
         log.info("run %s: model %s, %d attribution datasets, %d validation datasets, %d process(es)", cfg.name,
                  cfg.model, len(study.collections), len(study.validation), ranks.world)
@@ -694,13 +405,11 @@ def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, mod
         stage_pruning(study, schemes, progress)
         report = cfg.output / "report.md"
         if ranks.is_main:
-            from .report import write_report
-
             timings_path = cfg.output / "timings.json"
             previous = json.loads(timings_path.read_text()) if timings_path.exists() else {}
             merged = {**previous.get("timings", {}), **study.timings}
             throughput = {**previous.get("throughput", {}), **study.throughput}
-            _write_atomic(timings_path, json.dumps({"timings": merged, "throughput": throughput}, indent=2))
+            write_atomic(timings_path, json.dumps({"timings": merged, "throughput": throughput}, indent=2))
             settings = {**cfg.as_dict(), "processes": ranks.world}
             report = write_report(cfg.output, settings, merged, throughput)["md"]
             log.info("report: %s", report)

@@ -1,415 +1,55 @@
-"""Attribution schemes, neuron sets and their algebra (SPEC §4, §6).
+"""Attribution schemes and their fusion (docs/method.md §4, §6).
 
-A :class:`Scheme` is the mean NIG of every neuron over the pairs of one
+Owns: :class:`Scheme`, the mean NIG of every neuron over the pairs of one
 (model, dataset, label, settings): P_x for "relevant", N_x for
-"non-relevant".  It keeps exact per-neuron sums and the ids of the pairs it
-holds, so that two partial runs merge into exactly the scheme one run over
-all pairs gives, and a killed run resumes where its last save stopped.
+"non-relevant" — filling (:meth:`Scheme.add`), exact merging
+(:meth:`Scheme.merge`), ranking and top-X % selection (:meth:`Scheme.top`,
+a :class:`~fastnig.neurons.NeuronSet`); and :func:`fuse` (⊕: F_x =
+P_x ⊕ N_x) / :func:`fuse_all` (F_A).
 
-``scheme.top(percent)`` ranks every neuron of the model together and returns
-a :class:`NeuronSet`; sets intersect (``&``), unite (``|``) and compare
-(:meth:`NeuronSet.overlap`).  :func:`fuse` averages schemes (⊕): F_x =
-P_x ⊕ N_x, and :func:`fuse_all` gives F_A.
+Must not: define what a neuron is or how sets of neurons combine
+(:mod:`fastnig.neurons`), how sums stay exact (:mod:`fastnig.exact_sums`) or
+how a scheme is laid out on disk (:mod:`fastnig.scheme_files`; the
+:meth:`Scheme.save` / :meth:`Scheme.load` methods only pack and unpack).
 
-A neuron is ``(module name, output unit)``; its layer and component come from
-the module name (:func:`layer_index`, :func:`component`).
-
-Exact sums
-----------
-Float addition is not associative, so a plain float64 running sum of the
-float32 NIG values would depend on how pairs were split into runs.  Each
-float32 value is instead cut exactly into pieces aligned on fixed 32-bit
-"bins" of the binary exponent (2^96, 2^64, ..., 2^-160); within a bin every
-piece is an integer multiple of the bin's unit below 2^32 units, so float64
-sums of up to 2^21 pieces per bin are exact whatever the order.  The
-per-neuron sum is then read once, bins from smallest to largest: the same
-bits for any split, merge order or resume point.  The price is 9 float64 per
-neuron (16 MB for BERT-large) and at most 2,097,152 pairs per scheme.
-
-Files
------
-``scheme.save("runs/P_ms")`` writes two files in ``runs/``:
-``P_ms.json`` (metadata, pair ids, the name of its tensor file) and
-``P_ms.<token>.safetensors`` (sums and per-pair numbers).  Each save writes a
-new tensor file under a fresh token, then atomically replaces the JSON (temp
-file in the same folder + ``os.replace``), then deletes the old tensor file.
-The JSON is the commit point: a save killed at any moment leaves either the
-previous scheme or the new one, never a mix; a tensor file whose token the
-JSON does not name is an orphan that the next save removes.  One writer per
-scheme path.
+A scheme keeps exact per-neuron sums and the ids of the pairs it holds, so
+that two partial runs merge into exactly the scheme one run over all pairs
+gives, and a killed run resumes where its last save stopped.  This module
+also re-exports the names that used to live here (neuron names,
+:class:`NeuronSet`, the file helpers), so ``from fastnig.schemes import ...``
+keeps working.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
-import secrets
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-COMPONENTS = ("query", "key", "value", "attention_output", "intermediate", "ff_output")
-"""The six Linear components of a Transformer layer, in the order they run."""
-OTHER_COMPONENTS = ("embeddings", "pooler", "other")
-"""Components of Linear modules outside the layer stack (e.g. ELECTRA's
-``embeddings_project``) or of unknown role."""
+from .common import PathLike, is_int
+from .exact_sums import BIN_EXPONENTS, MAX_PAIRS, bins_value, split_into_bins, zero_bins
+from .neurons import (COMPONENTS, DATASET_ABBREVIATIONS, OTHER_COMPONENTS, NeuronSet, check_sizes, component,
+                      intersection, layer_index, neuron_universe, short_name, top_count, union)
+from .scheme_files import (FORMAT, FORMAT_VERSION, expect_tensor, is_scheme_file, read_scheme, scheme_json_path,
+                           write_scheme)
+
+__all__ = [
+    "LABELS", "RANK_BY", "FUSED_LABEL", "Scheme", "fuse", "fuse_all",
+    # re-exported from fastnig.neurons, fastnig.exact_sums and fastnig.scheme_files
+    "COMPONENTS", "OTHER_COMPONENTS", "DATASET_ABBREVIATIONS", "NeuronSet", "component", "intersection",
+    "layer_index", "neuron_universe", "short_name", "union", "MAX_PAIRS", "FORMAT", "FORMAT_VERSION",
+    "is_scheme_file", "scheme_json_path",
+]
+
 LABELS = ("relevant", "non-relevant")
 RANK_BY = ("value", "abs")
 FUSED_LABEL = "fused"
 
-FORMAT = "fastnig-scheme"
-FORMAT_VERSION = 1
-
-# Exponents of the exact-summation bins (see the module docstring).  Each bin
-# holds multiples of 2^e below 2^(e+32); together they cover every finite
-# float32, subnormals included (2^-149 >= 2^-160).
-_BIN_EXPONENTS = (96, 64, 32, 0, -32, -64, -96, -128, -160)
-MAX_PAIRS = 2 ** 21
-"""Most pairs a scheme can hold with exact sums (53 - 32 bits of headroom)."""
-
-# SPEC §7 dataset abbreviations, for names such as "P_ms".
-DATASET_ABBREVIATIONS = {
-    "msmarco-passage/trec-dl-2019/judged": "ms",
-    "msmarco-passage/trec-dl-2019": "ms",
-    "beir/fiqa/test": "f",
-    "beir/trec-covid": "tc",
-    "beir/nfcorpus/test": "nf",
-    "beir/nq": "nq",
-    "wapo/v2/trec-news-2018": "tn",
-    "disks45/nocr/trec-robust-2004": "r",
-    "beir/bioasq": "b",
-}
-
-PathLike = Union[str, os.PathLike]
-
-
-# ---------------------------------------------------------------- neuron names
-_LAYER_CONTAINERS = ("layer", "layers", "h", "block", "blocks")
-_ATTENTION_PROJECTIONS = {
-    "query": "query", "key": "key", "value": "value",                  # BERT, RoBERTa, ELECTRA, MiniLM
-    "q_lin": "query", "k_lin": "key", "v_lin": "value",                # DistilBERT
-    "query_proj": "query", "key_proj": "key", "value_proj": "value",   # DeBERTa
-    "q_proj": "query", "k_proj": "key", "v_proj": "value",
-    "q": "query", "k": "key", "v": "value",                            # MPNet
-}
-_ATTENTION_OUTPUTS = ("out_lin", "o", "out_proj")
-
-
-def _layer_position(parts: Sequence[str]) -> Optional[int]:
-    """Index in ``parts`` of the layer number (``...layer.<n>...``), or None."""
-    for i in range(len(parts) - 1):
-        if parts[i] in _LAYER_CONTAINERS and parts[i + 1].isdigit():
-            return i + 1
-    return None
-
-
-def layer_index(module_name: str) -> int:
-    """Transformer layer (0-based) of a Linear module, from its name.
-
-    ``bert.encoder.layer.3.attention.self.query`` -> 3,
-    ``distilbert.transformer.layer.3.ffn.lin1`` -> 3.  Modules outside the
-    layer stack (ELECTRA's ``embeddings_project``, a pooler) give -1.
-    """
-    if not isinstance(module_name, str):
-        raise TypeError(f"module_name must be a str, got {type(module_name).__name__}")
-    parts = module_name.split(".")
-    pos = _layer_position(parts)
-    return int(parts[pos]) if pos is not None else -1
-
-
-def component(module_name: str) -> str:
-    """Role of a Linear module inside its Transformer layer, from its name.
-
-    One of :data:`COMPONENTS` (``query``, ``key``, ``value``,
-    ``attention_output``, ``intermediate``, ``ff_output``) for the Linear
-    modules of a layer of BERT / RoBERTa / ELECTRA / MiniLM
-    (``attention.self.query``, ``attention.output.dense``,
-    ``intermediate.dense``, ``output.dense``), DistilBERT (``attention.q_lin``
-    / ``k_lin`` / ``v_lin`` / ``out_lin``, ``ffn.lin1``, ``ffn.lin2``), DeBERTa
-    and MPNet; else ``embeddings``, ``pooler`` or ``other``.
-    """
-    if not isinstance(module_name, str):
-        raise TypeError(f"module_name must be a str, got {type(module_name).__name__}")
-    parts = module_name.split(".")
-    pos = _layer_position(parts)
-    if pos is None:
-        if "pooler" in parts:
-            return "pooler"
-        if any(p.startswith("embeddings") for p in parts):
-            return "embeddings"
-        return "other"
-    inner = parts[pos + 1:]
-    if not inner:
-        return "other"
-    last = inner[-1]
-    if "attention" in inner[:-1] or "attn" in inner[:-1]:
-        if last in _ATTENTION_PROJECTIONS:
-            return _ATTENTION_PROJECTIONS[last]
-        if last in _ATTENTION_OUTPUTS or (last == "dense" and "output" in inner):
-            return "attention_output"
-        return "other"
-    if inner[:2] == ["intermediate", "dense"] or inner == ["ffn", "lin1"]:
-        return "intermediate"
-    if inner[:2] == ["output", "dense"] or inner == ["ffn", "lin2"]:
-        return "ff_output"
-    return "other"
-
-
-def short_name(dataset: str) -> str:
-    """Short dataset name for labels: SPEC §7 abbreviation, else the last path part."""
-    if dataset in DATASET_ABBREVIATIONS:
-        return DATASET_ABBREVIATIONS[dataset]
-    stripped = dataset.rstrip("/\\")
-    return os.path.basename(stripped) or stripped
-
-
-def neuron_universe(model, layers: Optional[Sequence[str]] = None, include_pooler: bool = False) -> Dict[str, int]:
-    """Attributed modules of ``model`` -> out_features, in model order.
-
-    The same modules as :func:`fastnig.attribute` with the same ``layers`` /
-    ``include_pooler``: the ``sizes`` a :class:`Scheme` needs.
-    """
-    from .attribution import linear_modules
-
-    return {name: int(m.out_features) for name, m in linear_modules(model, layers, include_pooler).items()}
-
-
-def _check_sizes(sizes) -> Dict[str, int]:
-    if not isinstance(sizes, Mapping) or not sizes:
-        raise TypeError("sizes must be a non-empty dict {module name: out_features} in model order")
-    out = {}
-    for name, n in sizes.items():
-        if not isinstance(name, str):
-            raise TypeError(f"sizes: module names must be str, got {name!r}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
-            raise ValueError(f"sizes[{name!r}] must be a positive integer (out_features), got {n!r}")
-        out[name] = int(n)
-    return out
-
-
-def _round_half_up(percent, total: int) -> int:
-    # Decimal(str(.)) so that 0.01 % of 221,184 is exactly 22.1184, not a float
-    # that happens to fall on the other side of .5.
-    exact = Decimal(str(percent)) * total / Decimal(100)
-    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
-
-
-# ------------------------------------------------------------------ neuron set
-class NeuronSet:
-    """A set of neurons of one model: ``(module, unit)`` pairs.
-
-    Attributes:
-        sizes: every attributed module -> out_features, in model order (the
-            universe the set lives in; sets of different universes do not mix).
-        name: a label such as ``"P_ms@0.1%"``.
-        mask: ``[total_neurons]`` bool, the members, modules concatenated in
-            ``sizes`` order.
-    """
-
-    def __init__(self, sizes: Mapping[str, int], mask: torch.Tensor, name: str = ""):
-        self.sizes = _check_sizes(sizes)
-        total = sum(self.sizes.values())
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (total,):
-            raise ValueError(f"mask must be a bool tensor of shape [{total}] (all neurons of sizes), "
-                             f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
-        self.mask = mask.detach().cpu()
-        self.name = str(name)
-
-    # -- construction
-    @classmethod
-    def from_indices(cls, members: Mapping[str, Sequence[int]], sizes: Mapping[str, int], name: str = "") -> "NeuronSet":
-        """A set from ``{module: unit indices}`` (duplicates collapse)."""
-        sizes = _check_sizes(sizes)
-        offsets = _offsets(sizes)
-        mask = torch.zeros(sum(sizes.values()), dtype=torch.bool)
-        for module, units in members.items():
-            if module not in sizes:
-                raise ValueError(f"members: module {module!r} is not in sizes (e.g. {next(iter(sizes))!r})")
-            idx = torch.as_tensor(list(units) if not isinstance(units, torch.Tensor) else units, dtype=torch.long)
-            if idx.numel() and (idx.min() < 0 or idx.max() >= sizes[module]):
-                raise ValueError(f"members[{module!r}]: unit indices must be in [0, {sizes[module]}), "
-                                 f"got {idx.min().item()}..{idx.max().item()}")
-            mask[offsets[module] + idx] = True
-        return cls(sizes, mask, name)
-
-    @classmethod
-    def empty(cls, sizes: Mapping[str, int], name: str = "") -> "NeuronSet":
-        sizes = _check_sizes(sizes)
-        return cls(sizes, torch.zeros(sum(sizes.values()), dtype=torch.bool), name)
-
-    # -- views
-    @property
-    def total(self) -> int:
-        """Number of neurons in the universe."""
-        return int(self.mask.numel())
-
-    def by_module(self) -> Dict[str, torch.Tensor]:
-        """Module -> sorted unit indices (LongTensor); modules with no member omitted."""
-        out = {}
-        start = 0
-        for module, n in self.sizes.items():
-            units = torch.nonzero(self.mask[start:start + n]).flatten()
-            if units.numel():
-                out[module] = units.to(torch.long)
-            start += n
-        return out
-
-    def neurons(self) -> List[Tuple[str, int]]:
-        """Members as ``(module, unit)``, in model order."""
-        return [(module, int(u)) for module, units in self.by_module().items() for u in units]
-
-    def describe(self) -> List[Dict[str, object]]:
-        """Members with their layer and component: dicts module, unit, layer, component."""
-        return [{"module": m, "unit": u, "layer": layer_index(m), "component": component(m)}
-                for m, u in self.neurons()]
-
-    def counts_by_layer_component(self) -> Dict[Tuple[int, str], int]:
-        """``(layer, component) -> number of members`` (the paper's Figure 5).
-
-        Every (layer, component) present in the universe appears, zeros
-        included, sorted by layer then component order (:data:`COMPONENTS`,
-        then :data:`OTHER_COMPONENTS`); layer -1 = outside the layer stack.
-        """
-        counts: Dict[Tuple[int, str], int] = {}
-        start = 0
-        for module, n in self.sizes.items():
-            key = (layer_index(module), component(module))
-            counts[key] = counts.get(key, 0) + int(self.mask[start:start + n].sum())
-            start += n
-        order = COMPONENTS + OTHER_COMPONENTS
-        return dict(sorted(counts.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))))
-
-    def __len__(self) -> int:
-        return int(self.mask.sum())
-
-    def __contains__(self, neuron) -> bool:
-        module, unit = neuron
-        if module not in self.sizes or not 0 <= unit < self.sizes[module]:
-            return False
-        return bool(self.mask[_offsets(self.sizes)[module] + unit])
-
-    def __iter__(self) -> Iterator[Tuple[str, int]]:
-        return iter(self.neurons())
-
-    # -- algebra
-    def _require_same_universe(self, other: "NeuronSet", op: str) -> None:
-        if not isinstance(other, NeuronSet):
-            raise TypeError(f"{op}: expected a NeuronSet, got {type(other).__name__}")
-        if list(self.sizes.items()) != list(other.sizes.items()):
-            mine, theirs = set(self.sizes.items()), set(other.sizes.items())
-            diff = sorted(mine ^ theirs)[:3]
-            raise ValueError(f"{op}: the sets {self.name!r} and {other.name!r} are over different neurons "
-                             f"(different models or attributed layers; e.g. {diff})")
-
-    def __and__(self, other: "NeuronSet") -> "NeuronSet":
-        self._require_same_universe(other, "intersection")
-        return NeuronSet(self.sizes, self.mask & other.mask, f"{self.name} ∩ {other.name}")
-
-    def __or__(self, other: "NeuronSet") -> "NeuronSet":
-        self._require_same_universe(other, "union")
-        return NeuronSet(self.sizes, self.mask | other.mask, f"{self.name} ∪ {other.name}")
-
-    def __sub__(self, other: "NeuronSet") -> "NeuronSet":
-        self._require_same_universe(other, "difference")
-        return NeuronSet(self.sizes, self.mask & ~other.mask, f"{self.name} \\ {other.name}")
-
-    def __eq__(self, other) -> bool:
-        return (isinstance(other, NeuronSet) and list(self.sizes.items()) == list(other.sizes.items())
-                and torch.equal(self.mask, other.mask))
-
-    __hash__ = None  # mutable mask: not hashable
-
-    def overlap(self, other: "NeuronSet") -> float:
-        """``|self ∩ other| / |self| * 100`` (SPEC §6); NaN when ``self`` is empty."""
-        self._require_same_universe(other, "overlap")
-        size = len(self)
-        if size == 0:
-            return float("nan")
-        return int((self.mask & other.mask).sum()) / size * 100.0
-
-    def __repr__(self) -> str:
-        return f"NeuronSet({self.name!r}, {len(self)} of {self.total} neurons)"
-
-    # -- persistence (small JSON: the pruning stage can read a set without schemes)
-    def to_dict(self) -> Dict[str, object]:
-        return {"name": self.name, "sizes": dict(self.sizes),
-                "members": {m: u.tolist() for m, u in self.by_module().items()}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> "NeuronSet":
-        return cls.from_indices(data["members"], data["sizes"], data.get("name", ""))
-
-
-def _offsets(sizes: Mapping[str, int]) -> Dict[str, int]:
-    out, start = {}, 0
-    for name, n in sizes.items():
-        out[name] = start
-        start += n
-    return out
-
-
-def intersection(*sets: NeuronSet, name: Optional[str] = None) -> NeuronSet:
-    """∩ of one or more neuron sets of the same universe."""
-    sets = _flatten_sets(sets, "intersection")
-    result = sets[0]
-    for s in sets[1:]:
-        result = result & s
-    return NeuronSet(result.sizes, result.mask, name if name is not None else "∩(" + ", ".join(s.name for s in sets) + ")")
-
-
-def union(*sets: NeuronSet, name: Optional[str] = None) -> NeuronSet:
-    """∪ of one or more neuron sets of the same universe."""
-    sets = _flatten_sets(sets, "union")
-    result = sets[0]
-    for s in sets[1:]:
-        result = result | s
-    return NeuronSet(result.sizes, result.mask, name if name is not None else "∪(" + ", ".join(s.name for s in sets) + ")")
-
-
-def _flatten_sets(sets, op: str) -> List[NeuronSet]:
-    if len(sets) == 1 and not isinstance(sets[0], NeuronSet):
-        sets = tuple(sets[0])
-    if not sets:
-        raise ValueError(f"{op}: give at least one NeuronSet")
-    for s in sets:
-        if not isinstance(s, NeuronSet):
-            raise TypeError(f"{op}: expected NeuronSet arguments, got {type(s).__name__}")
-    return list(sets)
-
-
-# ---------------------------------------------------------------- exact sums
-def _split_into_bins(values: torch.Tensor) -> torch.Tensor:
-    """Exact per-column sums of float32 ``values [P, n]``, as bins ``[B, n]`` float64.
-
-    Every value is cut into pieces ``q_b`` that are multiples of ``2^e_b``
-    below ``2^(e_b+32)``; all operations are exact in float64 (power-of-two
-    scaling, truncation, subtraction of a prefix of the bits), and so are
-    the column sums of up to 2^21 such pieces.
-    """
-    rest = values.to(torch.float32).to(torch.float64)
-    bins = torch.empty((len(_BIN_EXPONENTS), values.shape[1]), dtype=torch.float64)
-    for b, e in enumerate(_BIN_EXPONENTS):
-        unit = math.ldexp(1.0, e)
-        piece = torch.trunc(rest / unit) * unit
-        rest = rest - piece
-        bins[b] = piece.sum(dim=0)
-    return bins
-
-
-def _bins_value(bins: torch.Tensor) -> torch.Tensor:
-    """``[B, n]`` bins -> ``[n]`` float64 sum, smallest bin first (one fixed rounding order)."""
-    total = torch.zeros(bins.shape[1], dtype=torch.float64)
-    for b in range(bins.shape[0] - 1, -1, -1):
-        total = total + bins[b]
-    return total
-
-
 # --------------------------------------------------------------------- scheme
 _COMPARED_META = ("model", "dataset", "label")
+_PAIR_TENSORS = ("delta", "f_input", "f_baseline", "num_tokens")
+"""Per-pair ``[num_pairs]`` tensors of a pair scheme, saved as ``pair/<name>``."""
 
 
 class Scheme:
@@ -427,7 +67,7 @@ class Scheme:
         settings: :attr:`fastnig.Attributions.settings` of every pair (target
             function, baseline, steps, rule, max_length, dtype, ...).
         pair_ids: ids of the pairs summed, in the order they were added.
-        dropped_ids: ids of pairs the agreement filter rejected (SPEC §6);
+        dropped_ids: ids of pairs the agreement filter rejected (docs/method.md §6);
             kept so that a resumed run does not re-count them.
         delta, f_input, f_baseline: ``[num_pairs]`` float32 per-pair
             convergence delta and F at the input / baseline; ``num_tokens``
@@ -438,7 +78,7 @@ class Scheme:
     def __init__(self, sizes: Mapping[str, int], *, model: str, dataset: str, label: str,
                  settings: Optional[Mapping[str, object]] = None, name: Optional[str] = None,
                  extra: Optional[Mapping[str, object]] = None):
-        self.sizes = _check_sizes(sizes)
+        self.sizes = check_sizes(sizes)
         for key, value in (("model", model), ("dataset", dataset)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{key} must be a non-empty str, got {value!r}")
@@ -448,7 +88,7 @@ class Scheme:
         self.settings: Dict[str, object] = dict(settings or {})
         self.extra: Dict[str, object] = dict(extra or {})
         self._name = name
-        self._bins = {m: torch.zeros((len(_BIN_EXPONENTS), n), dtype=torch.float64) for m, n in self.sizes.items()}
+        self._bins = {m: zero_bins(n) for m, n in self.sizes.items()}
         self._fused_mean: Optional[Dict[str, torch.Tensor]] = None
         self.parts: List[Dict[str, object]] = []  # fused schemes: what was averaged
         self.pair_ids: List[str] = []
@@ -510,7 +150,7 @@ class Scheme:
 
     @property
     def name(self) -> str:
-        """``P_<ds>`` / ``N_<ds>`` for pair schemes (SPEC §7 abbreviations), or the fusion's name."""
+        """``P_<ds>`` / ``N_<ds>`` for pair schemes (docs/method.md §7 abbreviations), or the fusion's name."""
         if self._name:
             return self._name
         if self.label == FUSED_LABEL:
@@ -546,7 +186,7 @@ class Scheme:
     def sum(self) -> Dict[str, torch.Tensor]:
         """Module -> ``[out_features]`` float64 sum of NIG over the pairs (units of F)."""
         self._require_pairs_scheme("sum")
-        return {m: _bins_value(b) for m, b in self._bins.items()}
+        return {m: bins_value(b) for m, b in self._bins.items()}
 
     @property
     def mean(self) -> Dict[str, torch.Tensor]:
@@ -634,7 +274,7 @@ class Scheme:
                 raise ValueError(f"add: scores[{m!r}] has NaN/Inf values; they cannot enter a mean")
         if self.count + num > MAX_PAIRS:
             raise ValueError(f"a scheme holds at most {MAX_PAIRS} pairs with exact sums; split the dataset")
-        new_bins = {m: self._bins[m] + _split_into_bins(scores[m].detach().cpu()) for m in self.sizes}
+        new_bins = {m: self._bins[m] + split_into_bins(scores[m].detach().cpu()) for m in self.sizes}
         # Commit only after every check and computation succeeded.
         if not self.settings:
             self.settings = settings
@@ -663,7 +303,7 @@ class Scheme:
             raise TypeError(f"{arg} must be a sequence of ids, not one string")
         ids = []
         for i in pair_ids:
-            if isinstance(i, bool) or not isinstance(i, (str, int, np.integer)):
+            if not (isinstance(i, str) or is_int(i)):
                 raise TypeError(f"{arg}: ids must be str or int, got {type(i).__name__}")
             ids.append(str(i))
         if len(set(ids)) != len(ids):
@@ -748,14 +388,11 @@ class Scheme:
         return self._ranking[by]
 
     def top_count(self, percent) -> int:
-        """round(percent / 100 · total neurons), halves rounded up (SPEC §6)."""
-        if isinstance(percent, bool) or not isinstance(percent, (int, float, np.floating, np.integer)) \
-                or not 0 < float(percent) <= 100:
-            raise ValueError(f"percent must be a number in (0, 100] (e.g. 0.01, 0.1, 1), got {percent!r}")
-        return _round_half_up(percent, self.total_neurons)
+        """round(percent / 100 · total neurons), halves rounded up (docs/method.md §6)."""
+        return top_count(percent, self.total_neurons)
 
     def top(self, percent, by: str = "value") -> NeuronSet:
-        """The top ``percent`` % of all neurons of the model together (SPEC §6).
+        """The top ``percent`` % of all neurons of the model together (docs/method.md §6).
 
         Keeps the first round(percent/100 · total) neurons of
         :meth:`ranking` (ties: model order, then unit index).  Named like
@@ -768,177 +405,55 @@ class Scheme:
         label = self.name if by == "value" else f"|{self.name}|"
         return NeuronSet(self.sizes, mask, f"{label}@{float(percent):g}%")
 
-    # -- persistence
+    # -- persistence (the files and their crash safety: fastnig.scheme_files)
     def save(self, path: PathLike) -> Path:
         """Atomically write ``<path>.json`` + ``<stem>.<token>.safetensors``; returns the JSON path.
 
-        ``path`` may end in ``.json`` or not.  See the module docstring for
-        why a killed save leaves the previous scheme readable.
+        ``path`` may end in ``.json`` or not.  See :mod:`fastnig.scheme_files`
+        for why a killed save leaves the previous scheme readable.
         """
-        from safetensors.torch import save_file
-
-        json_path = scheme_json_path(path)
-        folder = json_path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = json_path.name[:-len(".json")]
-        token = secrets.token_hex(6)
-        tensor_name = f"{stem}.{token}.safetensors"
-
         tensors: Dict[str, torch.Tensor] = {}
         if self._fused_mean is not None:
             for m, v in self._fused_mean.items():
-                tensors[f"mean/{m}"] = v.contiguous()
+                tensors[f"mean/{m}"] = v
         else:
             for m, b in self._bins.items():
-                tensors[f"sum_bins/{m}"] = b.contiguous()
-            tensors["pair/delta"] = self.delta.contiguous()
-            tensors["pair/f_input"] = self.f_input.contiguous()
-            tensors["pair/f_baseline"] = self.f_baseline.contiguous()
-            tensors["pair/num_tokens"] = self.num_tokens.contiguous()
-        tmp = folder / f".{tensor_name}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "token": token})
-        _fsync(tmp)
-        os.replace(tmp, folder / tensor_name)
-
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "token": token, "tensors": tensor_name,
-                **self.describe(), "name": self._name, "display_name": self.name,
+                tensors[f"sum_bins/{m}"] = b
+            for t in _PAIR_TENSORS:
+                tensors[f"pair/{t}"] = getattr(self, t)
+        meta = {**self.describe(), "name": self._name, "display_name": self.name,
                 "sizes": [[m, n] for m, n in self.sizes.items()],
-                "bin_exponents": list(_BIN_EXPONENTS),
+                "bin_exponents": list(BIN_EXPONENTS),
                 "pair_ids": self.pair_ids, "dropped_ids": self.dropped_ids}
-        tmp_json = folder / f".{json_path.name}.{token}.tmp"
-        with open(tmp_json, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_json, json_path)  # the commit point
-        _fsync_dir(folder)
-
-        # The new scheme is committed; what follows only frees disk space.
-        keep = {tensor_name}
-        for leftover in _files_of(folder, stem):
-            if leftover.name not in keep:
-                try:
-                    leftover.unlink()
-                except OSError:
-                    pass
-        return json_path
+        return write_scheme(path, meta, tensors)
 
     @classmethod
     def load(cls, path: PathLike) -> "Scheme":
         """Read a scheme written by :meth:`save` (``path`` with or without ``.json``)."""
-        from safetensors import safe_open
-
-        json_path = scheme_json_path(path)
-        if not json_path.is_file():
-            raise FileNotFoundError(f"no scheme at {json_path} (a scheme is a .json file written by Scheme.save)")
-        for attempt in range(2):
-            meta = _read_scheme_json(json_path)
-            tensor_path = json_path.parent / meta["tensors"]
-            try:
-                with safe_open(str(tensor_path), framework="pt") as f:
-                    file_meta = f.metadata() or {}
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-                break
-            except FileNotFoundError:
-                if attempt:  # a concurrent save may have replaced it once; twice means it is gone
-                    raise FileNotFoundError(f"scheme {json_path} names the tensor file {meta['tensors']}, "
-                                            "which is missing; the scheme files were moved or deleted in part") from None
-        if file_meta.get("token") != meta["token"]:
-            raise ValueError(f"scheme {json_path}: its tensor file {meta['tensors']} belongs to another save "
-                             f"(token {file_meta.get('token')!r} != {meta['token']!r}); the files were mixed up")
+        json_path, meta, tensors = read_scheme(path)
         sizes = {m: int(n) for m, n in meta["sizes"]}
         scheme = cls(sizes, model=meta["model"], dataset=meta["dataset"], label=meta["label"],
                      settings=meta.get("settings"), name=meta.get("name"), extra=meta.get("extra"))
         if meta.get("kind") == "fusion":
-            scheme._fused_mean = {m: _expect(tensors, f"mean/{m}", (n,), json_path) for m, n in sizes.items()}
+            scheme._fused_mean = {m: expect_tensor(tensors, f"mean/{m}", (n,), json_path) for m, n in sizes.items()}
             scheme.parts = list(meta.get("parts", []))
             return scheme
-        if list(meta.get("bin_exponents", [])) != list(_BIN_EXPONENTS):
+        if list(meta.get("bin_exponents", [])) != list(BIN_EXPONENTS):
             raise ValueError(f"scheme {json_path} was written with other summation bins; re-create it")
-        scheme._bins = {m: _expect(tensors, f"sum_bins/{m}", (len(_BIN_EXPONENTS), n), json_path)
+        scheme._bins = {m: expect_tensor(tensors, f"sum_bins/{m}", (len(BIN_EXPONENTS), n), json_path)
                         for m, n in sizes.items()}
         scheme.pair_ids = [str(i) for i in meta["pair_ids"]]
         scheme.dropped_ids = [str(i) for i in meta["dropped_ids"]]
         scheme._seen = set(scheme.pair_ids) | set(scheme.dropped_ids)
         num = len(scheme.pair_ids)
-        scheme.delta = _expect(tensors, "pair/delta", (num,), json_path)
-        scheme.f_input = _expect(tensors, "pair/f_input", (num,), json_path)
-        scheme.f_baseline = _expect(tensors, "pair/f_baseline", (num,), json_path)
-        scheme.num_tokens = _expect(tensors, "pair/num_tokens", (num,), json_path)
+        for t in _PAIR_TENSORS:
+            setattr(scheme, t, expect_tensor(tensors, f"pair/{t}", (num,), json_path))
         return scheme
 
     @staticmethod
     def exists(path: PathLike) -> bool:
         """True when a committed scheme is at ``path`` (resume instead of starting over)."""
         return scheme_json_path(path).is_file()
-
-
-def scheme_json_path(path: PathLike) -> Path:
-    """The JSON file of the scheme saved at ``path`` (``.json`` added when missing)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or path, got {type(path).__name__}")
-    p = Path(path)
-    if p.name.endswith(".safetensors"):
-        raise ValueError(f"path {p}: give the scheme's .json file (or its name without extension), "
-                         "not its tensor file")
-    return p if p.suffix == ".json" else p.with_name(p.name + ".json")
-
-
-def is_scheme_file(path: PathLike) -> bool:
-    """True when ``path`` is a JSON file written by :meth:`Scheme.save`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(200)
-    except OSError:
-        return False
-    return f'"format": "{FORMAT}"' in head
-
-
-def _read_scheme_json(json_path: Path) -> Dict[str, object]:
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{json_path} is not a valid scheme file ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{json_path} is not a fastnig scheme file (no \"format\": \"{FORMAT}\")")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{json_path}: scheme format version {meta.get('version')} is not supported "
-                         f"(this fastnig reads version {FORMAT_VERSION})")
-    return meta
-
-
-def _expect(tensors: Mapping[str, torch.Tensor], key: str, shape: Tuple[int, ...], where: Path) -> torch.Tensor:
-    if key not in tensors:
-        raise ValueError(f"scheme {where}: its tensor file lacks {key!r}")
-    t = tensors[key]
-    if tuple(t.shape) != shape:
-        raise ValueError(f"scheme {where}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
-    return t
-
-
-def _files_of(folder: Path, stem: str) -> List[Path]:
-    """Tensor files and temp files that saves of scheme ``stem`` may have left in ``folder``."""
-    pattern = re.compile(r"^\.?" + re.escape(stem) + r"(\.json)?\.[0-9a-f]{12}(\.safetensors)?(\.tmp)?$")
-    return [p for p in folder.iterdir() if pattern.match(p.name)]
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _without_target(settings: Mapping[str, object]) -> Dict[str, object]:
@@ -960,7 +475,7 @@ def _require_same(op: str, name_a: str, name_b: str, checks) -> None:
 
 # --------------------------------------------------------------------- fusion
 def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
-    """⊕: the scheme whose mean is the average of the schemes' means (SPEC §6).
+    """⊕: the scheme whose mean is the average of the schemes' means (docs/method.md §6).
 
     Every scheme weighs the same, whatever its number of pairs.  The schemes
     must share model, attributed modules and settings (except the target

@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
-from .schemes import NeuronSet, Scheme, fuse, fuse_all, intersection, union
+from .neurons import NeuronSet, intersection, union
+from .schemes import Scheme, fuse, fuse_all
 
 PAPER_SETS = ("P_ms", "N_ms", "inter(O, P)", "inter(O, N)", "inter(A, P)", "inter(A, N)", "F_ms",
               "inter(O, F)", "inter(A, F)", "F_A")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fastnig
-from fastnig.attribution import linear_modules, target_function
+from fastnig.attribution import linear_modules
+from fastnig.cross_encoder import target_function
 from tiny_models import PAIRS, make_model, make_tokenizer
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -73,12 +74,12 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
     """The head reads the last layer at token 0 only: the cut runs its feed-forward block (and,
     for the BERT family, its queries) on that token alone, and every attribution equals the
     uncut run's, with batch padding (boolean or additive attention masks)."""
-    from fastnig import attribution
+    from fastnig import first_token
 
     tok = make_tokenizer(tok_family)
     model = make_model(family, vocab_size=tok.vocab_size, seed=2)
     model.set_attn_implementation(attention)
-    assert attribution.first_token_cut(model) is not None
+    assert first_token.first_token_cut(model) is not None
     names = list(linear_modules(model))
     last_query, last_ffn = names[-6], names[-1]  # the last layer's query and output projections
     rows = {last_query: set(), last_ffn: set()}
@@ -89,7 +90,7 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
         h.remove()
     assert rows[last_ffn] == {1}
     assert (rows[last_query] == {1}) == (family != "distilbert")
-    monkeypatch.setattr(attribution, "first_token_cut", lambda model: None)
+    monkeypatch.setattr(first_token, "first_token_cut", lambda model: None)
     full = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False)
     for name, expected in full.scores.items():
         torch.testing.assert_close(cut.scores[name], expected, rtol=1e-5, atol=1e-7, msg=name)
@@ -97,7 +98,7 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
 
 
 def test_first_token_cut_only_for_heads_that_read_the_first_token(tiny_bert):
-    from fastnig.attribution import first_token_cut
+    from fastnig.first_token import first_token_cut
     import transformers
 
     class MeanPoolingRanker(transformers.BertForSequenceClassification):

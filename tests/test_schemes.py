@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from fastnig.attribution import Attributions
-from fastnig.schemes import (COMPONENTS, MAX_PAIRS, NeuronSet, Scheme, component, fuse, fuse_all, intersection,
-                             layer_index, neuron_universe, scheme_json_path, union)
+from fastnig.exact_sums import MAX_PAIRS
+from fastnig.neurons import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
+from fastnig.scheme_files import scheme_json_path
+from fastnig.schemes import Scheme, fuse, fuse_all
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,16 +7,15 @@ function taking the parsed arguments and returning an exit code.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import List, Optional
 
-# Subcommand modules, in pipeline order.  A module that is missing is skipped.
-_COMMANDS = ("attribute", "analyze", "prune", "run")
+from ..common import MissingExtra
+from . import analyze_cmd, attribute_cmd, prune_cmd, run_cmd
+from .usage import UsageError
 
-
-class UsageError(Exception):
-    """Bad input a user can fix; printed as one line, exit code 2."""
+# Subcommand modules, in pipeline order.
+_COMMANDS = (attribute_cmd, analyze_cmd, prune_cmd, run_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}_cmd")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}_cmd":
-                raise
-            continue
+    for module in _COMMANDS:
         module.register(sub)
     return parser
 
@@ -46,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (UsageError, MissingExtra, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"fastnig {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

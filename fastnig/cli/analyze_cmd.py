@@ -7,7 +7,13 @@ import time
 from pathlib import Path
 from typing import List
 
-from . import UsageError
+import torch
+
+from ..analysis import DEFAULT_LEVELS, analyze, baseline_differences, baseline_table
+from ..models import ModelUnavailable, load_cross_encoder
+from ..schemes import Scheme, is_scheme_file, scheme_json_path
+from .usage import UsageError
+
 
 DESCRIPTION = """\
 Build the paper's analyses (RQ1/RQ2) from attribution schemes written by
@@ -68,15 +74,14 @@ def register(subparsers) -> None:
                    help="pairs: TSV lines 'query<TAB>passage', or JSONL with 'query' and 'passage' keys")
     b.add_argument("--baseline-max-pairs", type=int, default=1000, metavar="N",
                    help="use the first N pairs of the file (default: 1000, as the paper)")
-    b.add_argument("--max-length", type=int, default=512, metavar="TOKENS",
-                   help="tokens of the pair encoding (default: 512)")
+    b.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                   help="tokens of the pair encoding (default: the model's, at most 512)")
     b.add_argument("--device", default=None, help="where to run the model (default: cuda if available, else cpu)")
     p.set_defaults(func=run)
 
 
 def find_scheme_files(paths: List[str]) -> List[Path]:
     """Scheme JSON files from files and folders (folders searched recursively), sorted, no duplicates."""
-    from ..schemes import is_scheme_file, scheme_json_path
 
     found: List[Path] = []
     for raw in paths:
@@ -126,9 +131,6 @@ def read_pairs(path: str, limit: int) -> list:
 
 
 def run(args) -> int:
-    from ..analysis import DEFAULT_LEVELS, analyze, baseline_differences, baseline_table
-    from ..schemes import Scheme
-
     if not args.schemes and not args.baseline_model:
         raise UsageError("give scheme files/folders, or --baseline-model and --baseline-pairs (see --help)")
     if bool(args.baseline_model) != bool(args.baseline_pairs):
@@ -155,16 +157,12 @@ def run(args) -> int:
                   f"mean |delta| {row['mean_abs_delta']:.3g}")
 
     if args.baseline_model:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         pairs = read_pairs(args.baseline_pairs, args.baseline_max_pairs)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(args.baseline_model)
-            model = AutoModelForSequenceClassification.from_pretrained(args.baseline_model).to(device)
-        except OSError as exc:
-            raise UsageError(f"--baseline-model: cannot load {args.baseline_model!r}: {str(exc).splitlines()[0]}") from None
+            model, tokenizer = load_cross_encoder(args.baseline_model, device=device)
+        except ModelUnavailable as exc:
+            raise UsageError(f"--baseline-model: {exc}") from None
         diffs = baseline_differences(model, tokenizer, pairs, max_length=args.max_length)
         for row in baseline_table(diffs, out):
             print(f"  baseline {row['baseline']:<10} quality {row['quality']:.3f}")

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ..models import load_cross_encoder
+from ..pipeline import attribute_dataset
+
 DESCRIPTION = """\
 Attribute the pairs of one dataset and one label with Neuron Integrated
 Gradients and save their per-neuron mean as a scheme (P_x for relevant pairs,
@@ -47,7 +52,8 @@ def register(sub) -> None:
     p.add_argument("--baseline", choices=["pad", "pad-query", "zero", "zero-query"], default="pad")
     p.add_argument("--output", choices=["probability", "logit"], default="probability",
                    help="what F is: the class probability (default) or the raw logit")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per pair (default 512)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per pair (default: the model's, at most 512; capped at its position embeddings)")
     p.add_argument("--step-batch", type=int, default=None, help="path points per forward (default: sized from free memory, ~2048 token rows on CPU)")
     p.add_argument("--pair-batch", type=int, default=1, help="pairs per forward (default 1)")
     p.add_argument("--chunk-pairs", type=int, default=8, help="pairs between two saves (default 8)")
@@ -57,11 +63,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..models import load_cross_encoder
-    from ..pipeline import attribute_dataset
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_cross_encoder(args.model, device=device)
     scheme = attribute_dataset(

@@ -7,7 +7,15 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from . import UsageError
+import torch
+
+from ..data import DATASETS, load_collection
+from ..models import load_cross_encoder
+from ..pruning import evaluate_pruning
+from ..reranking import build_candidates
+from ..schemes import NeuronSet, Scheme, fuse, intersection, is_scheme_file, neuron_universe, scheme_json_path
+from .usage import UsageError
+
 
 PAPER_LEVELS = (0.01, 0.1, 1.0)
 PAPER_DATASETS = ("ms-dev", "lotte-lifestyle", "lotte-recreation", "lotte-science", "lotte-technology",
@@ -103,8 +111,9 @@ def register(subparsers) -> None:
                    help="random sets per neuron set and level (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the random sets (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="pairs per forward pass (default: 32)")
-    p.add_argument("--max-length", type=int, default=512, metavar="TOKENS",
-                   help="tokens of a (query, passage) encoding (default: 512)")
+    p.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                   help="tokens of a (query, passage) encoding (default: the model's, at most 512; never more "
+                        "than its position embeddings allow)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="model dtype for reranking (default: float32; float16 is fine on a GPU)")
@@ -129,7 +138,6 @@ def parse_dataset(text: str) -> Tuple[str, Optional[str]]:
 
 def default_group(spec: str) -> str:
     """The paper's row labels: LoTTE domains together, MS MARCO dev, else the spec itself."""
-    from ..data import DATASETS
 
     key = DATASETS.get(spec, spec)
     if key.startswith("lotte/"):
@@ -167,7 +175,6 @@ def parse_set(text: str):
 
 def build_neuron_sets(specs: List[str], levels: List[float], by: str, model_sizes: Dict[str, int]):
     """--set values -> {name: {level: NeuronSet}} in definition order."""
-    from ..schemes import NeuronSet, Scheme, fuse, intersection, is_scheme_file, scheme_json_path
 
     schemes: Dict[str, object] = {}
     sets: Dict[str, Dict[float, object]] = {}
@@ -230,16 +237,9 @@ def build_neuron_sets(specs: List[str], levels: List[float], by: str, model_size
 
 # ---------------------------------------------------------------------- run
 def run(args) -> int:
-    import torch
-
-    from ..data import load_collection
-    from ..models import load_cross_encoder
-    from ..pruning import build_candidates, evaluate_pruning
-    from ..schemes import neuron_universe
-
     for option, value, low in (("--queries", args.queries, 0), ("--depth", args.depth, 0),
                                ("--repetitions", args.repetitions, 1), ("--batch-size", args.batch_size, 1),
-                               ("--seed", args.seed, 0), ("--max-length", args.max_length, 4)):
+                               ("--seed", args.seed, 0), ("--max-length", args.max_length or 4, 4)):
         if value < low:
             raise UsageError(f"{option} must be >= {low}, got {value}")
     levels = list(dict.fromkeys(float(x) for x in args.levels))

@@ -5,6 +5,9 @@ import argparse
 import logging
 import sys
 
+from ..pipeline import run_study
+from .usage import UsageError
+
 DESCRIPTION = """\
 Run the whole study of "Which Neurons Matter in IR?" from one configuration
 file (YAML or TOML): attribution schemes per dataset and label, the overlap
@@ -56,9 +59,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cli import UsageError
-    from ..pipeline import run_study
-
     datasets = {}
     for item in args.dataset:
         if "=" not in item:

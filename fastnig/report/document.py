@@ -4,6 +4,9 @@ Reads what the stages wrote into the output folder (schemes summary, the
 analysis CSVs and PNGs, Table 1, Table 4, timings) and lays it out in the
 order of the paper.  The HTML embeds every figure (base64), so the one file
 can be mailed or archived.
+
+Owns: the layout of ``report.md`` / ``report.html``.  Must not: compute
+anything (it lays out what the stages wrote).
 """
 from __future__ import annotations
 
@@ -11,8 +14,11 @@ import base64
 import csv
 import html
 import json
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
+
+from ..common import write_atomic
 
 FIGURES = (  # (file glob, caption), in the paper's order
     ("baselines.png", "Table 1 — baseline quality: mean P(rel) − P(non-rel) relative to the input"),
@@ -84,7 +90,7 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
         for png, caption in figures:
             md += [f"**{caption}** ({png.name})", "", f"![{png.stem}]({png.relative_to(output).as_posix()})", ""]
     md_path = output / "report.md"
-    _atomic_write(md_path, "\n".join(md))
+    write_atomic(md_path, "\n".join(md))
 
     body = [f"<h1>fastnig report{(': ' + html.escape(str(settings.get('name')))) if settings.get('name') else ''}</h1>"]
     for s in sections:
@@ -102,7 +108,7 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>"
             + "\n".join(body) + "</body></html>")
     html_path = output / "report.html"
-    _atomic_write(html_path, page)
+    write_atomic(html_path, page)
     return {"md": md_path, "html": html_path}
 
 
@@ -136,18 +142,8 @@ def _md_to_html(md: str) -> str:
 
 
 def _inline(text: str) -> str:
-    import re
-
     text = html.escape(text)
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
     text = re.sub(r"&lt;u&gt;(.+?)&lt;/u&gt;", r"<u>\1</u>", text)
     text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
     return text
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
