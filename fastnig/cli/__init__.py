@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in pipeline order.  A module that is missing is skipped.
-_COMMANDS = ("attribute", "analyze", "prune", "run")
+_COMMANDS = ("attribute", "analyze", "prune", "run", "compare")
 
 
 class UsageError(Exception):
