@@ -11,11 +11,11 @@ import sys
 from typing import List, Optional
 
 from ..common import MissingExtra
-from . import analyze_cmd, attribute_cmd, prune_cmd, run_cmd
+from . import analyze_cmd, attribute_cmd, compare_cmd, prune_cmd, run_cmd
 from .usage import UsageError
 
 # Subcommand modules, in pipeline order.
-_COMMANDS = (attribute_cmd, analyze_cmd, prune_cmd, run_cmd)
+_COMMANDS = (attribute_cmd, analyze_cmd, prune_cmd, run_cmd, compare_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from ..pipeline import run_study
+from ..plan import ACCELERATORS, measure_cpu_flops, plan_config, render
 from .usage import UsageError
 
 DESCRIPTION = """\
@@ -25,6 +26,12 @@ same settings: run the same command again after an interruption and only
 unfinished work is redone.  Several processes: launch with torchrun, e.g.
   torchrun --nproc-per-node 4 -m fastnig run paper
 (pairs, queries and pruning runs are sharded; rank 0 writes the outputs).
+
+--plan prints what the configuration costs instead of running it: schemes,
+pairs, path points, token rows and FLOPs (from the model's config.json or
+its known shape), with the estimated time on this machine (a short measured
+matmul) and, with --device, on --gpus accelerators at a stated efficiency.
+It needs no network, data or model weights and takes a few seconds.
 """
 
 EPILOG = """\
@@ -32,6 +39,7 @@ examples:
   fastnig run paper --output runs/paper
   fastnig run my.yaml --model ./my-cross-encoder --dataset ms=beir/scifact/test
   fastnig demo
+  fastnig run paper --plan --device h100 --gpus 8
 """
 
 
@@ -55,6 +63,15 @@ def register(sub) -> None:
                             "ms=msmarco-passage/trec-dl-2019/judged; repeatable")
         p.add_argument("--output", default=None, help="override the output folder")
         p.add_argument("--quiet", action="store_true", help="no progress bars or log lines on the console")
+        plan = p.add_argument_group("cost plan (nothing is run)")
+        plan.add_argument("--plan", action="store_true",
+                          help="print the work and estimated time of the config, offline, in seconds")
+        plan.add_argument("--device", default=None, metavar="NAME",
+                          help="with --plan: also estimate on this accelerator (h100, h200, a100, l4, t4)")
+        plan.add_argument("--gpus", type=int, default=1, metavar="N",
+                          help="with --plan --device: number of accelerators (default: 1)")
+        plan.add_argument("--tokens", type=int, default=None, metavar="N",
+                          help="with --plan: assumed mean tokens per pair (default: max_length, an upper bound)")
         p.set_defaults(func=run)
 
 
@@ -65,6 +82,11 @@ def run(args) -> int:
             raise UsageError(f"--dataset {item!r}: write NAME=SPEC, e.g. nf=beir/nfcorpus/test")
         name, spec = item.split("=", 1)
         datasets[name.strip()] = spec.strip()
+    if args.plan:
+        return _plan(args, datasets)
+    if args.device or args.gpus != 1 or args.tokens is not None:
+        raise UsageError("--device, --gpus and --tokens go with --plan (the run's torch device is the config's "
+                         "`device:` key)")
     if not args.quiet:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[fastnig] %(message)s"))
@@ -73,4 +95,19 @@ def run(args) -> int:
                        output=args.output)
     if not args.quiet:
         print(f"report: {report} (and report.html beside it)")
+    return 0
+
+
+def _plan(args, datasets) -> int:
+
+    if args.device and args.device.lower() not in ACCELERATORS:
+        raise UsageError(f"--device {args.device!r} is not one of {sorted(ACCELERATORS)}")
+    if args.gpus < 1:
+        raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.gpus != 1 and not args.device:
+        raise UsageError("--gpus needs --device (e.g. --device h100 --gpus 8)")
+    # A ConfigError (a ValueError) is printed as one line with exit code 2 by fastnig.cli.main.
+    plan = plan_config(args.config, tokens=args.tokens, model=args.model, datasets=datasets or None)
+    print(render(plan, cpu_flops=measure_cpu_flops(min(plan.shape.hidden, 1024)), device=args.device,
+                 gpus=args.gpus))
     return 0
