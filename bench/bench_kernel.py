@@ -40,7 +40,6 @@ def main() -> None:
         out = torch.zeros(out_shape)
         if args.coarse:
             kwargs["coarse_out"] = torch.zeros(out_shape)
-            kwargs["first_point"] = 1
         carry = Carry.like(a)
         accumulate_conductance(a, g, lengths, out, carry, "trapezoid", 1, **kwargs)  # warm-up, fills the carry
         times = []
