@@ -8,20 +8,40 @@
 #include <stdexcept>
 
 #include "cpu/conductance_cpu.h"
+#include "cuda/emulate_cuda.h"
 #ifdef FASTNIG_WITH_CUDA
 #include "cuda/conductance_cuda.h"
 #endif
 
 namespace py = pybind11;
+using fastnig::Buffers;
 using fastnig::DType;
 using fastnig::Geometry;
 using fastnig::Rule;
 
 namespace {
 
-Geometry make_geometry(const std::array<int64_t, 4>& shape, const std::array<int64_t, 3>& a_strides,
-                       const std::array<int64_t, 3>& g_strides, bool has_prev, bool write_carry) {
-  Geometry geo{};
+template <typename T> T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+// Everything but the device-specific arguments; see Geometry and Buffers in conductance.h.
+struct Call {
+  DType dtype, out_dtype;
+  Rule rule;
+  Geometry geo;
+  Buffers buf;
+};
+
+Call make_call(std::uintptr_t a, std::uintptr_t g, const std::array<int64_t, 4>& shape,
+               const std::array<int64_t, 3>& a_strides, const std::array<int64_t, 3>& g_strides, int dtype,
+               std::uintptr_t lengths, std::uintptr_t out, int out_dtype, std::uintptr_t a_carry,
+               std::uintptr_t g_carry, bool has_prev, bool write_carry, int rule, std::uintptr_t segments,
+               int64_t num_segments, std::uintptr_t coarse_out, std::uintptr_t a_even, std::uintptr_t g_even,
+               bool has_prev_even, int64_t first_point) {
+  Call c{};
+  c.dtype = static_cast<DType>(dtype);
+  c.out_dtype = static_cast<DType>(out_dtype);
+  c.rule = static_cast<Rule>(rule);
+  Geometry& geo = c.geo;
   geo.pairs = shape[0];
   geo.steps = shape[1];
   geo.tokens = shape[2];
@@ -32,10 +52,43 @@ Geometry make_geometry(const std::array<int64_t, 4>& shape, const std::array<int
   }
   geo.has_prev = has_prev;
   geo.write_carry = write_carry;
-  return geo;
+  geo.segments = num_segments;
+  geo.first_point = first_point;
+  geo.has_prev_even = has_prev_even;
+  if (num_segments < 1) throw std::invalid_argument("num_segments must be >= 1");
+  if (segments == 0 && num_segments != 1) throw std::invalid_argument("num_segments > 1 needs segment ids");
+  if (coarse_out != 0 && write_carry && (a_even == 0 || g_even == 0))
+    throw std::invalid_argument("a coarse accumulator with a carry needs the even-point carry buffers");
+  Buffers& buf = c.buf;
+  buf.a = as_ptr<const void>(a);
+  buf.g = as_ptr<const void>(g);
+  buf.lengths = as_ptr<const int64_t>(lengths);
+  buf.segments = as_ptr<const int64_t>(segments);
+  buf.out = as_ptr<void>(out);
+  buf.coarse_out = as_ptr<void>(coarse_out);
+  buf.a_carry = as_ptr<void>(a_carry);
+  buf.g_carry = as_ptr<void>(g_carry);
+  buf.a_even = as_ptr<void>(a_even);
+  buf.g_even = as_ptr<void>(g_even);
+  return c;
 }
 
-template <typename T> T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+// The arguments every entry point shares, in make_call's order.
+#define FASTNIG_CALL_PARAMS                                                                                 \
+  std::uintptr_t a, std::uintptr_t g, std::array<int64_t, 4> shape, std::array<int64_t, 3> a_strides,      \
+      std::array<int64_t, 3> g_strides, int dtype, std::uintptr_t lengths, std::uintptr_t out, int out_dtype, \
+      std::uintptr_t a_carry, std::uintptr_t g_carry, bool has_prev, bool write_carry, int rule,            \
+      std::uintptr_t segments, int64_t num_segments, std::uintptr_t coarse_out, std::uintptr_t a_even,      \
+      std::uintptr_t g_even, bool has_prev_even, int64_t first_point
+#define FASTNIG_CALL_ARGS                                                                                      \
+  a, g, shape, a_strides, g_strides, dtype, lengths, out, out_dtype, a_carry, g_carry, has_prev, write_carry, \
+      rule, segments, num_segments, coarse_out, a_even, g_even, has_prev_even, first_point
+#define FASTNIG_CALL_PYARGS                                                                                    \
+  py::arg("a"), py::arg("g"), py::arg("shape"), py::arg("a_strides"), py::arg("g_strides"), py::arg("dtype"), \
+      py::arg("lengths"), py::arg("out"), py::arg("out_dtype"), py::arg("a_carry"), py::arg("g_carry"),       \
+      py::arg("has_prev"), py::arg("write_carry"), py::arg("rule"), py::arg("segments"),                       \
+      py::arg("num_segments"), py::arg("coarse_out"), py::arg("a_even"), py::arg("g_even"),                    \
+      py::arg("has_prev_even"), py::arg("first_point")
 
 }  // namespace
 
@@ -43,40 +96,48 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastnig fused kernels (raw-pointer interface; call them through fastnig.kernels)";
   m.def(
       "accumulate_cpu",
-      [](std::uintptr_t a, std::uintptr_t g, std::array<int64_t, 4> shape, std::array<int64_t, 3> a_strides,
-         std::array<int64_t, 3> g_strides, int dtype, std::uintptr_t lengths, std::uintptr_t out, int out_dtype,
-         std::uintptr_t a_carry, std::uintptr_t g_carry, bool has_prev, bool write_carry, int rule,
-         int n_threads) {
-        Geometry geo = make_geometry(shape, a_strides, g_strides, has_prev, write_carry);
+      [](FASTNIG_CALL_PARAMS, int n_threads) {
+        const Call c = make_call(FASTNIG_CALL_ARGS);
         py::gil_scoped_release release;
-        fastnig::accumulate_conductance_cpu(static_cast<DType>(dtype), static_cast<DType>(out_dtype),
-                                            static_cast<Rule>(rule), as_ptr<const void>(a), as_ptr<const void>(g),
-                                            geo, as_ptr<const int64_t>(lengths), as_ptr<void>(out),
-                                            as_ptr<void>(a_carry), as_ptr<void>(g_carry), n_threads);
+        fastnig::accumulate_conductance_cpu(c.dtype, c.out_dtype, c.rule, c.geo, c.buf, n_threads);
       },
-      py::arg("a"), py::arg("g"), py::arg("shape"), py::arg("a_strides"), py::arg("g_strides"), py::arg("dtype"),
-      py::arg("lengths"), py::arg("out"), py::arg("out_dtype"), py::arg("a_carry"), py::arg("g_carry"),
-      py::arg("has_prev"), py::arg("write_carry"), py::arg("rule"), py::arg("n_threads"));
+      FASTNIG_CALL_PYARGS, py::arg("n_threads"));
+  m.def(
+      "accumulate_cuda_emulated",
+      [](FASTNIG_CALL_PARAMS, std::uintptr_t scratch, uint64_t block_order_seed, int64_t max_grid) {
+        const Call c = make_call(FASTNIG_CALL_ARGS);
+        if (max_grid < 1) throw std::invalid_argument("max_grid must be >= 1");
+        py::gil_scoped_release release;
+        fastnig::accumulate_conductance_emulated(c.dtype, c.out_dtype, c.rule, c.geo, c.buf, as_ptr<void>(scratch),
+                                                 block_order_seed, max_grid);
+      },
+      FASTNIG_CALL_PYARGS, py::arg("scratch"), py::arg("block_order_seed"), py::arg("max_grid"));
+  m.def(
+      "cuda_scratch_elements",
+      [](std::array<int64_t, 4> shape, int64_t num_segments, bool coarse) {
+        Geometry geo{};
+        geo.pairs = shape[0];
+        geo.steps = shape[1];
+        geo.tokens = shape[2];
+        geo.features = shape[3];
+        geo.segments = num_segments;
+        return fastnig::cuda_scratch_elements(geo, coarse);
+      },
+      py::arg("shape"), py::arg("num_segments"), py::arg("coarse"),
+      "elements (accumulator dtype) of the scratch buffer the CUDA op and its emulation need");
   m.def("cpu_kernel_isa", &fastnig::cpu_kernel_isa,
         "the instruction set the CPU kernel runs with here: 'avx2' (AVX2 + FMA build) or 'baseline'");
 #ifdef FASTNIG_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def(
       "accumulate_cuda",
-      [](std::uintptr_t a, std::uintptr_t g, std::array<int64_t, 4> shape, std::array<int64_t, 3> a_strides,
-         std::array<int64_t, 3> g_strides, int dtype, std::uintptr_t lengths, std::uintptr_t out, int out_dtype,
-         std::uintptr_t a_carry, std::uintptr_t g_carry, bool has_prev, bool write_carry, int rule, int device,
-         std::uintptr_t stream) {
-        Geometry geo = make_geometry(shape, a_strides, g_strides, has_prev, write_carry);
-        std::string err = fastnig::accumulate_conductance_cuda(
-            static_cast<DType>(dtype), static_cast<DType>(out_dtype), static_cast<Rule>(rule), as_ptr<const void>(a),
-            as_ptr<const void>(g), geo, as_ptr<const int64_t>(lengths), as_ptr<void>(out), as_ptr<void>(a_carry),
-            as_ptr<void>(g_carry), device, stream);
+      [](FASTNIG_CALL_PARAMS, std::uintptr_t scratch, int device, std::uintptr_t stream) {
+        const Call c = make_call(FASTNIG_CALL_ARGS);
+        std::string err = fastnig::accumulate_conductance_cuda(c.dtype, c.out_dtype, c.rule, c.geo, c.buf,
+                                                               as_ptr<void>(scratch), device, stream);
         if (!err.empty()) throw std::runtime_error("fastnig CUDA kernel failed: " + err);
       },
-      py::arg("a"), py::arg("g"), py::arg("shape"), py::arg("a_strides"), py::arg("g_strides"), py::arg("dtype"),
-      py::arg("lengths"), py::arg("out"), py::arg("out_dtype"), py::arg("a_carry"), py::arg("g_carry"),
-      py::arg("has_prev"), py::arg("write_carry"), py::arg("rule"), py::arg("device"), py::arg("stream"));
+      FASTNIG_CALL_PYARGS, py::arg("scratch"), py::arg("device"), py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

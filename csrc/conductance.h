@@ -68,16 +68,41 @@ FASTNIG_HD Acc step_term(Acc a_prev, Acc g_prev, Acc a_next, Acc g_next) {
 // Geometry of one accumulation call; every stride is in elements.
 //   a, g:          [pairs, steps, tokens, features], features contiguous
 //   lengths:       [pairs] real tokens of each pair (batch padding is on the right)
-//   out:           [pairs, features] accumulator, contiguous, += the chunk's sum
+//   segments:      optional [pairs, tokens] contiguous segment id of each token;
+//                  a real token whose id is outside [0, segments) is skipped
+//   out:           [pairs, segments, features] accumulator (segments = 1 without
+//                  segment ids, i.e. [pairs, features]), contiguous, += the chunk's sum
+//   coarse_out:    optional, shape of out: += the trapezoid sum over the chunk's
+//                  even-indexed global path points (first_point + s even)
 //   a_carry/g_carry: [pairs, tokens, features] contiguous, element type of a:
 //                  the previous chunk's last path point (read if has_prev) and
 //                  this chunk's last point (written if write_carry)
+//   a_even/g_even: same layout, coarse only: the most recent even-indexed point
+//                  before this chunk (read if has_prev_even), replaced by the
+//                  chunk's last even-indexed point (written if write_carry)
 struct Geometry {
   int64_t pairs, steps, tokens, features;
   int64_t a_stride[3];
   int64_t g_stride[3];
   bool has_prev;
   bool write_carry;
+  int64_t segments = 1;     // number of segments of out (1: no segment ids)
+  int64_t first_point = 0;  // global path index of this chunk's first point (coarse only)
+  bool has_prev_even = false;
+};
+
+// The buffers of one call (see Geometry); optional ones are nullptr when unused.
+struct Buffers {
+  const void* a = nullptr;
+  const void* g = nullptr;
+  const int64_t* lengths = nullptr;
+  const int64_t* segments = nullptr;
+  void* out = nullptr;
+  void* coarse_out = nullptr;
+  void* a_carry = nullptr;
+  void* g_carry = nullptr;
+  void* a_even = nullptr;
+  void* g_even = nullptr;
 };
 
 }  // namespace fastnig

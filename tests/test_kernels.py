@@ -144,7 +144,8 @@ def test_large_input_uses_threads_and_matches(threads):
 
 
 def test_baseline_cpu_build_too():
-    """Both builds of the CPU kernel (AVX2 + FMA and baseline) pass this file's tests."""
+    """Both builds of the CPU kernel (AVX2 + FMA and baseline) pass the CPU kernel tests
+    (this file and test_kernels_segments_coarse.py)."""
     import os
     import subprocess
     import sys
@@ -157,6 +158,21 @@ def test_baseline_cpu_build_too():
         assert cpu_kernel_isa() == "baseline"
         return
     env = dict(os.environ, FASTNIG_CPU_ISA="baseline")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+    here = Path(__file__).parent
+    files = [str(here / name) for name in ("test_kernels.py", "test_kernels_segments_coarse.py")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# --- zero-step chunks -------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [accumulate_conductance, accumulate_conductance_ref])
+def test_zero_step_first_chunk_leaves_carry_empty(fn):
+    a, g, lens = _inputs((2, 5, 4, 9), [4, 2], torch.float32, "cpu")
+    ref = accumulate_conductance_ref(a, g, lens, torch.zeros(2, 9))
+    out, carry = torch.zeros(2, 9), Carry.like(a)
+    fn(a[:, :0], g[:, :0], lens, out, carry, "trapezoid")
+    assert not carry.filled
+    fn(a, g, lens, out, carry, "trapezoid")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

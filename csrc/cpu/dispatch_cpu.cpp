@@ -23,16 +23,15 @@ bool use_avx2() {
 
 }  // namespace
 
-void accumulate_conductance_cpu(DType dtype, DType out_dtype, Rule rule, const void* a, const void* g,
-                                const Geometry& geo, const int64_t* lengths, void* out, void* a_carry,
-                                void* g_carry, int n_threads) {
+void accumulate_conductance_cpu(DType dtype, DType out_dtype, Rule rule, const Geometry& geo, const Buffers& buf,
+                                int n_threads) {
 #if defined(FASTNIG_CPU_AVX2)
   if (use_avx2()) {
-    avx2::accumulate(dtype, out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads);
+    avx2::accumulate(dtype, out_dtype, rule, geo, buf, n_threads);
     return;
   }
 #endif
-  baseline::accumulate(dtype, out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, n_threads);
+  baseline::accumulate(dtype, out_dtype, rule, geo, buf, n_threads);
 }
 
 const char* cpu_kernel_isa() { return use_avx2() ? "avx2" : "baseline"; }

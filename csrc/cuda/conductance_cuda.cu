@@ -1,99 +1,103 @@
-// CUDA kernel of the fused conductance accumulation (see conductance.h).
+// Launcher of the CUDA kernels of the fused conductance accumulation.
 //
-// One thread per (pair, token block, feature): it walks the path steps of its
-// tokens in registers, reading each activation and gradient element once with
-// coalesced loads along the feature axis, writes the carry of its tokens, and
-// adds its partial sum to out[pair, feature] with one atomic.
+// The thread bodies live in cuda/conductance_kernel.h (shared with the host
+// emulation in cuda/emulate_cuda.cpp); this file only binds them to
+// blockIdx/gridDim, launches the two passes on the caller's stream and checks
+// for errors.  Pass 1 reads every activation and gradient element once with
+// coalesced loads along the feature axis; pass 2 sums the token blocks in a
+// fixed order, so results are bit-identical from run to run (no atomics).
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "cuda/conductance_cuda.h"
+#include "cuda/conductance_kernel.h"
 
 namespace fastnig {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kTokensPerBlock = 8;
+using namespace cuda_kernel;
 
-template <typename T, typename Acc, Rule R>
-__global__ void accumulate_kernel(const T* __restrict__ a, const T* __restrict__ g, Geometry geo,
-                                  const int64_t* __restrict__ lengths, Acc* __restrict__ out,
-                                  T* __restrict__ a_carry, T* __restrict__ g_carry) {
-  const int64_t h = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t p = blockIdx.y;
-  if (h >= geo.features) return;
-  int64_t length = lengths[p];
-  if (length > geo.tokens) length = geo.tokens;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * kTokensPerBlock;
-  int64_t t_end = t_begin + kTokensPerBlock;
-  if (t_end > length) t_end = length;
-  const int64_t H = geo.features;
-  Acc sum = Acc(0);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t a_base = p * geo.a_stride[0] + t * geo.a_stride[2] + h;
-    const int64_t g_base = p * geo.g_stride[0] + t * geo.g_stride[2] + h;
-    const int64_t carry = (p * geo.tokens + t) * H + h;
-    bool have_prev = geo.has_prev;
-    T a_prev_raw{}, g_prev_raw{};
-    if (have_prev) { a_prev_raw = a_carry[carry]; g_prev_raw = g_carry[carry]; }
-    Acc a_prev = have_prev ? to_acc<Acc>(a_prev_raw) : Acc(0);
-    Acc g_prev = have_prev ? to_acc<Acc>(g_prev_raw) : Acc(0);
-    for (int64_t s = 0; s < geo.steps; ++s) {
-      const T a_raw = a[a_base + s * geo.a_stride[1]];
-      const T g_raw = g[g_base + s * geo.g_stride[1]];
-      const Acc a_cur = to_acc<Acc>(a_raw), g_cur = to_acc<Acc>(g_raw);
-      if (have_prev) sum += step_term<R, Acc>(a_prev, g_prev, a_cur, g_cur);
-      a_prev = a_cur; g_prev = g_cur; a_prev_raw = a_raw; g_prev_raw = g_raw;
-      have_prev = true;
-    }
-    if (geo.write_carry && geo.steps > 0) { a_carry[carry] = a_prev_raw; g_carry[carry] = g_prev_raw; }
+__device__ __forceinline__ Dim block_index() { return {blockIdx.x, blockIdx.y, blockIdx.z}; }
+__device__ __forceinline__ Dim grid_size() { return {gridDim.x, gridDim.y, gridDim.z}; }
+
+template <typename T, typename Acc, Rule R, bool Coarse>
+__global__ void __launch_bounds__(kThreads) accumulate_kernel(Args<T, Acc> args, Geometry geo) {
+  accumulate_thread<T, Acc, R, Coarse>(args, geo, block_index(), grid_size(), threadIdx.x);
+}
+
+template <typename T, typename Acc, bool Coarse>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(Args<T, Acc> args, Geometry geo) {
+  reduce_thread<T, Acc, Coarse>(args, geo, block_index(), grid_size(), threadIdx.x);
+}
+
+dim3 to_dim3(const Dim& d) {
+  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
+}
+
+// Restores the caller's current device on every way out.
+class DeviceGuard {
+ public:
+  DeviceGuard() { ok_ = cudaGetDevice(&previous_) == cudaSuccess; }
+  ~DeviceGuard() {
+    if (ok_) cudaSetDevice(previous_);
   }
-  if (t_begin < t_end) atomicAdd(out + p * H + h, sum);
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool ok_ = false;
+};
+
+std::string failed(const char* where, cudaError_t err) {
+  return std::string(where) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
 }
 
-template <typename T, typename Acc>
-void launch(Rule rule, const void* a, const void* g, const Geometry& geo, const int64_t* lengths, void* out,
-            void* a_carry, void* g_carry, cudaStream_t stream) {
-  const dim3 block(kThreads);
-  const dim3 grid(static_cast<unsigned>((geo.features + kThreads - 1) / kThreads), static_cast<unsigned>(geo.pairs),
-                  static_cast<unsigned>((geo.tokens + kTokensPerBlock - 1) / kTokensPerBlock));
-  if (rule == Rule::Left)
-    accumulate_kernel<T, Acc, Rule::Left><<<grid, block, 0, stream>>>(
-        static_cast<const T*>(a), static_cast<const T*>(g), geo, lengths, static_cast<Acc*>(out),
-        static_cast<T*>(a_carry), static_cast<T*>(g_carry));
-  else
-    accumulate_kernel<T, Acc, Rule::Trapezoid><<<grid, block, 0, stream>>>(
-        static_cast<const T*>(a), static_cast<const T*>(g), geo, lengths, static_cast<Acc*>(out),
-        static_cast<T*>(a_carry), static_cast<T*>(g_carry));
-}
-
-template <typename T>
-void launch_acc(DType out_dtype, Rule rule, const void* a, const void* g, const Geometry& geo,
-                const int64_t* lengths, void* out, void* a_carry, void* g_carry, cudaStream_t stream) {
-  if (out_dtype == DType::Float64)
-    launch<T, double>(rule, a, g, geo, lengths, out, a_carry, g_carry, stream);
-  else
-    launch<T, float>(rule, a, g, geo, lengths, out, a_carry, g_carry, stream);
+// FASTNIG_CUDA_SYNC=1 (read at every call): synchronise the stream after the
+// op so that an asynchronous fault is reported by the call that caused it.
+bool sync_requested() {
+  const char* v = std::getenv("FASTNIG_CUDA_SYNC");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
 }  // namespace
 
-std::string accumulate_conductance_cuda(DType dtype, DType out_dtype, Rule rule, const void* a, const void* g,
-                                        const Geometry& geo, const int64_t* lengths, void* out, void* a_carry,
-                                        void* g_carry, int device, std::uintptr_t stream_handle) {
-  if (geo.pairs == 0 || geo.tokens == 0 || geo.features == 0) return "";
+std::string accumulate_conductance_cuda(DType dtype, DType out_dtype, Rule rule, const Geometry& geo,
+                                        const Buffers& buf, void* scratch, int device,
+                                        std::uintptr_t stream_handle) {
+  if (geo.pairs == 0 || geo.tokens == 0 || geo.features == 0 || geo.steps == 0) return "";
+  DeviceGuard guard;
   cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (err != cudaSuccess) return failed("cudaSetDevice", err);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (dtype) {
-    case DType::Float32: launch_acc<float>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, stream); break;
-    case DType::Float64: launch_acc<double>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, stream); break;
-    case DType::BFloat16: launch_acc<bf16_t>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, stream); break;
-    case DType::Float16: launch_acc<fp16_t>(out_dtype, rule, a, g, geo, lengths, out, a_carry, g_carry, stream); break;
+  const Dim max{kMaxGridX, kMaxGridYZ, kMaxGridYZ};
+  std::string error;
+  dispatch(dtype, out_dtype, rule, buf.coarse_out != nullptr, [&](auto t, auto acc, auto r, auto c) {
+    using T = typename decltype(t)::type;
+    using Acc = typename decltype(acc)::type;
+    constexpr Rule R = decltype(r)::value;
+    constexpr bool Coarse = decltype(c)::value;
+    const Args<T, Acc> args = make_args<T, Acc>(geo, buf, scratch);
+    const Launch first = plan_accumulate(geo, max);
+    accumulate_kernel<T, Acc, R, Coarse><<<to_dim3(first.grid), dim3(first.threads), 0, stream>>>(args, geo);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) { error = failed("launch of the accumulate kernel", e); return; }
+    const Launch second = plan_reduce(geo, max);
+    reduce_kernel<T, Acc, Coarse><<<to_dim3(second.grid), dim3(second.threads), 0, stream>>>(args, geo);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) { error = failed("launch of the reduce kernel", e); return; }
+  });
+  if (!error.empty()) return error;
+  if (sync_requested()) {
+    err = cudaStreamSynchronize(stream);
+    if (err != cudaSuccess) return failed("cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return failed("after cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
   }
-  err = cudaGetLastError();
-  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+  return "";
 }
 
 }  // namespace fastnig
