@@ -26,6 +26,7 @@ PyTorch expression (``accumulate_conductance_ref``) on the same tensors.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -102,7 +103,10 @@ def bare_forward_backward(model, tok, tokens, steps, chunks=None):
 
 
 def run_fastnig_without_cut(model, tok, tokens, steps):
-    """``fastnig.attribute`` with the first-token cut of the last layer switched off."""
+    """``fastnig.attribute`` with the first-token cut of the last layer switched off
+    (``first_token_cut=False``; a fastnig without that switch gets its cut patched out)."""
+    if "first_token_cut" in inspect.signature(fastnig.attribute).parameters:
+        return run_fastnig(model, tok, tokens, steps, first_token_cut=False)
     original = first_token.first_token_cut
     first_token.first_token_cut = lambda model: None
     try:
@@ -190,7 +194,7 @@ def peak_memory(shape, step_batch):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench_shape(shape, repeats, captum_sample, captum_repeats):
+def bench_shape(shape, repeats, captum_sample, captum_repeats, peak=True):
     model, tok, tokens, steps = build(shape)
     names = list(linear_modules(model))
     # A sample spread evenly over depth: Captum's cost per layer depends on depth.
@@ -208,21 +212,22 @@ def bench_shape(shape, repeats, captum_sample, captum_repeats):
         if r in captum_at:  # Captum is slow: fewer repetitions, spread over the run
             times["captum"].append(_timed(lambda: captum_layers(model, tok, tokens, steps, sample))
                                    * len(names) / len(sample))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items() if v}
     n_tokens = int(encode_pairs(tok, [(QUERY, PASSAGE)], tokens, "pad", True).lengths[0])
     result = {
         "shape": shape, "layers": SHAPES[shape][0], "hidden": SHAPES[shape][1],
         "intermediate": SHAPES[shape][2], "tokens": n_tokens, "steps": steps, "linear_modules": len(names),
         "captum_layers_timed": len(sample), "path_chunks": [b - a for a, b in chunks],
         "seconds_median": med, "seconds_all": times,
-        "fastnig_vs_captum_speedup": med["captum"] / med["fastnig"],
+        "fastnig_vs_captum_speedup": med["captum"] / med["fastnig"] if times["captum"] else None,
         "fastnig_over_bare": med["fastnig"] / min(med["bare"], med["bare_chunked"]),
         "fastnig_no_cut_over_bare": med["fastnig_no_cut"] / min(med["bare"], med["bare_chunked"]),
         "fused_op": bench_op(model, tok, tokens, steps, max(repeats, 5)),
     }
     chunk = max((steps + 1) // 4, 1)
-    result["peak_rss_mib"] = {f"step_batch={steps + 1} (all at once)": peak_memory(shape, steps + 1),
-                              f"step_batch={chunk}": peak_memory(shape, chunk)}
+    if peak:
+        result["peak_rss_mib"] = {f"step_batch={steps + 1} (all at once)": peak_memory(shape, steps + 1),
+                                  f"step_batch={chunk}": peak_memory(shape, chunk)}
     return result
 
 
@@ -231,7 +236,9 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=9, help="repetitions per timing (median reported)")
     parser.add_argument("--captum-repeats", type=int, default=3,
-                        help="repetitions of the (slow) Captum timing, MiniLM shape; 1 for BERT-large")
+                        help="repetitions of the (slow) Captum timing, MiniLM shape; 1 for BERT-large "
+                             "(0 = skip Captum)")
+    parser.add_argument("--no-peak-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--captum-sample", type=int, default=0,
                         help="time Captum on this many Linear modules spread over depth and extrapolate "
                              "(0 = all of them for the MiniLM shape, 8 for BERT-large)")
@@ -242,7 +249,8 @@ def main():
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
               "results": [bench_shape(s, args.repeats if s == "minilm" else max(1, args.repeats // 3),
                                       args.captum_sample or (0 if s == "minilm" else 8),
-                                      args.captum_repeats if s == "minilm" else 1)
+                                      args.captum_repeats if s == "minilm" else min(1, args.captum_repeats),
+                                      peak=not args.no_peak_memory)
                           for s in args.shapes]}
     print(json.dumps(report, indent=2))
 

@@ -33,9 +33,10 @@ Outputs in ``--out``: ``steps_accuracy.csv`` (one row per rule x nodes x N),
 conclusions, written from the numbers) and ``steps_accuracy.json`` (settings,
 per-pair values, timings).
 
-Data: Cranfield through ir_datasets; when ``IR_DATASETS_HOME`` does not hold
-``cranfield/cran.tar.gz`` it is copied there from the shared data folder
-(``$FASTNIG_DATA`` or ``../shared/data``).  Caches (model, BM25 index,
+Data: Cranfield through ir_datasets, from the ``cran.tar.gz`` packaged with
+fastnig (placed in ``IR_DATASETS_HOME`` when it is not there); the optional
+NFCorpus pairs read its TREC-style files from ``--data`` / ``$FASTNIG_DATA``
+(``nfcorpus/test.docs``, ...).  Caches (model, BM25 index,
 ir_datasets) go to ``--cache-dir`` (default ``$FASTNIG_CACHE`` or
 ``~/.cache/fastnig``), never into the repository.
 """
@@ -46,7 +47,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -73,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="models, BM25 index, ir_datasets (default ~/.cache/fastnig)")
-    p.add_argument("--data", default=None, help="folder of the shared collections (default $FASTNIG_DATA or "
-                                               "../shared/data)")
+    p.add_argument("--data", default=None, help="folder holding nfcorpus/ for --nfcorpus-pairs "
+                                               "(default $FASTNIG_DATA)")
     p.add_argument("--replot", metavar="JSON", default=None,
                    help="only rewrite the figure, tables and conclusions from a steps_accuracy.json")
     p.add_argument("--no-agreement-filter", action="store_true",
@@ -92,31 +92,17 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- set-up
-def shared_data_dir(arg) -> Path:
-    if arg:
-        return Path(arg)
-    if os.environ.get("FASTNIG_DATA"):
-        return Path(os.environ["FASTNIG_DATA"])
-    for base in (REPO.parent, REPO.parent.parent):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    return REPO.parent / "shared" / "data"
+def data_dir(arg) -> Path:
+    """The folder holding ``nfcorpus/`` (only --nfcorpus-pairs reads it): --data, else $FASTNIG_DATA."""
+    found = arg or os.environ.get("FASTNIG_DATA")
+    return Path(found) if found else Path("FASTNIG_DATA-not-set")
 
 
-def prepare_ir_datasets(cache: Path, data: Path) -> None:
-    """Point ir_datasets at a home holding cran.tar.gz (before ir_datasets is imported)."""
+def prepare_ir_datasets(cache: Path) -> None:
+    """Point ir_datasets at a home under the cache (before ir_datasets is imported); fastnig places the
+    packaged cran.tar.gz there on first use."""
     home = Path(os.environ.get("IR_DATASETS_HOME") or cache / "ir_datasets").expanduser()
     os.environ["IR_DATASETS_HOME"] = str(home)
-    target = home / "cranfield" / "cran.tar.gz"
-    if not target.exists():
-        source = data / "cranfield" / "cran.tar.gz"
-        if not source.exists():
-            sys.exit(f"Cranfield is needed: put cran.tar.gz at {target}, or the shared data folder at {data} "
-                     "(or pass --data / set FASTNIG_DATA)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
 
 
 def select_pairs(model, tokenizer, collection, query_ids, num, seed, max_length, agree, what):
@@ -493,8 +479,11 @@ def main(argv=None):
         return replot(Path(args.replot), args)
     load_start = os.getloadavg()[0]
     cache = Path(args.cache_dir or os.environ.get("FASTNIG_CACHE") or Path.home() / ".cache" / "fastnig").expanduser()
-    data = shared_data_dir(args.data)
-    prepare_ir_datasets(cache, data)
+    data = data_dir(args.data)
+    if args.nfcorpus_pairs and not (data / "nfcorpus").is_dir():
+        sys.exit(f"--nfcorpus-pairs needs NFCorpus's TREC-style files in {data / 'nfcorpus'} "
+                 "(pass --data or set FASTNIG_DATA to the folder holding nfcorpus/)")
+    prepare_ir_datasets(cache)
     os.environ.setdefault("FASTNIG_OFFLINE", "1")
 
     import torch

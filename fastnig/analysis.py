@@ -6,13 +6,18 @@ figure(s) there:
 
 - :func:`pairwise_overlaps` — overlap % of the top-X % sets of every two
   datasets, per label, over pruning levels; in-domain/out-of-domain pairs
-  (solid) vs out-of-domain/out-of-domain pairs (grey dashed): Figures 2a–d.
+  (solid) vs out-of-domain/out-of-domain pairs (grey dashed): Figures 2a–d
+  (``figure2a_…png``: relevant, 2b: relevant without ``exclude``, 2c / 2d:
+  non-relevant).
 - :func:`intersection_summary` — ∩ over the OOD datasets (∩_O), over all
   datasets (∩_A), per label, and P_x ∩ N_x per dataset: Figure 3.
 - :func:`layer_component_counts` — members of neuron sets per layer and
-  component: Figures 4–5.
-- :func:`baseline_quality` / :func:`baseline_table` — how much of the
-  relevance signal each baseline erases: Table 1.
+  component: Figures 4a (N of the in-domain dataset) and 4b (its F).
+- :func:`layer_profile` — members per layer of several sets (the pruned
+  sets of Table 4): Figure 5.
+- :func:`table1_pairs` / :func:`baseline_differences` / :func:`baseline_table`
+  — Table 1: mean P(rel) − P(non-rel) over relevant pairs the model judges
+  relevant, at the input and at each baseline.
 - :func:`scheme_summary` — pairs, dropped pairs, convergence delta per scheme.
 - :func:`analyze` — all of the above from a list of schemes (what
   ``fastnig analyze`` runs).
@@ -34,14 +39,19 @@ from itertools import combinations
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import warnings
+
 import torch
 
 from .attribution import BASELINES, baseline_embeddings, encode_pairs
 from .common import check_int
 from .cross_encoder import (accepts_token_type_ids, frozen_eval, input_embeddings, relevance_probability,
                             resolve_max_length, unwrap, validate_pairs)
+from .data import filter_agreeing, sample_pairs
 from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection, short_name
 from .schemes import LABELS, RANK_BY, Scheme, fuse, fuse_all
+from .stability import stability_estimates
+from .set_expressions import ExpressionError, evaluate
 
 DEFAULT_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Pruning levels (% of all neurons) of the overlap curves; the paper's 0.01, 0.1 and 1 among them."""
@@ -119,6 +129,19 @@ def _suffix(exclude: Sequence[str]) -> str:
     return "" if not exclude else "_without_" + "-".join(_slug(x) for x in exclude)
 
 
+def figure2_name(label: str, exclude: Sequence[str] = ()) -> str:
+    """File name of a pairwise-overlap figure, numbered as the paper's Figure 2 (a/b relevant, c/d non-relevant;
+    b and d without ``exclude``)."""
+    letter = {("relevant", False): "a", ("relevant", True): "b", ("non-relevant", False): "c",
+              ("non-relevant", True): "d"}[(label, bool(exclude))]
+    return f"figure2{letter}_pairwise_overlap_{label}{_suffix(exclude)}.png"
+
+
+def figure3_name(exclude: Sequence[str] = ()) -> str:
+    """File name of the intersection summary (the paper's Figure 3; one file per ``exclude`` variant)."""
+    return f"figure3_intersections{_suffix(exclude)}.png"
+
+
 def _slug(text: str) -> str:
     text = text.replace("%", "pct").replace("@", "_at_").replace("⊕", "+").replace("∩", "cap").replace("|", "abs")
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "set"
@@ -176,9 +199,10 @@ def pairwise_overlaps(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = N
     Args:
         schemes: P_x / N_x schemes (see :func:`index_schemes`).
         out_dir: where to write ``pairwise_overlap<suffix>.csv`` and one
-            ``pairwise_overlap_<label><suffix>.png`` per label; ``None`` =
-            only compute.  ``<suffix>`` is ``_without_<x>-<y>`` when
-            ``exclude`` is given (the paper's Figures 2b/2d).
+            figure per label (:func:`figure2_name`: ``figure2a_…`` relevant,
+            ``figure2c_…`` non-relevant; ``figure2b`` / ``figure2d`` with
+            ``exclude``); ``None`` = only compute.  ``<suffix>`` is
+            ``_without_<x>-<y>`` when ``exclude`` is given.
         levels: pruning levels, % of all neurons of the model.
         in_domain: the in-domain dataset (name or abbreviation).
         exclude: datasets left out (names or abbreviations).
@@ -212,8 +236,7 @@ def pairwise_overlaps(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = N
         for label in LABELS:
             label_rows = [r for r in rows if r["label"] == label]
             if label_rows:
-                _plot_pairwise(label_rows, label, levels, exclude,
-                               out_dir / f"pairwise_overlap_{label}{suffix}.png")
+                _plot_pairwise(label_rows, label, levels, exclude, out_dir / figure2_name(label, exclude))
     return rows
 
 
@@ -237,7 +260,7 @@ def _plot_pairwise(rows: Rows, label: str, levels: Sequence[float], exclude: Seq
     ax.set_ylim(0, 100)
     ax.set_ylabel("overlap (% of a set)")
     symbol = LABEL_SYMBOL[label]
-    title = f"{label.capitalize()} neurons: {symbol}_x ∩ {symbol}_y"
+    title = f"Figure {path.name[6:8]} — {label} neurons: {symbol}_x ∩ {symbol}_y"
     if exclude:
         title += f" (without {', '.join(exclude)})"
     ax.set_title(title)
@@ -260,7 +283,7 @@ def intersection_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] 
         dataset too (only when there is one); ``P_cap_N``: P_x ∩ N_x for each
         dataset with both labels (``label`` = ``"both"``).
     ``percent`` = |∩| / |one set| · 100.  Files: ``intersections<suffix>.csv``
-    and ``.png`` (arguments as in :func:`pairwise_overlaps`).
+    and ``figure3_intersections<suffix>.png`` (arguments as in :func:`pairwise_overlaps`).
     """
     levels = _check_levels(levels)
     index = index_schemes(schemes, in_domain)
@@ -295,7 +318,7 @@ def intersection_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] 
         suffix = _suffix(exclude)
         write_csv(rows, out_dir / f"intersections{suffix}.csv", INTERSECTION_COLUMNS)
         if rows:
-            _plot_intersections(rows, levels, exclude, out_dir / f"intersections{suffix}.png")
+            _plot_intersections(rows, levels, exclude, out_dir / figure3_name(exclude))
     return rows
 
 
@@ -318,7 +341,7 @@ def _plot_intersections(rows: Rows, levels: Sequence[float], exclude: Sequence[s
     _level_axis(ax, levels)
     ax.set_ylim(0, 100)
     ax.set_ylabel("neurons in the intersection (% of a set)")
-    title = "Intersections of attribution schemes"
+    title = "Figure 3 — intersections of attribution schemes"
     if exclude:
         title += f" (without {', '.join(exclude)})"
     ax.set_title(title)
@@ -330,12 +353,21 @@ def _plot_intersections(rows: Rows, levels: Sequence[float], exclude: Sequence[s
 LAYER_COLUMNS = ("set", "layer", "component", "count")
 
 
-def layer_component_counts(neuron_sets: Union[NeuronSet, Sequence[NeuronSet]],
-                           out_dir: Optional[PathLike] = None) -> Rows:
-    """Members of each set per (layer, component), zeros included (Figures 4–5).
+def figure4_name(set_name: str, in_domain: str = "ms") -> str:
+    """File name of a per-layer-and-component chart: the paper's Figure 4a for N_<in-domain>, 4b for
+    F_<in-domain> (``figure4a_layers_N_ms_at_1pct.png``); other sets ``layers_<set>.png`` (not in the paper)."""
+    base = set_name.split("@")[0]
+    number = {f"N_{in_domain}": "figure4a_", f"F_{in_domain}": "figure4b_"}.get(base, "") if in_domain else ""
+    return f"{number}layers_{_slug(set_name)}.png"
 
-    Files: ``layers_components.csv`` (all sets) and one stacked bar chart
-    ``layers_<set name>.png`` per set.  ``layer`` -1 = outside the layer stack.
+
+def layer_component_counts(neuron_sets: Union[NeuronSet, Sequence[NeuronSet]],
+                           out_dir: Optional[PathLike] = None, *, in_domain: str = "ms") -> Rows:
+    """Members of each set per (layer, component), zeros included (Figures 4a/4b).
+
+    Files: ``layers_components.csv`` (all sets) and one stacked bar chart per
+    set, named by :func:`figure4_name` (Figure 4a = N of ``in_domain``, 4b =
+    its F).  ``layer`` -1 = outside the layer stack.
     """
     if isinstance(neuron_sets, NeuronSet):
         neuron_sets = [neuron_sets]
@@ -349,7 +381,7 @@ def layer_component_counts(neuron_sets: Union[NeuronSet, Sequence[NeuronSet]],
         out_dir = Path(out_dir)
         write_csv(rows, out_dir / "layers_components.csv", LAYER_COLUMNS)
         for s in neuron_sets:
-            _plot_layers(s, out_dir / f"layers_{_slug(s.name)}.png")
+            _plot_layers(s, out_dir / figure4_name(s.name, in_domain))
     return rows
 
 
@@ -372,12 +404,101 @@ def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{neuron_set.name}: {len(neuron_set)} neurons per layer and component")
+    figure = {"figure4a": "Figure 4a — ", "figure4b": "Figure 4b — "}.get(path.name[:8], "")
+    ax.set_title(f"{figure}{neuron_set.name}: {len(neuron_set)} neurons per layer and component")
     ax.legend(fontsize="small")
     return _save_figure(fig, path)
 
 
+FIGURE5 = "figure5_layers.png"
+PROFILE_COLUMNS = ("set", "expression", "layer", "count")
+
+
+def layer_profile(neuron_sets: Mapping[str, NeuronSet], out_dir: Optional[PathLike] = None) -> Rows:
+    """Members of each set per layer, zeros included (the paper's Figure 5: important neurons per layer at 1 %).
+
+    Args:
+        neuron_sets: ``expression -> NeuronSet`` (e.g. the pruned sets of Table 4 at 1 %).
+        out_dir: where to write ``layer_profile.csv`` and ``figure5_layers.png``
+            (one line per set; ``None`` = only compute).
+
+    Returns:
+        rows with :data:`PROFILE_COLUMNS` (``layer`` -1 = outside the layer stack).
+    """
+    rows: Rows = []
+    for expression, s in neuron_sets.items():
+        if not isinstance(s, NeuronSet):
+            raise TypeError(f"neuron_sets: expected NeuronSet values, got {type(s).__name__}")
+        per_layer: Dict[int, int] = {}
+        for (layer, _comp), count in s.counts_by_layer_component().items():
+            per_layer[layer] = per_layer.get(layer, 0) + count
+        for layer in sorted(per_layer):
+            rows.append({"set": s.name, "expression": expression, "layer": layer, "count": per_layer[layer]})
+    if out_dir is not None and rows:
+        out_dir = Path(out_dir)
+        write_csv(rows, out_dir / "layer_profile.csv", PROFILE_COLUMNS)
+        fig = _figure(8, 4.5)
+        ax = fig.add_subplot(1, 1, 1)
+        for expression in neuron_sets:
+            points = [(r["layer"], r["count"]) for r in rows if r["expression"] == expression and r["layer"] >= 0]
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o", markersize=3, linewidth=1.3, label=expression)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("neurons in the set")
+        percent = next(iter(neuron_sets.values())).name.split("@")[-1] if neuron_sets else ""
+        ax.set_title(f"Figure 5 — important neurons per layer ({percent})")
+        ax.legend(fontsize="small", ncol=2)
+        _save_figure(fig, out_dir / FIGURE5)
+    return rows
+
+
 # ------------------------------------------------------------------- Table 1
+MAX_DRAW = 16
+"""Table 1 draws at most this many times the pairs it needs before giving up on more agreeing ones."""
+
+
+def table1_pairs(model, tokenizer, collection, num_pairs: int, *, seed: int = 0, relevant=None, nonrelevant=None,
+                 relevance_threshold: int = 1, max_length: Optional[int] = None, batch_size: int = 32):
+    """The pairs of Table 1: the first ``num_pairs`` relevant pairs (in sampling order) the model judges relevant.
+
+    The paper averages over "1000 inputs from the MSMARCO dataset" whose
+    original difference is 1, i.e. relevant pairs the model gets right (the
+    agreement filter of docs/method.md §6.1, P(relevant) > 0.5).  Relevant
+    pairs are drawn as for P_x (:func:`fastnig.data.sample_pairs`, same seed
+    and label mapping), ``num_pairs`` at first and twice as many each round
+    until ``num_pairs`` agree, the dataset has no more, or
+    :data:`MAX_DRAW` x ``num_pairs`` were drawn (a model that gets most pairs
+    wrong does not scan a whole collection).
+
+    Returns:
+        ``(pairs, info)``: the agreeing :class:`fastnig.data.LabelledPair`
+        objects and ``{"dataset", "drawn", "agreeing", "requested"}``.
+    """
+    check_int("num_pairs", num_pairs, 1)
+    max_draw = MAX_DRAW * num_pairs
+    size, drawn, kept = num_pairs, [], []
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "only n relevant pairs": reported below instead
+            pairs = sample_pairs(collection, label=1, num_pairs=size, seed=seed, relevant=relevant,
+                                 nonrelevant=nonrelevant, relevance_threshold=relevance_threshold)
+        new = pairs[len(drawn):]
+        drawn = pairs
+        if new:
+            agreeing, _ = filter_agreeing(model, tokenizer, new, max_length=max_length, batch_size=batch_size,
+                                          progress=False)
+            kept += agreeing
+        if len(kept) >= num_pairs or len(pairs) < size or size >= max_draw:
+            break
+        size = min(2 * size, max_draw)
+    kept = kept[:num_pairs]
+    if len(kept) < num_pairs:
+        warnings.warn(f"Table 1: only {len(kept)} of {len(drawn)} relevant pairs of {collection.name} are judged "
+                      f"relevant by the model ({num_pairs} asked)", stacklevel=2)
+    return kept, {"dataset": collection.name, "drawn": len(drawn), "agreeing": len(kept), "requested": num_pairs}
+
+
 def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
                          *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
     """Mean over pairs of P(relevant) − P(non-relevant), at the input and at each baseline.
@@ -447,26 +568,38 @@ def baseline_quality(model, tokenizer, pairs, baselines: Sequence[str] = ("pad",
     return {name: d / diffs["original"] for name, d in diffs.items()}
 
 
-BASELINE_COLUMNS = ("baseline", "mean_difference", "quality")
+BASELINE_COLUMNS = ("baseline", "mean_difference", "original_difference", "quality", "pairs", "dataset")
+TABLE1_FIGURE = "table1_baselines.png"
 
 
-def baseline_table(differences: Mapping[str, float], out_dir: Optional[PathLike] = None) -> Rows:
-    """Table 1 from :func:`baseline_differences`: ``baselines.csv`` and a bar chart ``baselines.png``."""
+def baseline_table(differences: Mapping[str, float], out_dir: Optional[PathLike] = None, *,
+                   pairs: Optional[int] = None, dataset: str = "") -> Rows:
+    """Table 1 from :func:`baseline_differences`: ``baselines.csv`` and a bar chart ``table1_baselines.png``.
+
+    One row per input (``original``) and baseline: ``mean_difference`` =
+    mean P(rel) − P(non-rel) there (the paper's column), ``original_difference``
+    = the same at the original input (beside each row), ``quality`` = their
+    ratio; ``pairs`` / ``dataset`` say what it was averaged over.
+    """
     if "original" not in differences:
         raise ValueError("differences must contain 'original' (use baseline_differences)")
-    base = differences["original"]
-    rows = [{"baseline": name, "mean_difference": float(d), "quality": float(d) / base if base else float("nan")}
-            for name, d in differences.items()]
+    base = float(differences["original"])
+    rows = [{"baseline": name, "mean_difference": float(d), "original_difference": base,
+             "quality": float(d) / base if base else float("nan"), "pairs": "" if pairs is None else int(pairs),
+             "dataset": dataset} for name, d in differences.items()]
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_csv(rows, out_dir / "baselines.csv", BASELINE_COLUMNS)
         fig = _figure(6, 4)
         ax = fig.add_subplot(1, 1, 1)
-        ax.bar([r["baseline"] for r in rows], [r["quality"] for r in rows], color="tab:blue")
+        ax.bar([r["baseline"] for r in rows], [r["mean_difference"] for r in rows], color="tab:blue")
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_ylabel("mean P(rel) − P(non-rel), relative to the input")
-        ax.set_title("Baseline quality (closer to 0 = relevance signal erased)")
-        _save_figure(fig, out_dir / "baselines.png")
+        ax.axhline(base, color="tab:red", linewidth=0.8, linestyle="--", label=f"original input ({base:.2f})")
+        ax.set_ylabel("mean P(rel) − P(non-rel)")
+        over = f" over {pairs} agreeing relevant pairs" if pairs else ""
+        ax.set_title(f"Table 1 — baselines{over} (closer to 0 = signal erased)", fontsize="medium")
+        ax.legend(fontsize="small")
+        _save_figure(fig, out_dir / TABLE1_FIGURE)
     return rows
 
 
@@ -475,18 +608,38 @@ SUMMARY_COLUMNS = ("name", "dataset", "label", "model", "pairs", "dropped", "mea
                    "median_relative_delta", "baseline", "steps", "rule", "output", "max_length", "dtype")
 
 
-def scheme_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = None) -> Rows:
+STOPPING_COLUMNS = ("pairs_sampled", "stop_reason")
+"""How many pairs were sampled and why attribution stopped (``extra["stopping"]``; empty for older schemes)."""
+
+
+def stability_column(level: float) -> str:
+    """``schemes.csv`` column of the stability estimate at ``level`` %: ``"stability@1%"``."""
+    return f"stability@{float(level):g}%"
+
+
+def scheme_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = None, *,
+                   levels: Sequence[float] = DEFAULT_LEVELS, by: str = "value") -> Rows:
     """One row per scheme: pairs summed, pairs dropped by the agreement filter,
-    convergence delta and settings; file ``schemes.csv``."""
+    convergence delta, settings, pairs sampled and why attribution stopped,
+    and per level the stability estimate of its top-X % set
+    (:func:`fastnig.stability.stability`: the fraction expected to stay if the
+    pairs were doubled; NaN = not available, e.g. a scheme saved before
+    schemes kept halves); file ``schemes.csv``."""
+    levels = _check_levels(levels)
     rows: Rows = []
     for s in schemes:
         delta = s.delta_summary()
+        stopping = s.extra.get("stopping") or {}
+        estimates = stability_estimates(s, levels, by=by)
         rows.append({"name": s.name, "dataset": s.dataset, "label": s.label, "model": s.model, "pairs": s.count,
                      "dropped": s.num_dropped, "mean_abs_delta": delta["mean_abs_delta"],
                      "max_abs_delta": delta["max_abs_delta"], "median_relative_delta": delta["median_relative_delta"],
-                     **{k: s.settings.get(k) for k in ("baseline", "steps", "rule", "output", "max_length", "dtype")}})
+                     **{k: s.settings.get(k) for k in ("baseline", "steps", "rule", "output", "max_length", "dtype")},
+                     "pairs_sampled": stopping.get("pairs_sampled", ""), "stop_reason": stopping.get("reason", ""),
+                     **{stability_column(level): estimates[level] for level in levels}})
     if out_dir is not None:
-        write_csv(rows, Path(out_dir) / "schemes.csv", SUMMARY_COLUMNS)
+        write_csv(rows, Path(out_dir) / "schemes.csv",
+                  SUMMARY_COLUMNS + STOPPING_COLUMNS + tuple(stability_column(x) for x in levels))
     return rows
 
 
@@ -505,23 +658,44 @@ def standard_sets(schemes: Iterable[Scheme], percent: float = 1.0, *, in_domain:
     return sets
 
 
+def profile_sets(schemes: Iterable[Scheme], expressions: Optional[Sequence[str]] = None, percent: float = 1.0, *,
+                 in_domain: str = "ms", by: str = "value") -> Dict[str, NeuronSet]:
+    """``expression -> NeuronSet`` at ``percent`` for Figure 5.
+
+    ``expressions`` = set expressions (:mod:`fastnig.set_expressions`; the
+    run's pruned sets); default: P, N and F of ``in_domain`` and F_A.  Those
+    the schemes cannot build (e.g. no N of the dataset) are left out.
+    """
+    index = index_schemes(schemes, in_domain)
+    exprs = list(expressions) if expressions else [f"P_{in_domain}", f"N_{in_domain}", f"F_{in_domain}", "F_A"]
+    out: Dict[str, NeuronSet] = {}
+    for expr in exprs:
+        try:
+            out[expr] = evaluate(expr, index, percent, in_domain=[in_domain], by=by, name=f"{expr}@{percent:g}%")
+        except (ExpressionError, KeyError):
+            continue
+    return out
+
+
 def analyze(schemes: Iterable[Scheme], out_dir: PathLike, *, levels: Sequence[float] = DEFAULT_LEVELS,
             in_domain: str = "ms", exclude: Sequence[str] = (), by: str = "value",
-            layer_percent: float = 1.0) -> Dict[str, Rows]:
+            layer_percent: float = 1.0, profile: Optional[Sequence[str]] = None) -> Dict[str, Rows]:
     """Every scheme analysis into ``out_dir``; returns ``{table name: rows}``.
 
-    Writes ``schemes.csv``; ``pairwise_overlap.csv`` + per-label PNGs and
-    ``intersections.csv/.png`` over all datasets, and again with the
-    ``_without_<...>`` suffix when ``exclude`` is given; and
-    ``layers_components.csv`` + one PNG per set of :func:`standard_sets` at
-    ``layer_percent``.
+    Writes ``schemes.csv``; ``pairwise_overlap.csv`` + Figures 2a/2c and
+    ``intersections.csv`` + Figure 3 over all datasets, and again with the
+    ``_without_<...>`` suffix (Figures 2b/2d, Figure 3 without) when
+    ``exclude`` is given; ``layers_components.csv`` + one chart per set of
+    :func:`standard_sets` at ``layer_percent`` (Figures 4a/4b for N and F of
+    ``in_domain``); and ``layer_profile.csv`` + Figure 5 for the sets
+    ``profile`` (set expressions, default :func:`profile_sets`'s).
     """
     schemes = list(schemes)
     index = index_schemes(schemes, in_domain)
     merged = list(index.values())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables: Dict[str, Rows] = {"schemes": scheme_summary(merged, out_dir)}
+    tables: Dict[str, Rows] = {"schemes": scheme_summary(merged, out_dir, levels=levels, by=by)}
     variants = [()] + ([tuple(exclude)] if exclude else [])
     for ex in variants:
         suffix = _suffix(ex)
@@ -530,5 +704,7 @@ def analyze(schemes: Iterable[Scheme], out_dir: PathLike, *, levels: Sequence[fl
         tables[f"intersections{suffix}"] = intersection_summary(merged, out_dir, levels=levels,
                                                                 in_domain=in_domain, exclude=ex, by=by)
     tables["layers_components"] = layer_component_counts(
-        standard_sets(merged, layer_percent, in_domain=in_domain, by=by), out_dir)
+        standard_sets(merged, layer_percent, in_domain=in_domain, by=by), out_dir, in_domain=in_domain)
+    tables["layer_profile"] = layer_profile(
+        profile_sets(merged, profile, layer_percent, in_domain=in_domain, by=by), out_dir)
     return tables

@@ -15,10 +15,17 @@ the pair's real tokens into a per-pair accumulator (docs/method.md §5).  Where 
 classification head reads only the first token, the last layer runs past
 self-attention (and, for the BERT family, its queries) on that token alone
 (:func:`first_token_only`): exact, and ~14 % less matrix work on a 6-layer model.
+A chunk of path points that runs out of memory is undone and redone in halves
+(:func:`_attribute_batch`); ``step_batch="auto"`` sizes chunks by a memory
+model of everything a chunk holds (:func:`chunk_memory`).
 """
 from __future__ import annotations
 
+import gc
+import logging
 import math
+import re
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -29,9 +36,10 @@ from tqdm.auto import tqdm
 
 from .common import check_int, check_number
 from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, check_model, frozen_eval,
-                            input_embeddings, load_tokenizer, move_model, resolve_max_length, target_function,
-                            tokenize_pair, unwrap, validate_pairs)
-from .first_token import first_token_only
+                            input_embeddings, load_tokenizer, move_model, resolve_max_length, single_device,
+                            target_function, tokenize_pair, unwrap, validate_pairs)
+from .first_token import (_last_layer_before_first_token_head, cut_enabled_by_environment, first_token_cut as cut_of,
+                          first_token_only, query_cut_module)
 from .kernels import RULES, Carry, accumulate_conductance
 
 BASELINES = ("pad", "pad-query", "zero", "zero-query")
@@ -242,13 +250,18 @@ def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str,
 ENGINE_CPU_KERNEL_THREADS = 1
 
 class _HookState:
-    """Per-batch bookkeeping shared by the forward and gradient hooks."""
+    """Per-chunk bookkeeping shared by the forward and gradient hooks.
+
+    ``out[name]``: ``[P, features]`` accumulators, ``carries[name]``: the
+    previous chunk's last point; both live on the module's device.
+    """
 
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
                  out: Dict[str, torch.Tensor], carries: Dict[str, Carry]):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
-        # real tokens per pair for outputs of T tokens (T = 1 past the first-token cut)
-        self.lengths_for: Dict[int, torch.Tensor] = {}
+        # real tokens per pair for outputs of T tokens on a device (T = 1 past the first-token cut
+        # and for [batch, features] outputs such as the pooler's)
+        self.lengths_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self.out, self.carries = out, carries
         self.activations: Dict[str, torch.Tensor] = {}
 
@@ -257,23 +270,31 @@ class _HookState:
             return
         if name in self.activations:
             raise RuntimeError(f"module {name} ran twice in one forward pass; fastnig attributes each Linear once")
+        if output.dim() not in (2, 3):
+            raise ValueError(f"layer {name}: expected a [batch, tokens, features] or [batch, features] output, "
+                             f"got {tuple(output.shape)}")
         self.activations[name] = output
         output.register_hook(lambda grad, name=name: self.on_grad(name, grad))
 
     def on_grad(self, name: str, grad: torch.Tensor) -> None:
         a = self.activations.pop(name)
+        if a.dim() == 2:  # [batch, features] (a pooler): one "token" per pair
+            a, grad = a.unsqueeze(1), grad.unsqueeze(1)
         a4 = a.unflatten(0, (self.pairs, self.steps))
         g4 = grad.unflatten(0, (self.pairs, self.steps))
-        if a4.dim() != 4:
-            raise ValueError(f"layer {name}: expected a [batch, tokens, features] output, got {tuple(a.shape)}")
         carry = self.carries.get(name)
         if carry is None:
             carry = self.carries[name] = Carry.like(a4)
         tokens = a4.shape[2]
-        lengths = self.lengths_for.get(tokens)
+        key = (tokens, a4.device)
+        lengths = self.lengths_for.get(key)
         if lengths is None:
-            lengths = self.lengths_for[tokens] = self.lengths.clamp(max=tokens)
+            lengths = self.lengths_for[key] = self.lengths.to(a4.device).clamp(max=tokens)
         accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS)
+
+    def clear(self) -> None:
+        """Drop the activations of a failed pass (each holds a hook that refers back to this state)."""
+        self.activations.clear()
 
 
 # On CPU, forwards of about this many token rows (path points × pairs × tokens)
@@ -283,28 +304,152 @@ class _HookState:
 CPU_ROWS_PER_FORWARD = 2048
 
 
-def auto_step_batch(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
-                    device: torch.device, dtype: Optional[torch.dtype] = None, fraction: float = 0.5) -> int:
-    """Path points per pair in one forward: what ``fraction`` of the free memory holds,
-    and on CPU at most :data:`CPU_ROWS_PER_FORWARD` token rows.
+@dataclass
+class ChunkMemory:
+    """Predicted memory of one path chunk of :func:`attribute` (bytes), by part.
 
-    Memory estimate per point and token: every attributed Linear output kept
-    for its gradient hook plus about as much again for autograd's saved
-    tensors and the gradients in flight (4 × the Linear outputs), plus the
-    attention probabilities (heads × tokens per layer, twice), in the compute
-    dtype.
+    ``per_point``: what one more path point per forward adds (all pairs of
+    the batch); ``fixed``: what the batch holds whatever the chunk size.
     """
+
+    per_point: Dict[str, int]
+    fixed: Dict[str, int]
+
+    def total(self, points: int) -> int:
+        """Predicted peak of a chunk of ``points`` path points, bytes."""
+        return sum(self.fixed.values()) + points * sum(self.per_point.values())
+
+
+def _encoder_shape(model: nn.Module) -> Tuple[int, int, int, int]:
+    """(hidden, intermediate, heads, layers) from the config (BERT and DistilBERT names), 0 when unknown."""
+    config = getattr(model, "config", None)
+
+    def first(*names):
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return 0
+    return (first("hidden_size", "dim", "d_model"), first("intermediate_size", "hidden_dim", "ffn_dim"),
+            first("num_attention_heads", "n_heads"), first("num_hidden_layers", "n_layers"))
+
+
+def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
+                 dtype: Optional[torch.dtype] = None, first_token_cut: bool = True) -> ChunkMemory:
+    """The memory model of a path chunk: what one forward + backward of ``points`` path
+    points of ``pairs`` pairs of ``tokens`` tokens holds at its peak (the start of backward).
+
+    Per point and token row (c = bytes of the compute dtype, f = bytes of the
+    parts autocast keeps in float32, or of the parameters' dtype without autocast):
+
+    * every Linear output of the encoder and every attributed module: kept for
+      the gradient hooks (q, k, v and the intermediate ones by autograd too), c each;
+    * per layer, the two residual sums autograd keeps for the LayerNorms, f each,
+      and the attention: SDPA keeps its output (c) and log-sum-exp (heads, fp32),
+      eager attention its probabilities (heads × tokens, c);
+    * the path itself, its gradient and the embedding LayerNorm's input (f),
+      the attention mask (tokens × f for eager attention, tokens bytes for SDPA);
+    * the transient peak of backward: about two intermediate-wide gradients
+      and one attention-wide (three for eager attention's probabilities), c.
+
+    Past the first-token cut (``first_token_cut``) the last layer's rows are
+    one per path point instead of ``tokens``; a ``[batch, features]`` output
+    (the pooler) has one row.  Fixed: the carries (two points of every
+    attributed output, c), the input's carry, input and baseline embeddings
+    and their difference (f); under autocast, every Linear's weight cast to c.
+    Calibrated on CPU against the allocator's peak (tests/test_engine_robustness.py):
+    within 10 % on the MiniLM shape, SDPA or eager, float32 or bfloat16.
+    """
+    parameter = next(model.parameters(), None)
+    param_dtype = parameter.dtype if parameter is not None else torch.float32
+    compute = dtype or param_dtype
+    c = torch.finfo(compute).bits // 8
+    autocast = dtype is not None and dtype != param_dtype
+    f = max(4, torch.finfo(param_dtype).bits // 8) if autocast else c
+    hidden, intermediate, heads, layers = _encoder_shape(model)
+    embedding = input_embeddings(model).weight.shape[1]
+    eager = getattr(getattr(model, "config", None), "_attn_implementation", "eager") == "eager"
+
+    # rows per path point (all pairs) of each Linear: tokens, or 1 past the cut and for 2-D outputs
+    cut = cut_of(model) if first_token_cut else None
+    last_layer_rows_cut = cut is not None
+    past_cut = set()
+    if cut is not None:
+        named = list(model.named_modules())
+        cut_name = next(n for n, m in named if m is cut)
+        last_layer = _last_layer_before_first_token_head(model)
+        layer_name = next(n for n, m in named if m is last_layer)
+        after = False
+        for name, m in named:
+            if name == cut_name:
+                after = True
+            if after and isinstance(m, nn.Linear) and name.startswith(layer_name + "."):
+                past_cut.add(name)
+        query = query_cut_module(model)
+        if query is not None:
+            past_cut.update(n for n, m in named if m is getattr(query, "query", None))
+
+    # one row per pair: past the cut, the pooler, and the head's Linears (they read the first token)
+    base_ids = {id(m) for m in getattr(model, "base_model", model).modules()}
+    single = past_cut | {n for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear) and ("pooler" in n.split(".") or id(m) not in base_ids)}
+
+    def rows(name: str) -> int:
+        return pairs if name in single else pairs * tokens
+
+    kept = dict(linear_modules(model))
+    kept.update(modules)
+    per_point: Dict[str, int] = {}
+    per_point["linear outputs"] = sum(m.out_features * rows(n) * c for n, m in kept.items())
+    full, last = pairs * tokens, (pairs if last_layer_rows_cut else pairs * tokens)
+    layer_rows = full * max(layers - 1, 0) + (last if layers else 0)
+    per_point["layer norm inputs"] = 2 * hidden * f * layer_rows
+    if eager:
+        attention_row = heads * tokens * c
+    else:
+        attention_row = hidden * c + heads * 4
+    per_point["attention"] = attention_row * full * max(layers - 1, 0) + (
+        attention_row * (pairs if query_cut_active(model, first_token_cut) else full) if layers else 0)
+    per_point["path and embeddings"] = full * (2 * embedding * f + hidden * f)
+    per_point["attention mask"] = full * tokens * (f if eager else 1)
+    per_point["backward transients"] = full * c * (2 * intermediate + (3 * heads * tokens if eager else hidden))
+
+    carry_rows = {n: (1 if n in single else tokens) for n in modules}
+    fixed = {
+        "carries": sum(2 * pairs * carry_rows[n] * m.out_features * c for n, m in modules.items()),
+        "input carry and embeddings": pairs * tokens * embedding * f * 5,
+    }
+    if autocast:  # each Linear's weight cast to the compute dtype, kept for its input gradient
+        fixed["weights cast by autocast"] = sum(m.weight.numel() * c for m in model.modules()
+                                                if isinstance(m, nn.Linear))
+    return ChunkMemory(per_point, fixed)
+
+
+def query_cut_active(model: nn.Module, first_token_cut: bool = True) -> bool:
+    """Whether :func:`attribute` runs the last layer's queries on the first token only."""
+    return bool(first_token_cut) and cut_enabled_by_environment() and query_cut_module(model) is not None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a chunk may still take on ``device``: on CUDA the driver's free memory plus
+    what PyTorch's caching allocator holds unused (``memory_reserved - memory_allocated``);
+    on the host ``MemAvailable`` of ``/proc/meminfo``."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = _available_host_memory()
-    size = torch.finfo(dtype or next(model.parameters()).dtype).bits // 8
-    width = sum(m.out_features for m in modules.values())
-    config = getattr(model, "config", None)
-    heads = getattr(config, "num_attention_heads", getattr(config, "n_heads", 0)) or 0
-    layers = getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)) or 0
-    per_point = tokens * pairs * size * (4 * width + 2 * heads * layers * tokens)
-    points = int(free * fraction // max(per_point, 1))
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return _available_host_memory()
+
+
+def auto_step_batch(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
+                    device: torch.device, dtype: Optional[torch.dtype] = None, fraction: float = 0.5,
+                    first_token_cut: bool = True) -> int:
+    """Path points per pair in one forward: as many as ``fraction`` of the free memory
+    (:func:`free_memory`) holds by the memory model (:func:`chunk_memory`), and on CPU
+    at most :data:`CPU_ROWS_PER_FORWARD` token rows.  At least 1."""
+    device = torch.device(device)
+    estimate = chunk_memory(model, modules, tokens, pairs, dtype, first_token_cut)
+    budget = free_memory(device) * fraction - sum(estimate.fixed.values())
+    points = int(budget // max(sum(estimate.per_point.values()), 1))
     if device.type == "cpu":
         points = min(points, CPU_ROWS_PER_FORWARD // max(tokens * pairs, 1))
     return max(1, points)
@@ -364,7 +509,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
               step_batch: Optional[int] = None, pair_batch: int = 1, max_length: Optional[int] = None,
               output: str = "probability", nodes: str = "uniform", tolerance: float = 0.01,
               max_steps: int = 256, device: Union[str, torch.device, None] = None,
-              dtype: Optional[torch.dtype] = None, progress: bool = True) -> Attributions:
+              dtype: Optional[torch.dtype] = None, progress: bool = True,
+              first_token_cut: bool = True) -> Attributions:
     """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
 
     One batched forward + backward over the path points gives every layer's
@@ -386,12 +532,15 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         rule: ``"trapezoid"`` (default) or ``"left"`` (= Captum LayerConductance,
             ``riemann_trapezoid``).
         layers: Linear module names to attribute; ``None`` = every encoder Linear.
+            A Linear with ``[batch, features]`` outputs (the pooler) counts as one token per pair.
         include_pooler: with ``layers=None``, also attribute the pooler.
         step_batch: path points per pair in one forward (bounds memory; the
             result does not depend on it beyond float rounding); ``None`` or
             ``"auto"`` (default) = as many as half the free memory holds, on
             CPU at most ~2048 token rows, which is faster (:func:`auto_step_batch`);
             an integer = at most that many (``steps + 1`` = all at once).
+            A chunk that runs out of memory (CUDA or host) is undone and redone
+            with half as many points, and later chunks use at most that (one warning).
         pair_batch: pairs sharing one forward (padded to the longest).
         max_length: tokens of the pair encoding; ``None`` = the tokenizer's
             ``model_max_length`` (a CrossEncoder's ``max_length``), else 512; never
@@ -399,11 +548,17 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         output: ``"probability"`` (default) or ``"logit"``: what F is (SPEC §2).
         nodes: ``"uniform"`` (default) or ``"chebyshev"`` path positions (:func:`path_nodes`).
         tolerance, max_steps: the stopping rule of ``steps="auto"``.
-        device: where to compute; ``None`` = the model's device (the model is
-            moved there otherwise).
+        device: where to compute; ``None`` (default) = where the model is, which
+            is not changed; a device = the model is moved there (a warning says so;
+            it stays there).  A model spread over several devices (``device_map``)
+            or with weights on ``meta`` is refused before any work.
         dtype: compute dtype under autocast (e.g. ``torch.bfloat16``); the
             accumulation stays float32.
         progress: show a progress bar over pairs.
+        first_token_cut: run the last layer past self-attention on the first
+            token only where the head reads just that token (exact, faster;
+            :func:`fastnig.first_token.first_token_only`); ``False`` = run the whole
+            model (also: environment variable ``FASTNIG_FIRST_TOKEN_CUT=0``).
 
     Returns:
         :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``.
@@ -412,14 +567,18 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
                     max_steps)
     targets = normalize_targets(target, len(pairs))
+    if not isinstance(first_token_cut, bool):
+        raise TypeError(f"first_token_cut must be True or False, got {first_token_cut!r}")
     model, tokenizer = unwrap(model, tokenizer)
     embeddings = input_embeddings(check_model(model))
     modules = linear_modules(model, layers, include_pooler)
+    if device is None:
+        single_device(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(model)
     max_length = resolve_max_length(model, tokenizer, max_length)
     move_model(model, device)
-    device = embeddings.weight.device
+    device = single_device(model)
     accepts_types = accepts_token_type_ids(model, tokenizer)
 
     levels = auto_step_levels(max_steps) if steps == "auto" else [steps]
@@ -436,6 +595,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     order = sorted(range(P), key=lambda i: -lengths_hint[i])
     batches = [order[i:i + pair_batch] for i in range(0, P, pair_batch)]
 
+    limit = _ChunkLimit()
     bar = tqdm(total=P, desc="NIG", unit="pair", disable=not progress)
     with frozen_eval(model):
         for batch in batches:
@@ -445,12 +605,13 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                 enc = encode_pairs(tokenizer, [pairs[i] for i in pending], max_length, baseline, accepts_types)
                 chunk = step_batch
                 if step_batch in (None, "auto"):
-                    chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype)
-                step_chunks = path_chunks(level + 1, chunk)
+                    chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype,
+                                            first_token_cut=first_token_cut)
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
                 out, nig_in, f_in, f_b = _attribute_batch(model, embeddings, modules, enc, relevant,
-                                                          tokenizer.pad_token_id, baseline, alphas, step_chunks,
-                                                          rule, output, dtype)
+                                                          tokenizer.pad_token_id, baseline, alphas,
+                                                          min(chunk, level + 1), limit, rule, output, dtype,
+                                                          first_token_cut)
                 nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
                 if level == levels[-1]:
                     done = torch.ones(len(pending), dtype=torch.bool)
@@ -502,9 +663,96 @@ def attribution_settings(model: nn.Module, *, target: str, output: str = "probab
     return settings
 
 
+# ------------------------------------------------------- out-of-memory recovery
+_OUT_OF_MEMORY = re.compile(r"out of memory|DefaultCPUAllocator|can't allocate memory|could not allocate|"
+                            r"failed to allocate", re.IGNORECASE)
+logger = logging.getLogger("fastnig")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.OutOfMemoryError`` (CUDA), ``MemoryError`` and a CPU allocation failure
+    (a ``RuntimeError`` whose message says it could not allocate, e.g. ``DefaultCPUAllocator: ...``)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    return isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(str(exc)) is not None
+
+
+class _ChunkLimit:
+    """Path points per forward within one :func:`attribute` call: halved after an out-of-memory
+    error and kept for the rest of the call (said once in a warning, later halvings logged)."""
+
+    def __init__(self) -> None:
+        self.limit: Optional[int] = None
+        self.warned = False
+
+    def cap(self, size: int) -> int:
+        return size if self.limit is None else max(1, min(size, self.limit))
+
+    def halve(self, size: int, pairs: int, tokens: int, device: torch.device, message: str) -> int:
+        if size <= 1:
+            raise MemoryError(
+                f"out of memory on {device} even with one path point per forward ({pairs} pair(s) x {tokens} "
+                f"tokens): lower pair_batch or max_length, or compute in dtype=torch.bfloat16 ({message})")
+        smaller = (size + 1) // 2
+        self.limit = smaller
+        text = (f"out of memory on {device} with {size} path points per forward ({pairs} pair(s) x {tokens} "
+                f"tokens); the chunk is redone with {smaller}, and later chunks use at most that ({message})")
+        if not self.warned:
+            self.warned = True
+            warnings.warn(text + "; further halvings are logged to the 'fastnig' logger", RuntimeWarning,
+                          stacklevel=4)
+        else:
+            logger.info(text)
+        return smaller
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _forward_backward(model, modules, state: _HookState, path: torch.Tensor, mask: torch.Tensor,
+                      types: Optional[torch.Tensor], relevant: torch.Tensor, output: str, dtype,
+                      cut: bool) -> torch.Tensor:
+    """One chunk: forward of ``path`` ``[P * S, T, D]`` with the hooks of ``state``, backward of
+    ΣF to ``path`` (its ``.grad``).  Returns F detached, ``[P * S]``."""
+    S = state.steps
+    handles = [m.register_forward_hook(lambda mod, inp, o, name=name: state.on_forward(name, o))
+               for name, m in modules.items()]
+    try:
+        kwargs = {"inputs_embeds": path, "attention_mask": mask.repeat_interleave(S, dim=0)}
+        if types is not None:
+            kwargs["token_type_ids"] = types.repeat_interleave(S, dim=0)
+        with _autocast(path.device, dtype), first_token_only(model, cut):
+            logits = model(**kwargs).logits
+        f = target_function(logits, relevant.to(logits.device).repeat_interleave(S), output)
+        torch.autograd.backward(f.sum(), inputs=[path])
+    finally:
+        for h in handles:
+            h.remove()
+    if state.activations:
+        missing = ", ".join(sorted(state.activations)[:3])
+        state.clear()
+        raise RuntimeError(f"no gradient reached layer(s) {missing}: they do not influence the model output")
+    return f.detach()
+
+
 def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pad_id, baseline, alphas,
-                     step_chunks, rule, output, dtype):
-    """Attribute one batch of P pairs over all path points, chunk by chunk."""
+                     chunk: int, limit: _ChunkLimit, rule, output, dtype, cut: bool = True):
+    """Attribute one batch of P pairs over all path points, ``chunk`` points per forward at most.
+
+    A chunk that runs out of memory is undone (accumulators restored from a
+    copy taken before it, the carries rebuilt from the previous point) and
+    redone in halves (``limit``).  Returns ``(scores {name: [P, features]},
+    input NIG [P], F at the input [P], F at the baseline [P])``.
+    """
     device = embeddings.weight.device
     P = enc.input_ids.shape[0]
     lengths = enc.lengths.to(device)
@@ -515,43 +763,71 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         path_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
         x_in, x_base = x_in.to(path_dtype), x_base.to(path_dtype)
         direction = x_in - x_base
-    out = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=device) for n, m in modules.items()}
+    out = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=m.weight.device)
+           for n, m in modules.items()}
     carries: Dict[str, Carry] = {}
     input_out = torch.zeros(P, x_in.shape[-1], dtype=torch.float64, device=device)
     input_carry: Optional[Carry] = None
     f_in = torch.zeros(P, device=device)
     f_b = torch.zeros(P, device=device)
-    last = len(alphas) - 1
-    for start, stop in step_chunks:
-        S = stop - start
+    total = len(alphas)
+
+    def path_at(start: int, stop: int) -> torch.Tensor:
         alpha = alphas[start:stop].to(device=device, dtype=path_dtype)
-        path = (x_base.unsqueeze(1) + alpha.view(1, S, 1, 1) * direction.unsqueeze(1))
-        path = path.flatten(0, 1).requires_grad_(True)
+        path = x_base.unsqueeze(1) + alpha.view(1, stop - start, 1, 1) * direction.unsqueeze(1)
+        return path.flatten(0, 1).requires_grad_(True)
+
+    start = 0
+    size = limit.cap(chunk)
+    while start < total:
+        stop = start + path_chunks(total - start, size)[0][1]
+        S = stop - start
+        before = {n: o.clone() for n, o in out.items()}
+        path = path_at(start, stop)
         state = _HookState(P, S, lengths, rule, out, carries)
-        handles = [m.register_forward_hook(lambda mod, inp, o, name=name: state.on_forward(name, o))
-                   for name, m in modules.items()]
+        failure = None
         try:
-            kwargs = {"inputs_embeds": path, "attention_mask": mask.repeat_interleave(S, dim=0)}
-            if types is not None:
-                kwargs["token_type_ids"] = types.repeat_interleave(S, dim=0)
-            with _autocast(device, dtype), first_token_only(model):
-                logits = model(**kwargs).logits
-            f = target_function(logits, relevant.repeat_interleave(S), output)
-            torch.autograd.backward(f.sum(), inputs=[path])
-        finally:
-            for h in handles:
-                h.remove()
-        if state.activations:
-            missing = ", ".join(sorted(state.activations)[:3])
-            raise RuntimeError(f"no gradient reached layer(s) {missing}: they do not influence the model output")
-        f = f.detach().view(P, S)
+            f = _forward_backward(model, modules, state, path, mask, types, relevant, output, dtype, cut)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, anything else re-raised
+            if not is_out_of_memory(exc):
+                raise
+            failure = _first_line(exc)
+        if failure is not None:  # undo the chunk: hooks may have accumulated some layers already
+            state.clear()
+            del path, state
+            for n, o in out.items():
+                o.copy_(before[n])
+            _free_memory(device)
+            size = limit.halve(S, P, enc.input_ids.shape[1], device, failure)
+            if start > 0:
+                _refill_carries(model, modules, path_at(start - 1, start), P, lengths, rule, carries, mask,
+                                types, relevant, output, dtype, cut)
+            continue
+        f = f.view(P, S)
         if start == 0:
             f_b = f[:, 0]
-        if stop - 1 == last:
+        if stop == total:
             f_in = f[:, -1]
         path4 = path.detach().unflatten(0, (P, S))
         grad4 = path.grad.unflatten(0, (P, S))
         if input_carry is None:
             input_carry = Carry.like(path4)
         accumulate_conductance(path4, grad4, lengths, input_out, input_carry, rule, ENGINE_CPU_KERNEL_THREADS)
+        start = stop
     return out, input_out.sum(dim=1), f_in, f_b
+
+
+def _refill_carries(model, modules, point: torch.Tensor, P: int, lengths, rule, carries: Dict[str, Carry],
+                    mask, types, relevant, output, dtype, cut) -> None:
+    """Rewrite every layer's carry with path point ``point`` (``[P, T, D]``, the one before a failed chunk).
+
+    A failed chunk may have overwritten some carries with its own last point;
+    a one-point pass with the carries marked empty adds nothing to any score
+    (a single point has no step) and leaves that point in every carry.
+    """
+    for carry in carries.values():
+        carry.filled = False
+    scratch = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=m.weight.device)
+               for n, m in modules.items()}
+    _forward_backward(model, modules, _HookState(P, 1, lengths, rule, scratch, carries), point, mask, types,
+                      relevant, output, dtype, cut)

@@ -3,8 +3,9 @@
 Owns: the sections and defaults of a run configuration (:data:`SECTIONS`),
 reading YAML/TOML files or packaged configs (``fastnig/configs/*.yaml``),
 ``${data}`` / ``${ENV}`` substitution, every check a config gets before any
-work (:func:`load_config` -> :class:`RunConfig`), and placing local archives
-where ir_datasets looks for them.
+work (:func:`load_config` -> :class:`RunConfig`), the per-dataset label
+mapping of attribution datasets (:func:`dataset_entry`), and placing local
+archives where ir_datasets looks for them.
 
 Must not: open datasets, load models or run stages (:mod:`fastnig.pipeline`).
 """
@@ -21,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from .attribution import BASELINES, NODES
 from .common import is_int, optional_import
 from .cross_encoder import OUTPUTS, TARGETS
+from .data.sampling import NEGATIVES, known_grades, label_mapping
 from .kernels import RULES
 from .set_expressions import check as check_expression
 
@@ -28,7 +30,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REQUIRED = object()
 SECTIONS: Dict[str, Dict[str, Any]] = {
     "run": {"name": None, "model": REQUIRED, "output": REQUIRED, "device": None, "cache_dir": None,
-            "ir_datasets_files": {}, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
+            "ir_datasets_files": {}, "compare_with": None, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
     "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
                     "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
                     "steps": 100, "rule": "trapezoid", "nodes": "uniform", "baseline": "pad",
@@ -43,6 +45,73 @@ SECTIONS: Dict[str, Dict[str, Any]] = {
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; the message names the problem."""
+
+
+DATASET_KEYS = ("dataset", "relevant", "nonrelevant", "negatives")
+"""Keys of an attribution dataset given as a mapping (see :func:`dataset_entry`)."""
+
+
+def dataset_entry(name: str, value: Any, negatives: str = "judged", relevance_threshold: int = 1) -> Dict[str, Any]:
+    """One attribution dataset of a config, as ``{dataset, relevant, nonrelevant, negatives}``.
+
+    ``value`` is a dataset spec (string) or a mapping ``{dataset: SPEC,
+    relevant: [grades], nonrelevant: [grades], negatives: judged|bm25|unjudged}``
+    (only ``dataset`` is required).  ``relevant`` / ``nonrelevant`` are
+    ``None`` when left out: relevant = grades >= ``relevance_threshold``,
+    non-relevant = the judged grades below the lowest relevant one, >= 0
+    (:class:`fastnig.data.LabelMapping`); ``negatives`` defaults to the
+    section's.
+
+    Raises:
+        ConfigError: a bad key or value, with the dataset's name.
+    """
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(DATASET_KEYS))
+        if unknown:
+            raise ConfigError(f"attribution.datasets.{name}: unknown key(s) {unknown}; allowed: {list(DATASET_KEYS)}")
+        if not value.get("dataset"):
+            raise ConfigError(f"attribution.datasets.{name} needs the key 'dataset' (a dataset spec, e.g. ms)")
+        entry = {"dataset": str(value["dataset"]), "relevant": value.get("relevant"),
+                 "nonrelevant": value.get("nonrelevant"), "negatives": value.get("negatives") or negatives}
+    elif isinstance(value, (str, int)) and str(value).strip():
+        entry = {"dataset": str(value), "relevant": None, "nonrelevant": None, "negatives": negatives}
+    else:
+        raise ConfigError(f"attribution.datasets.{name} must be a dataset spec or a mapping "
+                          f"{{dataset: SPEC, relevant: [grades], nonrelevant: [grades], negatives: ...}}, "
+                          f"got {value!r}")
+    if entry["negatives"] not in NEGATIVES:
+        raise ConfigError(f"attribution.datasets.{name}.negatives: {entry['negatives']!r} is not one of "
+                          f"{list(NEGATIVES)}")
+    try:
+        mapping = label_mapping(entry["relevant"], entry["nonrelevant"], relevance_threshold)
+    except ValueError as exc:
+        raise ConfigError(f"attribution.datasets.{name}: {exc}") from None
+    entry.update(mapping.as_dict())
+    return entry
+
+
+def has_nonrelevant(entry: Mapping[str, Any], relevance_threshold: int = 1) -> Optional[bool]:
+    """Whether an attribution dataset (a :func:`dataset_entry`) yields non-relevant pairs, without opening it.
+
+    True with BM25 or unjudged negatives; with judged ones, whether some
+    grade the dataset's qrels hold (ir_datasets' metadata, see
+    :func:`fastnig.data.known_grades`) is non-relevant under its mapping;
+    ``None`` when its grades are not known (local data): the qrels decide at run time.
+    """
+    if entry["negatives"] != "judged":
+        return True
+    grades = known_grades(entry["dataset"])
+    if grades is None:
+        return None
+    mapping = label_mapping(entry["relevant"], entry["nonrelevant"], relevance_threshold)
+    return any(mapping.is_nonrelevant(g) for g in grades)
+
+
+def attributed_labels(attribution: Mapping[str, Any]) -> Dict[str, list]:
+    """Dataset name -> the labels a run will attribute for it (no N_x where the data has no non-relevant pair)."""
+    return {name: [label for label in attribution["labels"] if label == "relevant"
+                   or has_nonrelevant(entry, attribution["relevance_threshold"]) is not False]
+            for name, entry in attribution["datasets"].items()}
 
 
 def _section(raw: Any, name: str) -> Dict[str, Any]:
@@ -128,11 +197,19 @@ class RunConfig:
     pruning: Dict[str, Any]
     ir_datasets_files: Dict[str, str] = field(default_factory=dict)
     source: Optional[Path] = None
+    compare_with: Optional[Path] = None
+
+    def dataset_spec(self, name: str) -> str:
+        """The dataset spec of attribution dataset ``name``."""
+        return self.attribution["datasets"][name]["dataset"]
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
-                "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
-                "analysis": self.analysis, "pruning": self.pruning}
+        out = {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
+               "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
+               "analysis": self.analysis, "pruning": self.pruning}
+        if self.compare_with is not None:
+            out["compare_with"] = str(self.compare_with)
+        return out
 
 
 def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[str] = None,
@@ -157,7 +234,12 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
         top["output"] = str(output)
     if not isinstance(att["datasets"], Mapping) or not att["datasets"]:
         raise ConfigError("attribution.datasets must map names to dataset specs, e.g. {ms: ms, nf: nf}")
-    att["datasets"] = {str(k): str(v) for k, v in att["datasets"].items()}
+    if not is_int(att["relevance_threshold"]) or att["relevance_threshold"] < 1:
+        raise ConfigError(f"attribution.relevance_threshold must be an integer >= 1, got {att['relevance_threshold']!r}")
+    if att["negatives"] not in NEGATIVES:
+        raise ConfigError(f"negatives: {att['negatives']!r} is not one of {list(NEGATIVES)}")
+    att["datasets"] = {str(k): dataset_entry(str(k), v, att["negatives"], att["relevance_threshold"])
+                       for k, v in att["datasets"].items()}
     validation = {}
     for vname, spec in (pru["validation"] or {}).items():
         if isinstance(spec, str):
@@ -166,12 +248,13 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
             raise ConfigError(f"pruning.validation.{vname} must be a dataset spec or {{dataset: SPEC, group: NAME}}")
         validation[str(vname)] = {"dataset": str(spec["dataset"]), "group": str(spec.get("group", vname))}
     pru["validation"] = validation
-    for name, spec in (datasets or {}).items():
+    for name, spec in (datasets or {}).items():  # an override replaces the whole entry (its labels too)
         if name in validation:
             validation[name]["dataset"] = spec
         else:
-            att["datasets"][name] = spec
-    att["datasets"] = {k: _substitute(v) for k, v in att["datasets"].items()}
+            att["datasets"][name] = dataset_entry(name, spec, att["negatives"], att["relevance_threshold"])
+    for entry in att["datasets"].values():
+        entry["dataset"] = _substitute(entry["dataset"])
     for v in validation.values():
         v["dataset"] = _substitute(v["dataset"])
 
@@ -184,10 +267,10 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
     choice(att, "nodes", NODES)
     choice(att, "baseline", BASELINES)
     choice(att, "output", OUTPUTS)
-    choice(att, "negatives", ("judged", "unjudged"))
     for label in att["labels"]:
         if label not in TARGETS:
             raise ConfigError(f"attribution.labels: {label!r} is not one of {list(TARGETS)}")
+    att["pairs"], att["stop_when"] = _pairs_option(att["pairs"])
     for key in ("pairs", "chunk_pairs", "pair_batch", "max_length"):
         if not is_int(att[key]) or att[key] < 1:
             raise ConfigError(f"attribution.{key} must be a positive integer, got {att[key]!r}")
@@ -209,7 +292,7 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
             raise ConfigError(f"pruning.{key} must be a positive integer, got {pru[key]!r}")
     if pru["sets"] and not pru["validation"]:
         raise ConfigError("pruning.sets is given but pruning.validation names no dataset to rerank")
-    labels = {d: list(att["labels"]) for d in att["datasets"]}
+    labels = attributed_labels(att)
     pru["sets"] = [str(s) for s in pru["sets"]]
     for expression in pru["sets"]:
         try:
@@ -224,9 +307,35 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
     for target, source_file in files.items():
         if not Path(source_file).is_file():
             raise ConfigError(f"ir_datasets_files: {source_file} (for {target}) does not exist")
+    compare_with = top["compare_with"]
+    if compare_with is not None and (not isinstance(compare_with, str) or not compare_with.strip()):
+        raise ConfigError(f"compare_with must be the output folder of another run (a path), got {compare_with!r}")
     return RunConfig(name=str(top["name"] or (path.stem if path else "run")), model=str(top["model"]),
                      output=Path(top["output"]), device=top["device"], cache_dir=cache, attribution=att,
-                     analysis=ana, pruning=pru, ir_datasets_files=files, source=path)
+                     analysis=ana, pruning=pru, ir_datasets_files=files, source=path,
+                     compare_with=Path(_substitute(compare_with)) if compare_with else None)
+
+
+def _pairs_option(value: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """``attribution.pairs``: ``N`` or ``{max: N, stop_when: {level: X, overlap: O}}`` -> ``(N, stop_when)``.
+
+    After :func:`load_config`, ``attribution.pairs`` is the most pairs sampled
+    per dataset and label and ``attribution.stop_when`` the early-stopping
+    rule (:class:`fastnig.stability.StopRule` as a dict) or ``None``.
+    """
+    if not isinstance(value, Mapping):
+        return value, None
+    unknown = sorted(set(value) - {"max", "stop_when"})
+    if unknown or "max" not in value:
+        raise ConfigError(f"attribution.pairs must be a positive integer or {{max: N, stop_when: {{level: X, "
+                          f"overlap: O}}}}; got {dict(value)!r}")
+    from .stability import StopRule
+
+    try:
+        rule = StopRule.parse(value.get("stop_when"))
+    except ValueError as exc:
+        raise ConfigError(f"attribution.pairs.{exc}") from None
+    return value["max"], (rule.as_dict() if rule is not None else None)
 
 
 def place_ir_datasets_files(files: Mapping[str, str]) -> None:

@@ -360,8 +360,68 @@ def score_pairs(model: nn.Module, tokenizer, pairs: Sequence[Pair], *, output: s
                          progress=progress, desc=desc)
 
 
-def move_model(model: nn.Module, device: Union[str, torch.device, None]) -> torch.device:
-    """Move ``model`` to ``device`` when one is given; return where it computes."""
-    if device is not None:
-        model.to(device)
-    return model_device(model)
+def model_devices(model: nn.Module) -> List[torch.device]:
+    """The distinct devices of the model's parameters and buffers, in order of appearance."""
+    seen: Dict[str, torch.device] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        seen.setdefault(str(tensor.device), tensor.device)
+    return list(seen.values())
+
+
+def _dispatched_devices(model: nn.Module) -> List[str]:
+    """The distinct devices of an accelerate ``hf_device_map`` (``from_pretrained(device_map=...)``), if any."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict):
+        return []
+    return sorted({str(d if not isinstance(d, int) else f"cuda:{d}") for d in device_map.values()})
+
+
+def single_device(model: nn.Module) -> torch.device:
+    """The one device all of the model's weights are on, or ``ValueError`` saying why there is none.
+
+    Refused: weights on the ``meta`` device (not loaded, e.g. offloaded by
+    ``device_map``), and a model spread over several devices (``device_map``
+    with several entries, or parameters moved by hand): fastnig keeps each
+    path chunk's activations of every layer together and needs one device.
+    """
+    devices = model_devices(model)
+    if any(d.type == "meta" for d in devices):
+        raise ValueError("the model has weights on the 'meta' device (not loaded, e.g. offloaded by "
+                         "device_map): load it fully on one device, e.g. from_pretrained(..., device_map=None)")
+    spread = _dispatched_devices(model)
+    if len(devices) > 1 or len(spread) > 1:
+        names = ", ".join(spread if len(spread) > 1 else [str(d) for d in devices])
+        raise ValueError(f"the model is spread over several devices ({names}); fastnig computes on one: "
+                         "load it without device_map (or device_map={'': 'cuda:0'}), or move it with "
+                         "model.to('cuda:0') / pass device=")
+    return devices[0] if devices else torch.device("cpu")
+
+
+def _normalized(device: Union[str, torch.device]) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def move_model(model: nn.Module, device: Union[str, torch.device, None], *, warn: bool = True) -> torch.device:
+    """Where ``model`` computes: ``device`` when one is given, else the device of its first parameter.
+
+    ``device=None`` never moves the model.  A given ``device`` moves it there
+    (``model.to``) if it is not there already, which the caller sees after the
+    call: said in a warning (``warn=False`` when the caller loaded the model itself).
+    """
+    if device is None:
+        return model_device(model)
+    target = _normalized(device)
+    if len(_dispatched_devices(model)) > 1:
+        raise ValueError(f"device={device!r}: the model is dispatched over several devices by accelerate "
+                         f"({', '.join(_dispatched_devices(model))}); load it without device_map to move it")
+    here = model_devices(model)
+    if here != [target] and here:
+        if warn:
+            warnings.warn(f"device={device!r}: moving the model from {', '.join(map(str, here))} to {target}; "
+                          "it stays there after this call (pass device=None to compute where the model is)",
+                          stacklevel=3)
+        model.to(target)
+    return target

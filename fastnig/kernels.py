@@ -49,13 +49,48 @@ else:
 
 
 def _extension():
-    if _C is None:
-        raise ImportError(
-            "fastnig's compiled extension (fastnig._C) could not be loaded: "
-            f"{_IMPORT_ERROR}. Reinstall with `pip install --force-reinstall --no-deps .` "
-            "from the fastnig source folder (a C++17 compiler and CMake >= 3.18 are needed)."
-        )
-    return _C
+    """The compiled extension, or an ``ImportError`` naming why it cannot load and the one fix.
+
+    Causes told apart: a build for another Python (a ``_C`` file whose ABI
+    tag is not this interpreter's ``EXT_SUFFIX``), no C++ compiler to build
+    it, the sources imported from a checkout that was never built, and a
+    build that exists but fails to load (the loader's own error).
+    """
+    if _C is not None:
+        return _C
+    import shutil
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    package = sys.modules.get(__package__)
+    folders = list(dict.fromkeys([here] + [Path(p).resolve() for p in getattr(package, "__path__", [])]))
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    builds = sorted(f for folder in folders for f in folder.glob("_C.*") if f.suffix in (".so", ".pyd"))
+    root = here.parent
+    checkout = (root / "pyproject.toml").is_file() and (root / "CMakeLists.txt").is_file()
+    python = sys.executable or "python"
+    # the one build command: editable for a checkout (sources stay importable from it), else a reinstall
+    build = (f"{python} -m pip install -e {root}" if checkout
+             else f"{python} -m pip install --force-reinstall --no-deps <the fastnig source folder or wheel>")
+    if builds and not any(f.name.endswith(suffix) for f in builds):
+        cause = f"{builds[0]} was built for another Python (this one, {sys.version.split()[0]}, loads '_C{suffix}')"
+        fix = f"rebuild it with this Python: {build}"
+    elif builds:
+        cause = f"{builds[0]} exists but failed to load ({_IMPORT_ERROR})"
+        fix = f"rebuild it: {build}"
+    elif not any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cl")):
+        cause = "it was never built, and no C++ compiler (c++, g++, clang++) is on PATH to build it"
+        fix = f"install a C++17 compiler (e.g. `apt-get install g++`), then build it: {build}"
+    elif checkout:
+        cause = (f"Python imported the source folder {here}, which holds no build of it (the current folder or "
+                 "PYTHONPATH puts the checkout before any installed fastnig)")
+        fix = f"install the checkout in editable mode (what `make install` does for .venv): {build}"
+    else:
+        cause = f"the installed package in {here} has no build of it ({_IMPORT_ERROR})"
+        fix = f"reinstall it: {build}"
+    raise ImportError(f"fastnig's compiled extension (fastnig._C) could not be loaded: {cause}. Fix: {fix}.")
 
 
 def cpu_kernel_isa() -> str:

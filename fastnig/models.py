@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from .common import check_int, check_number, sample_key
 from .cross_encoder import encode_batch, move_model, score_pairs
 from .data import load_collection
+from .data.splits import split_queries  # noqa: F401  (re-exported: the demo model's train / held-out split)
 from .reranking import bm25_run, ndcg_at_k
 
 OFFLINE_MINILM = "minilm-l6"
@@ -81,6 +82,8 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
         kwargs["num_labels"] = num_labels or 1
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a new head on MiniLM is expected, not a warning to show
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr for a model that loads in a second
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -92,6 +95,8 @@ def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, d
             f"reach the Hub (or whose cache holds it), or {OFFLINE_MINILM!r} for the offline MiniLM-L6.") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if name_or_path == OFFLINE_MINILM:
         model.config.name_or_path = path
     model.eval()
@@ -158,27 +163,6 @@ class TrainingLog:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def split_queries(collection, test_fraction: float = 0.3, seed: int = 0) -> Tuple[List[str], List[str]]:
-    """A seeded train / held-out split of the queries that have a relevant judgment.
-
-    Each query gets a pseudo-random rank from a hash of (seed, query id); the
-    first ``round(test_fraction · n)`` are held out.  The split depends on the
-    seed and the qrels only (not on dict order or platform).
-
-    Returns:
-        ``(train_ids, test_ids)``, each sorted in the collection's query order.
-    """
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
-    queries = collection.queries()
-    judged = [q for q, docs in collection.qrels().items() if queries.get(q) and any(g > 0 for g in docs.values())]
-    order = sorted(judged, key=lambda q: (sample_key(seed, "split", q), q))
-    held = set(order[:round(test_fraction * len(order))])
-    position = {q: i for i, q in enumerate(queries)}
-    ranked = sorted(judged, key=lambda q: position.get(q, len(position)))
-    return [q for q in ranked if q not in held], [q for q in ranked if q in held]
 
 
 def _training_pairs(collection, query_ids: Sequence[str], *, negative_depth: int, random_per_query: int, seed: int,
@@ -350,16 +334,26 @@ def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[
 
 
 def evaluate_reranker(model, tokenizer, collection, query_ids: Sequence[str], *, depth: int = 20, k: int = 10,
-                      max_length: int = 128, batch_size: int = 32, bm25_cache_dir=None,
-                      progress: bool = False) -> Dict[str, Any]:
-    """nDCG@k of the model reranking the BM25 top ``depth`` of each query, against BM25's own order.
+                      max_length: int = 128, batch_size: int = 32, bm25_cache_dir=None, random_orders: int = 100,
+                      seed: int = 0, progress: bool = False) -> Dict[str, Any]:
+    """nDCG@k of the model reranking the BM25 top ``depth`` of each query, beside BM25's own order and a random one.
+
+    Only the BM25 top ``depth`` is reranked (no judged passage is added), so
+    the three orders rank the same candidates: the model's scores, BM25's,
+    and ``random_orders`` seeded random permutations (their mean nDCG is the
+    chance level; 100 permutations put it within ~0.005 of its expectation).
 
     Returns:
-        ``{"queries", "depth", "k", "ndcg", "bm25_ndcg", "per_query": {qid: [model, bm25]}}``
-        (means over the queries with a relevant judgment; :func:`fastnig.pruning.ndcg_at_k`).
+        ``{"queries", "depth", "k", "max_length", "random_orders", "ndcg", "bm25_ndcg", "random_ndcg",
+        "per_query": {qid: [model, bm25, random]}}`` (means over the queries with a
+        relevant judgment; :func:`fastnig.reranking.ndcg_at_k`).
     """
+    check_int("random_orders", random_orders, 1)
     queries, qrels = collection.queries(), collection.qrels()
     query_ids = [str(q) for q in query_ids]
+    unknown = [q for q in query_ids if q not in queries]
+    if unknown:
+        raise ValueError(f"query_ids: {len(unknown)} ids are not queries of {collection.name!r} (e.g. {unknown[:3]})")
     run = bm25_run(collection, {q: queries[q] for q in query_ids}, k=depth, cache_dir=bm25_cache_dir,
                    progress=False)
     texts = collection.doc_texts({d for q in query_ids for d, _ in run[q]})
@@ -372,8 +366,51 @@ def evaluate_reranker(model, tokenizer, collection, query_ids: Sequence[str], *,
     judged = {q: qrels.get(q, {}) for q in query_ids}
     ours = ndcg_at_k(reranked, judged, k)
     bm25 = ndcg_at_k({q: dict(run[q]) for q in query_ids}, judged, k)
-    return {"queries": len(ours), "depth": depth, "k": k, "ndcg": sum(ours.values()) / len(ours),
-            "bm25_ndcg": sum(bm25.values()) / len(bm25), "per_query": {q: [ours[q], bm25[q]] for q in ours}}
+    shuffled, shuffled_qrels = {}, {}
+    for q in query_ids:  # every permutation is one pseudo-query of a single ndcg_at_k call
+        for r in range(random_orders):
+            order = sorted((d for d, _ in run[q]), key=lambda d: sample_key(seed, "random-order", q, str(r), d))
+            shuffled[f"{q}#{r}"] = {d: float(len(order) - i) for i, d in enumerate(order)}
+            shuffled_qrels[f"{q}#{r}"] = judged[q]
+    chance = ndcg_at_k(shuffled, shuffled_qrels, k)
+    random_mean = {q: sum(chance[f"{q}#{r}"] for r in range(random_orders)) / random_orders for q in ours}
+    n = len(ours)
+    return {"queries": n, "depth": depth, "k": k, "max_length": max_length, "random_orders": random_orders,
+            "ndcg": sum(ours.values()) / n, "bm25_ndcg": sum(bm25.values()) / n,
+            "random_ndcg": sum(random_mean.values()) / n,
+            "per_query": {q: [ours[q], bm25[q], random_mean[q]] for q in ours}}
+
+
+def demo_model_quality(model, tokenizer, *, dataset=DEFAULT_DEMO_DATASET, test_fraction: float = 0.3,
+                       seed: int = 0, depth: int = 20, max_length: int = 128, bm25_cache_dir=None,
+                       progress: bool = False) -> Dict[str, Any]:
+    """How well the offline demo model ranks queries it was not trained on (what ``model_quality.json`` holds).
+
+    :func:`evaluate_reranker` on the held-out part of :func:`split_queries`
+    (``test_fraction``, ``seed``: the split :func:`offline_demo_model` trains
+    on by default), plus what the model's cache folder records of its
+    fine-tuning (steps, settings, seconds).
+
+    Returns:
+        the :func:`evaluate_reranker` dict plus ``"dataset"``, ``"heldout_queries"``,
+        ``"train_queries"``, ``"model"`` (its folder) and ``"training"``.
+    """
+    collection = load_collection(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    train, held_out = split_queries(collection, test_fraction, seed)
+    quality = evaluate_reranker(model, tokenizer, collection, held_out, depth=depth, max_length=max_length,
+                                bm25_cache_dir=bm25_cache_dir, progress=progress)
+    folder = Path(str(getattr(model.config, "name_or_path", "") or "."))
+    record = json.loads((folder / _TRAINING_FILE).read_text()) if (folder / _TRAINING_FILE).is_file() else {}
+    training = record.get("training", {})
+    quality.update(dataset=f"{collection.name}@heldout", heldout_queries=len(held_out), train_queries=len(train),
+                   model=str(folder), training={"settings": {k: v for k, v in record.get("settings", {}).items()
+                                                             if k != "train_query_ids"},
+                                                "seconds": training.get("seconds"),
+                                                "prepare_seconds": training.get("prepare_seconds"),
+                                                "final_loss": (sum(training["losses"][-20:])
+                                                               / len(training["losses"][-20:]))
+                                                if training.get("losses") else None})
+    return quality
 
 
 def _slug(text: str) -> str:
@@ -458,8 +495,9 @@ def _train_demo(folder: Path, collection, settings: Dict[str, Any], held_out: Se
     record = {"settings": settings, "training": log.to_dict()}
     if held_out:
         ev = evaluate_reranker(model, tokenizer, collection, held_out, bm25_cache_dir=bm25_dir)
-        record["evaluation"] = dict(ev, summary=f"{ev['ndcg']:.3f} (BM25 {ev['bm25_ndcg']:.3f}, "
-                                                f"{ev['queries']} queries, top {ev['depth']} reranked)")
+        record["evaluation"] = dict(ev, summary=f"{ev['ndcg']:.3f} (BM25 {ev['bm25_ndcg']:.3f}, random order "
+                                                f"{ev['random_ndcg']:.3f}; {ev['queries']} queries, top "
+                                                f"{ev['depth']} reranked)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.config.name_or_path = str(folder)

@@ -30,24 +30,25 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import analyze, baseline_differences, baseline_table
+from .analysis import analyze, baseline_differences, baseline_table, table1_pairs
 from .attribution import attribute, attribution_settings
 from .common import check_int, write_atomic
 from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files  # noqa: F401 (re-exported)
 from .cross_encoder import TARGETS, move_model, resolve_max_length, unwrap
-from .data import filter_agreeing, load_collection, sample_pairs
+from .data import count_labels, filter_agreeing, label_mapping, load_collection, sample_pairs
 from .distributed import Ranks, init_ranks
-from .models import OFFLINE_DEMO, ModelUnavailable, load_cross_encoder, offline_demo_model
+from .models import OFFLINE_DEMO, ModelUnavailable, demo_model_quality, load_cross_encoder, offline_demo_model
 from .pruning import PruningBenchmark, module_counts, table_row
 from .report import PruningTable, write_report
-from .reranking import EncodedCandidates, build_candidates, score_candidates
+from .reranking import EncodedCandidates, bm25_run, build_candidates, score_candidates
 from .schemes import Scheme, neuron_universe
+from .stability import StopRule
 from .set_expressions import evaluate
 
 
@@ -56,15 +57,37 @@ def pair_id(pair) -> str:
     return f"{pair.query_id}\t{pair.doc_id}"
 
 
+def bm25_ranker(collection, cache_dir: Optional[Union[str, Path]] = None):
+    """``ranker(queries, k)`` for ``negatives="bm25"``: the BM25 top ``k`` doc ids of each query
+    (:func:`fastnig.reranking.bm25_run`, index cached in ``cache_dir``)."""
+    def ranker(queries, k):
+        return {q: [d for d, _ in docs] for q, docs in bm25_run(collection, queries, k=k, cache_dir=cache_dir,
+                                                                progress=False).items()}
+    return ranker
+
+
+def _sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant, nonrelevant):
+    """What a scheme records of its sampling (a resume must match it); the label mapping only when it is not
+    the former default (relevant >= threshold, non-relevant = grade 0), so older schemes still resume."""
+    record = {"seed": seed, "num_pairs": num_pairs, "negatives": negatives,
+              "relevance_threshold": relevance_threshold, "agreement_filter": agreement_filter}
+    if relevant is not None or nonrelevant is not None or relevance_threshold != 1:
+        record.update(label_mapping(relevant, nonrelevant, relevance_threshold).as_dict())
+    return record
+
+
 def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_pairs: int, out: Union[str, Path],
                       seed: int = 0, negatives: str = "judged", relevance_threshold: int = 1,
-                      agreement_filter: bool = True, chunk_pairs: int = 8, steps: int = 100,
+                      relevant: Optional[Sequence[int]] = None, nonrelevant: Optional[Sequence[int]] = None,
+                      bm25_cache_dir: Optional[Union[str, Path]] = None, agreement_filter: bool = True,
+                      chunk_pairs: int = 8, steps: int = 100,
                       rule: str = "trapezoid", nodes: str = "uniform", baseline: str = "pad",
                       output: str = "probability",
                       max_length: Optional[int] = None, step_batch: Optional[int] = None, pair_batch: int = 1,
                       layers: Optional[Sequence[str]] = None, include_pooler: bool = False, dtype=None,
                       device=None, progress: bool = True, dataset_name: Optional[str] = None,
-                      shard: Tuple[int, int] = (0, 1)) -> Scheme:
+                      shard: Tuple[int, int] = (0, 1), stop_when=None,
+                      combine: Optional[Callable[[Scheme], Scheme]] = None) -> Scheme:
     """Attribute ``num_pairs`` pairs of one label of a dataset into a scheme file.
 
     Args:
@@ -75,7 +98,10 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         num_pairs: pairs sampled (deterministically from ``seed``) before the
             agreement filter; the scheme holds those that agree.
         out: scheme path (``runs/P_nf`` writes ``runs/P_nf.json`` + tensors).
-        negatives: see :func:`fastnig.data.sample_pairs`.
+        negatives, relevance_threshold, relevant, nonrelevant: which pairs
+            are relevant / non-relevant and where negatives come from, see
+            :func:`fastnig.data.sample_pairs` (``"bm25"`` ranks with
+            :func:`bm25_ranker`, its index cached in ``bm25_cache_dir``).
         agreement_filter: keep only pairs whose prediction agrees (docs/method.md §6).
         chunk_pairs: pairs attributed between two saves (what a kill can lose).
         steps, rule, nodes, baseline, output, max_length, step_batch, pair_batch,
@@ -85,6 +111,20 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         shard: ``(rank, world)``: attribute only the pairs ``rank::world`` of
             the sample (one torchrun process each; merge the shards with
             :meth:`Scheme.merge`, which is exact).
+        stop_when: early stopping (docs/method.md §6.6): ``None`` (attribute
+            all ``num_pairs``), or a :class:`fastnig.stability.StopRule` /
+            mapping ``{level, overlap[, by, first_round]}``: pairs are then
+            attributed in rounds (first_round, doubling, up to ``num_pairs``
+            sampled pairs) and attribution stops after the first round whose
+            scheme's top ``level`` % set is estimated to keep at least
+            ``overlap`` of its neurons if the pairs were doubled.  The pairs
+            are the first ones of the same draw, so a scheme stopped after
+            ``r`` sampled pairs equals a run with ``num_pairs=r`` and no rule.
+            ``extra["stopping"]`` records the rule, the sampled pairs used,
+            the reason attribution stopped and each check.
+        combine: with ``shard`` and ``stop_when``: called on this shard's
+            scheme at every round end, on every rank, to return the scheme of
+            all shards (gather + merge); the rule is checked on it.
 
     Returns:
         The saved :class:`fastnig.Scheme`.
@@ -93,17 +133,22 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     model, tokenizer = unwrap(model, tokenizer)
     max_length = resolve_max_length(model, tokenizer, max_length)
     collection = load_collection(dataset) if isinstance(dataset, (str, Path)) else dataset
+    ranker = bm25_ranker(collection, bm25_cache_dir) if negatives == "bm25" else None
     pairs = sample_pairs(collection, label=label, num_pairs=num_pairs, seed=seed,
-                         relevance_threshold=relevance_threshold, negatives=negatives)
+                         relevance_threshold=relevance_threshold, negatives=negatives, relevant=relevant,
+                         nonrelevant=nonrelevant, ranker=ranker)
     rank, world = shard
+    stop_rule = StopRule.parse(stop_when)
     dataset_name = dataset_name or collection.name
     target = TARGETS[0] if pairs and pairs[0].label == 1 else TARGETS[1]
-    pairs = pairs[rank::world]
+    drawn = pairs
     move_model(model, device)
     settings = attribution_settings(model, target=target, output=output, baseline=baseline, steps=steps,
                                     rule=rule, max_length=max_length, dtype=dtype, nodes=nodes)
-    sampling = {"seed": seed, "num_pairs": num_pairs, "negatives": negatives,
-                "relevance_threshold": relevance_threshold, "agreement_filter": agreement_filter}
+    sampling = _sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant,
+                                nonrelevant)
+    if stop_rule is not None:
+        sampling["stop_when"] = stop_rule.as_dict()
     out = Path(out)
     if Scheme.exists(out):
         scheme = Scheme.load(out)
@@ -119,35 +164,68 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         scheme = Scheme.empty(neuron_universe(model, layers, include_pooler),
                               {"model": settings["model"], "dataset": dataset_name, "label": target,
                                "settings": settings, "extra": {"sampling": sampling}})
+    mine = [p for i, p in enumerate(drawn) if i % world == rank]
     seen = scheme.seen_ids
-    todo = [p for p in pairs if pair_id(p) not in seen]
-    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="pair", desc=f"NIG {scheme.name}",
-               disable=not progress, dynamic_ncols=True)
-    if todo and agreement_filter:
-        kept, _report = filter_agreeing(model, tokenizer, todo, max_length=max_length, progress=False)
-        kept_ids = {pair_id(p) for p in kept}
-        dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
-        if dropped:
-            scheme.mark_dropped(dropped)
-            scheme.save(out)
-            bar.update(len(dropped))
-        todo = kept
+    bar = tqdm(total=len(mine), initial=sum(pair_id(p) in seen for p in mine), unit="pair",
+               desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     attributed = 0
-    for start in range(0, len(todo), chunk_pairs):
-        chunk = todo[start:start + chunk_pairs]
-        result = attribute(model, [p.text_pair for p in chunk], tokenizer=tokenizer, target=target,
-                           baseline=baseline, steps=steps, rule=rule, nodes=nodes, layers=layers,
-                           include_pooler=include_pooler,
-                           step_batch=step_batch, pair_batch=pair_batch, max_length=max_length, output=output,
-                           dtype=dtype, progress=False)
-        scheme.add(result, [pair_id(p) for p in chunk])
-        scheme.save(out)
-        attributed += len(chunk)
-        bar.update(len(chunk))
-        bar.set_postfix(pairs_per_s=f"{attributed / (time.perf_counter() - started):.2f}")
+
+    def attribute_round(todo) -> None:
+        nonlocal attributed
+        if todo and agreement_filter:
+            kept, _report = filter_agreeing(model, tokenizer, todo, max_length=max_length, progress=False)
+            kept_ids = {pair_id(p) for p in kept}
+            dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
+            if dropped:
+                scheme.mark_dropped(dropped)
+                scheme.save(out)
+                bar.update(len(dropped))
+            todo = kept
+        for start in range(0, len(todo), chunk_pairs):
+            chunk = todo[start:start + chunk_pairs]
+            result = attribute(model, [p.text_pair for p in chunk], tokenizer=tokenizer, target=target,
+                               baseline=baseline, steps=steps, rule=rule, nodes=nodes, layers=layers,
+                               include_pooler=include_pooler,
+                               step_batch=step_batch, pair_batch=pair_batch, max_length=max_length, output=output,
+                               dtype=dtype, progress=False)
+            scheme.add(result, [pair_id(p) for p in chunk])
+            scheme.save(out)
+            attributed += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(pairs_per_s=f"{attributed / (time.perf_counter() - started):.2f}")
+
+    # Rounds end after these many sampled pairs; the rule is checked at each end but the last.
+    ends = stop_rule.round_ends(len(drawn)) if stop_rule is not None and drawn else [len(drawn)]
+    checks = list((scheme.extra.get("stopping") or {}).get("checks", [])) if stop_rule is not None else []
+    begin, reason, end = 0, None, len(drawn)
+    for end in ends:
+        attribute_round([p for i, p in enumerate(drawn[begin:end], begin)
+                         if i % world == rank and pair_id(p) not in scheme.seen_ids])
+        begin = end
+        if stop_rule is None or end == len(drawn):
+            continue
+        whole = combine(scheme) if combine is not None else scheme
+        seen_all = whole.seen_ids
+        if any(pair_id(p) in seen_all for p in drawn[end:]):
+            continue  # resumed: the run that went past this round end checked the rule there and went on
+        holds, estimate = stop_rule.check(whole)
+        checks = [c for c in checks if c["pairs_sampled"] < end] + [
+            {"pairs_sampled": end, "pairs_used": whole.count,
+             "estimate": None if estimate != estimate else estimate}]  # NaN (not available) as null
+        scheme.extra["stopping"] = {**scheme.extra.get("stopping", {}), "checks": checks}
+        if holds:
+            reason = "stable"
+            break
     bar.close()
-    if not Scheme.exists(out):  # nothing to attribute (every pair dropped) still leaves a file
+    if reason is None:
+        reason = "max pairs" if len(drawn) >= num_pairs else "all pairs drawn"
+    record = {"rule": stop_rule.as_dict() if stop_rule is not None else None, "max_pairs": num_pairs,
+              "pairs_sampled": end, "reason": reason}
+    if stop_rule is not None:
+        record["checks"] = checks
+    if scheme.extra.get("stopping") != record or not Scheme.exists(out):
+        scheme.extra["stopping"] = record  # (a run where every pair was dropped still leaves a file)
         scheme.save(out)
     return scheme
 
@@ -184,13 +262,36 @@ def _load_model(cfg: RunConfig, device: str):
     return load_cross_encoder(cfg.model, device=device)
 
 
+def stage_model_quality(study: Study) -> Optional[Path]:
+    """The offline demo model only: its held-out nDCG@10 beside BM25's and a random order's, into
+    ``<output>/model_quality.json`` (:func:`fastnig.models.demo_model_quality`; rank 0, once per model)."""
+    cfg = study.config
+    if cfg.model not in ("demo", OFFLINE_DEMO) or not study.ranks.is_main:
+        return None
+    path = cfg.output / "model_quality.json"
+    folder = str(getattr(study.model.config, "name_or_path", ""))
+    max_length = cfg.pruning["max_length"] or cfg.attribution["max_length"]
+    if path.exists():
+        done = json.loads(path.read_text())
+        if done.get("model") == folder and done.get("max_length") == max_length:
+            return path
+    started = time.perf_counter()
+    quality = demo_model_quality(study.model, study.tokenizer, max_length=max_length,
+                                 bm25_cache_dir=cfg.cache_dir / "bm25")
+    write_atomic(path, json.dumps(quality, indent=1))
+    study.timings["model_quality_s"] = time.perf_counter() - started
+    log.info("demo model, %d held-out queries: nDCG@10 %.3f (BM25 %.3f, random order %.3f)",
+             quality["queries"], quality["ndcg"], quality["bm25_ndcg"], quality["random_ndcg"])
+    return path
+
+
 def preflight(cfg: RunConfig, ranks: Optional[Ranks] = None) -> Study:
     """Open every dataset and the model before any work: a bad one stops here with one message."""
     ranks = ranks or Ranks()
     place_ir_datasets_files(cfg.ir_datasets_files)
     collections, validation = {}, {}
-    for name, spec in cfg.attribution["datasets"].items():
-        collections[name] = _open_dataset(load_collection, spec, f"attribution dataset {name!r}")
+    for name, entry in cfg.attribution["datasets"].items():
+        collections[name] = _open_dataset(load_collection, entry["dataset"], f"attribution dataset {name!r}")
     for name, v in cfg.pruning["validation"].items():
         validation[name] = _open_dataset(load_collection, v["dataset"], f"validation dataset {name!r}")
     device = cfg.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -219,17 +320,23 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
     schemes: Dict[Tuple[str, str], Scheme] = {}
     started, pairs_done = time.perf_counter(), 0
     for name, collection in study.collections.items():
+        entry = att["datasets"][name]
+        mapping = label_mapping(entry["relevant"], entry["nonrelevant"], att["relevance_threshold"])
         for label in att["labels"]:
-            if label == "non-relevant" and att["negatives"] == "judged" and not collection.has_nonrelevant:
-                log.info("%s has no non-relevant judgments: no N_%s (docs/method.md §6)", name, name)
+            if (label == "non-relevant" and entry["negatives"] == "judged"
+                    and not count_labels(collection, mapping)["non-relevant"]):
+                log.info("%s has no non-relevant judgments (%s): no N_%s (docs/method.md §6)", name,
+                         mapping.describe(), name)
                 continue
             path = _scheme_path(cfg.output, name, label)
-            kwargs = dict(label=label, num_pairs=att["pairs"], seed=att["seed"], negatives=att["negatives"],
-                          relevance_threshold=att["relevance_threshold"], agreement_filter=att["agreement_filter"],
+            kwargs = dict(label=label, num_pairs=att["pairs"], seed=att["seed"], negatives=entry["negatives"],
+                          relevance_threshold=att["relevance_threshold"], relevant=entry["relevant"],
+                          nonrelevant=entry["nonrelevant"], bm25_cache_dir=cfg.cache_dir / "bm25",
+                          agreement_filter=att["agreement_filter"],
                           chunk_pairs=att["chunk_pairs"], steps=att["steps"], rule=att["rule"], nodes=att["nodes"],
                           baseline=att["baseline"], output=att["output"], max_length=att["max_length"],
                           step_batch=att["step_batch"], pair_batch=att["pair_batch"], dataset_name=name,
-                          progress=progress and ranks.is_main)
+                          progress=progress and ranks.is_main, stop_when=att.get("stop_when"))
             before = Scheme.load(path).count if Scheme.exists(path) else 0
             if ranks.world == 1:
                 scheme = attribute_dataset(study.model, study.tokenizer, collection, out=path, **kwargs)
@@ -238,7 +345,8 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
                 complete = Scheme.exists(path) and _is_complete(Scheme.load(path), collection, kwargs)
                 if not complete:
                     part = attribute_dataset(study.model, study.tokenizer, collection, out=shard_path,
-                                             shard=(ranks.rank, ranks.world), **kwargs)
+                                             shard=(ranks.rank, ranks.world), combine=_merged_over(ranks),
+                                             **kwargs)
                     parts = ranks.gather(part)
                     if ranks.is_main:
                         merged = parts[0]
@@ -258,9 +366,27 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
     return schemes
 
 
+def _merged_over(ranks: Ranks) -> Callable[[Scheme], Scheme]:
+    """``combine`` for :func:`attribute_dataset`: every rank's shard, gathered and merged (on every rank)."""
+    def combine(part: Scheme) -> Scheme:
+        parts = ranks.gather(part)
+        merged = parts[0]
+        for other in parts[1:]:
+            merged = merged.merge(other)
+        return merged
+    return combine
+
+
 def _is_complete(scheme: Scheme, collection, kwargs) -> bool:
+    stopping = scheme.extra.get("stopping") or {}
+    rule = StopRule.parse(kwargs.get("stop_when"))
+    if (rule is not None and stopping.get("reason") == "stable" and stopping.get("rule") == rule.as_dict()
+            and stopping.get("max_pairs") == kwargs["num_pairs"]):
+        return True  # stopped early by the same rule: its later pairs are not wanted
+    ranker = bm25_ranker(collection, kwargs["bm25_cache_dir"]) if kwargs["negatives"] == "bm25" else None
     pairs = sample_pairs(collection, label=kwargs["label"], num_pairs=kwargs["num_pairs"], seed=kwargs["seed"],
-                         relevance_threshold=kwargs["relevance_threshold"], negatives=kwargs["negatives"])
+                         relevance_threshold=kwargs["relevance_threshold"], negatives=kwargs["negatives"],
+                         relevant=kwargs["relevant"], nonrelevant=kwargs["nonrelevant"], ranker=ranker)
     return {pair_id(p) for p in pairs} <= scheme.seen_ids
 
 
@@ -278,27 +404,35 @@ def _mark_done(out: Path, stage: str, key: str) -> None:
 
 
 def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> Path:
-    """Figures 2, 3, 5 and Table 1 into ``<output>/analysis`` (rank 0)."""
+    """Figures 2a–d, 3, 4a/4b, 5 and Table 1 into ``<output>/analysis`` (rank 0).
+
+    Table 1 (docs/method.md §3): ``analysis.baseline_pairs`` relevant pairs of
+    the in-domain dataset that the model judges relevant (:func:`table1_pairs`).
+    Figure 5 profiles the pruned sets of the config (``pruning.sets``).
+    """
     cfg = study.config
     folder = cfg.output / "analysis"
-    key = _settings_hash(cfg.analysis, cfg.attribution, {f"{d}/{l}": s.count for (d, l), s in schemes.items()})
+    key = _settings_hash(cfg.analysis, cfg.attribution, cfg.pruning["sets"],
+                         {f"{d}/{l}": s.count for (d, l), s in schemes.items()})
     if study.ranks.is_main and not _stage_done(cfg.output, "analysis", key):
         started = time.perf_counter()
         in_domain = cfg.attribution["in_domain"][0] if cfg.attribution["in_domain"] else ""
         analyze(list(schemes.values()), folder, levels=cfg.analysis["levels"], in_domain=in_domain,
-                exclude=cfg.analysis["exclude"], by=cfg.analysis["by"], layer_percent=cfg.analysis["layer_percent"])
+                exclude=cfg.analysis["exclude"], by=cfg.analysis["by"], layer_percent=cfg.analysis["layer_percent"],
+                profile=cfg.pruning["sets"] or None)
         if cfg.analysis["baseline_pairs"]:
             name = in_domain or next(iter(study.collections))
-            half = max(cfg.analysis["baseline_pairs"] // 2, 1)
-            pairs = sample_pairs(study.collections[name], label=1, num_pairs=half, seed=cfg.attribution["seed"])
-            try:
-                pairs += sample_pairs(study.collections[name], label=0, num_pairs=half, seed=cfg.attribution["seed"],
-                                      negatives=cfg.attribution["negatives"])
-            except ValueError:
-                log.info("Table 1: %s has no non-relevant pairs; relevant pairs only", name)
-            diffs = baseline_differences(study.model, study.tokenizer, [p.text_pair for p in pairs],
-                                         max_length=cfg.attribution["max_length"])
-            baseline_table(diffs, folder)
+            entry = cfg.attribution["datasets"][name]
+            pairs, info = table1_pairs(study.model, study.tokenizer, study.collections[name],
+                                       cfg.analysis["baseline_pairs"], seed=cfg.attribution["seed"],
+                                       relevant=entry["relevant"], nonrelevant=entry["nonrelevant"],
+                                       relevance_threshold=cfg.attribution["relevance_threshold"],
+                                       max_length=cfg.attribution["max_length"])
+            log.info("Table 1: %d agreeing relevant pairs of %s (%d drawn)", info["agreeing"], name, info["drawn"])
+            if pairs:
+                diffs = baseline_differences(study.model, study.tokenizer, [p.text_pair for p in pairs],
+                                             max_length=cfg.attribution["max_length"])
+                baseline_table(diffs, folder, pairs=len(pairs), dataset=name)
         study.timings["analysis_s"] = time.perf_counter() - started
         _mark_done(cfg.output, "analysis", key)
     study.ranks.barrier()
@@ -403,6 +537,7 @@ def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, mod
         schemes = stage_attribution(study, progress)
         stage_analysis(study, schemes)
         stage_pruning(study, schemes, progress)
+        stage_model_quality(study)
         report = cfg.output / "report.md"
         if ranks.is_main:
             timings_path = cfg.output / "timings.json"

@@ -8,15 +8,19 @@ short fp32 matmul on this machine's CPU (:func:`measure_cpu_flops`).
 
 What is counted (every number is an upper bound, see :class:`Plan`):
 
-* **Schemes**: one per attribution dataset and label; no ``N_x`` for the
-  datasets the paper lists without non-relevant judgments (``b``, ``f``:
-  :data:`fastnig.data.WITHOUT_NONRELEVANT`) when negatives are judged ones.
-  Other datasets are assumed to have non-relevant pairs (the qrels are not
-  read).
+* **Schemes**: one per attribution dataset and label; with judged
+  negatives, ``N_x`` only where the dataset's grades (ir_datasets' packaged
+  metadata, :func:`fastnig.data.known_grades`; no download) include one
+  that is non-relevant under the dataset's label mapping
+  (:func:`fastnig.config.has_nonrelevant`): in ``paper`` every dataset but
+  ``f`` and ``b``.  Datasets whose grades are not known (local data) are
+  assumed to have non-relevant pairs (noted).
 * **Agreement filter**: one forward per sampled pair.
 * **NIG**: per pair, ``steps + 1`` path points, each a forward and a backward
   (all points are evaluated, whatever the rule).
-* **Table 1**: ``baseline_pairs`` pairs x (input + 4 baselines) forwards.
+* **Table 1**: ``baseline_pairs`` relevant pairs scored once by the
+  agreement filter (a lower bound: pairs the model gets wrong are replaced
+  by more), then x (input + 4 baselines) forwards.
 * **Pruning (Table 4)**: per validation dataset, ``queries x (depth +
   relevant per query)`` candidates (relevant per query assumed 1), each
   reranked by the original model once, by every set x level once, and by
@@ -52,8 +56,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 # The one place this module imports the run configuration from (it may move to fastnig.config).
-from .config import ConfigError, RunConfig, load_config
-from .data import DATASETS, WITHOUT_NONRELEVANT
+from .config import ConfigError, RunConfig, has_nonrelevant, load_config
 
 DEFAULT_EFFICIENCY = 0.35
 """Assumed fraction of an accelerator's dense peak that a run sustains."""
@@ -91,7 +94,7 @@ class ModelShape:
 
     @property
     def neurons(self) -> int:
-        """Attributed neurons: L x (4 d + f + d) (SPEC §4; 221,184 for BERT-large)."""
+        """Attributed neurons: L x (4 d + f + d) (docs/method.md §4; 221,184 for BERT-large)."""
         return self.layers * (5 * self.hidden + self.intermediate)
 
     def forward_flops(self, tokens: int) -> int:
@@ -218,25 +221,6 @@ class Plan:
         return self.total_flops / flops_per_s
 
 
-def _dataset_spec(value: Any) -> str:
-    if isinstance(value, Mapping):  # {dataset: SPEC, relevant: [...], nonrelevant: [...]}
-        return str(value.get("dataset", ""))
-    return str(value)
-
-
-def _has_nonrelevant(name: str, value: Any, negatives: str) -> bool:
-
-    if isinstance(value, Mapping):
-        if "nonrelevant" in value and not value["nonrelevant"] and value.get("negatives", "judged") == "judged":
-            return False
-        negatives = value.get("negatives", negatives)
-    if negatives != "judged":
-        return True
-    spec = _dataset_spec(value)
-    without = {DATASETS.get(k, k) for k in WITHOUT_NONRELEVANT} | set(WITHOUT_NONRELEVANT)
-    return not (name in WITHOUT_NONRELEVANT or spec in without)
-
-
 def plan_config(config: Union[RunConfig, str, Path, Mapping[str, Any]], *, tokens: Optional[int] = None,
                 model: Optional[str] = None, datasets: Optional[Mapping[str, str]] = None,
                 auto_steps: int = 100) -> Plan:
@@ -259,11 +243,17 @@ def plan_config(config: Union[RunConfig, str, Path, Mapping[str, Any]], *, token
     att, ana, pru = cfg.attribution, cfg.analysis, cfg.pruning
     notes = []
     schemes = []
-    for name, value in att["datasets"].items():
+    for name, entry in att["datasets"].items():
         for label in att["labels"]:
-            if label == "non-relevant" and not _has_nonrelevant(name, value, att["negatives"]):
-                notes.append(f"no N_{name}: {name} has no non-relevant judgments (paper footnote 5, SPEC §6)")
-                continue
+            if label == "non-relevant":
+                known = has_nonrelevant(entry, att["relevance_threshold"])
+                if known is False:
+                    notes.append(f"no N_{name}: {entry['dataset']} has no non-relevant judgments under its label "
+                                 f"mapping (paper footnote 5, docs/method.md §6.1)")
+                    continue
+                if known is None:
+                    notes.append(f"N_{name} assumed: the grades of {entry['dataset']} are not known without "
+                                 f"reading its qrels")
             schemes.append(("P_" if label == "relevant" else "N_") + name)
     steps = att["steps"]
     if steps == "auto":
@@ -280,8 +270,9 @@ def plan_config(config: Union[RunConfig, str, Path, Mapping[str, Any]], *, token
     stages.append(Stage("NIG path (forward + backward)", n_schemes * pairs * (steps + 1), t_att, True,
                         f"{n_schemes} schemes x {pairs} pairs x {steps + 1} path points"))
     if ana["baseline_pairs"]:
-        stages.append(Stage("Table 1 baselines (forward)", ana["baseline_pairs"] * (1 + TABLE1_BASELINES), t_att,
-                            False, f"{ana['baseline_pairs']} pairs x (input + {TABLE1_BASELINES} baselines)"))
+        stages.append(Stage("Table 1 baselines (forward)", ana["baseline_pairs"] * (2 + TABLE1_BASELINES), t_att,
+                            False, f"{ana['baseline_pairs']} agreeing relevant pairs x (agreement filter + input + "
+                                   f"{TABLE1_BASELINES} baselines)"))
     validation = list(pru["validation"])
     n_sets, n_levels, reps = len(pru["sets"]), len(pru["levels"]), pru["repetitions"]
     candidates = pru["queries"] * (pru["depth"] + RELEVANT_PER_QUERY)

@@ -18,11 +18,18 @@ gives, and a killed run resumes where its last save stopped.  This module
 also re-exports the names that used to live here (neuron names,
 :class:`NeuronSet`, the file helpers), so ``from fastnig.schemes import ...``
 keeps working.
+
+Every pair also goes, by a hash of its id (:func:`pair_half`), to one of two
+interleaved *halves*, whose sums are kept exactly like the main one; the
+stability estimate of :mod:`fastnig.stability` compares the halves' top
+sets with the whole scheme's.  Schemes saved before the halves existed still
+load (they have no halves: their stability is not available).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +57,18 @@ FUSED_LABEL = "fused"
 _COMPARED_META = ("model", "dataset", "label")
 _PAIR_TENSORS = ("delta", "f_input", "f_baseline", "num_tokens")
 """Per-pair ``[num_pairs]`` tensors of a pair scheme, saved as ``pair/<name>``."""
+HALVES_RULE = "blake2b-8(pair id) & 1"
+"""How a pair is assigned to half 0 or 1 (saved with the half sums, checked on load)."""
+
+
+def pair_half(pair_id: str) -> int:
+    """Half (0 or 1) of the pair ``pair_id``: the lowest bit of its 8-byte BLAKE2b hash.
+
+    Depends on the id only, so the halves are the same whatever the order,
+    chunking, sharding or resume point of a run, and merges keep them exact.
+    """
+    digest = hashlib.blake2b(str(pair_id).encode("utf-8"), digest_size=8).digest()
+    return digest[-1] & 1
 
 
 class Scheme:
@@ -72,7 +91,11 @@ class Scheme:
         delta, f_input, f_baseline: ``[num_pairs]`` float32 per-pair
             convergence delta and F at the input / baseline; ``num_tokens``
             ``[num_pairs]`` int64.
-        extra: free JSON-serialisable metadata (e.g. the data sampling seed).
+        extra: free JSON-serialisable metadata (e.g. the data sampling seed,
+            and ``stopping``: pairs used and why attribution stopped).
+        has_halves: whether the two interleaved half sums are kept
+            (:meth:`half_means`); False for fusions and for schemes saved
+            before halves existed.
     """
 
     def __init__(self, sizes: Mapping[str, int], *, model: str, dataset: str, label: str,
@@ -89,6 +112,9 @@ class Scheme:
         self.extra: Dict[str, object] = dict(extra or {})
         self._name = name
         self._bins = {m: zero_bins(n) for m, n in self.sizes.items()}
+        # [2, B, n] exact sums of the pairs of half 0 and half 1 (pair_half); None when not kept.
+        self._half_bins: Optional[Dict[str, torch.Tensor]] = {
+            m: torch.zeros((2,) + tuple(zero_bins(n).shape), dtype=torch.float64) for m, n in self.sizes.items()}
         self._fused_mean: Optional[Dict[str, torch.Tensor]] = None
         self.parts: List[Dict[str, object]] = []  # fused schemes: what was averaged
         self.pair_ids: List[str] = []
@@ -202,6 +228,31 @@ class Scheme:
         mean = self.mean
         return torch.cat([mean[m] for m in self.sizes])
 
+    @property
+    def has_halves(self) -> bool:
+        """True when the two interleaved half sums are kept (not for fusions or old scheme files)."""
+        return self._fused_mean is None and self._half_bins is not None
+
+    def half_counts(self) -> Tuple[int, int]:
+        """Pairs in half 0 and half 1 (:func:`pair_half` of each pair id)."""
+        ones = sum(pair_half(i) for i in self.pair_ids)
+        return len(self.pair_ids) - ones, ones
+
+    def half_means(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``([total_neurons], [total_neurons])`` float64 means of half 0 and half 1, or None.
+
+        None when the halves are not kept (:attr:`has_halves`) or one half has
+        no pair yet.  Modules are concatenated in ``sizes`` order, as in
+        :meth:`mean_vector`.
+        """
+        if not self.has_halves:
+            return None
+        counts = self.half_counts()
+        if min(counts) == 0:
+            return None
+        return tuple(torch.cat([bins_value(self._half_bins[m][h]) for m in self.sizes]) / counts[h]
+                     for h in (0, 1))
+
     def delta_summary(self) -> Dict[str, float]:
         """Convergence delta over the pairs: mean and max |delta|, median relative |delta|.
 
@@ -274,11 +325,24 @@ class Scheme:
                 raise ValueError(f"add: scores[{m!r}] has NaN/Inf values; they cannot enter a mean")
         if self.count + num > MAX_PAIRS:
             raise ValueError(f"a scheme holds at most {MAX_PAIRS} pairs with exact sums; split the dataset")
-        new_bins = {m: self._bins[m] + split_into_bins(scores[m].detach().cpu()) for m in self.sizes}
+        new_bins, new_halves = {}, None
+        if self._half_bins is None:
+            new_bins = {m: self._bins[m] + split_into_bins(scores[m].detach().cpu()) for m in self.sizes}
+        else:
+            # Bin sums are exact, so half 0 + half 1 is bit for bit the sum over all the pairs.
+            half = torch.tensor([pair_half(i) for i in ids], dtype=torch.long)
+            new_halves = {}
+            for m in self.sizes:
+                values = scores[m].detach().cpu()
+                parts = torch.stack([split_into_bins(values[half == h]) for h in (0, 1)])
+                new_halves[m] = self._half_bins[m] + parts
+                new_bins[m] = self._bins[m] + (parts[0] + parts[1])
         # Commit only after every check and computation succeeded.
         if not self.settings:
             self.settings = settings
         self._bins = new_bins
+        if new_halves is not None:
+            self._half_bins = new_halves
         self.pair_ids.extend(ids)
         self._seen.update(ids)
         self.delta = torch.cat([self.delta, attributions.delta.detach().cpu().float()])
@@ -360,6 +424,8 @@ class Scheme:
         out = Scheme(self.sizes, model=self.model, dataset=self.dataset, label=self.label,
                      settings=self.settings or other.settings, name=self._name, extra={**other.extra, **self.extra})
         out._bins = {m: self._bins[m] + other._bins[m] for m in self.sizes}
+        out._half_bins = (None if self._half_bins is None or other._half_bins is None
+                          else {m: self._half_bins[m] + other._half_bins[m] for m in self.sizes})
         out.pair_ids = self.pair_ids + other.pair_ids
         out.dropped_ids = self.dropped_ids + other.dropped_ids
         out._seen = self._seen | other._seen
@@ -419,11 +485,15 @@ class Scheme:
         else:
             for m, b in self._bins.items():
                 tensors[f"sum_bins/{m}"] = b
+            if self._half_bins is not None:
+                for m, b in self._half_bins.items():
+                    tensors[f"half_bins/{m}"] = b
             for t in _PAIR_TENSORS:
                 tensors[f"pair/{t}"] = getattr(self, t)
         meta = {**self.describe(), "name": self._name, "display_name": self.name,
                 "sizes": [[m, n] for m, n in self.sizes.items()],
                 "bin_exponents": list(BIN_EXPONENTS),
+                "halves": HALVES_RULE if (self._fused_mean is None and self._half_bins is not None) else None,
                 "pair_ids": self.pair_ids, "dropped_ids": self.dropped_ids}
         return write_scheme(path, meta, tensors)
 
@@ -436,12 +506,21 @@ class Scheme:
                      settings=meta.get("settings"), name=meta.get("name"), extra=meta.get("extra"))
         if meta.get("kind") == "fusion":
             scheme._fused_mean = {m: expect_tensor(tensors, f"mean/{m}", (n,), json_path) for m, n in sizes.items()}
+            scheme._half_bins = None
             scheme.parts = list(meta.get("parts", []))
             return scheme
         if list(meta.get("bin_exponents", [])) != list(BIN_EXPONENTS):
             raise ValueError(f"scheme {json_path} was written with other summation bins; re-create it")
         scheme._bins = {m: expect_tensor(tensors, f"sum_bins/{m}", (len(BIN_EXPONENTS), n), json_path)
                         for m, n in sizes.items()}
+        if meta.get("halves") is None:  # saved before the halves existed: no stability estimate
+            scheme._half_bins = None
+        elif meta["halves"] != HALVES_RULE:
+            raise ValueError(f"scheme {json_path} assigns pairs to halves by {meta['halves']!r}, not "
+                             f"{HALVES_RULE!r}; re-create it")
+        else:
+            scheme._half_bins = {m: expect_tensor(tensors, f"half_bins/{m}", (2, len(BIN_EXPONENTS), n), json_path)
+                                 for m, n in sizes.items()}
         scheme.pair_ids = [str(i) for i in meta["pair_ids"]]
         scheme.dropped_ids = [str(i) for i in meta["dropped_ids"]]
         scheme._seen = set(scheme.pair_ids) | set(scheme.dropped_ids)
@@ -516,6 +595,7 @@ def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
     out = Scheme(first.sizes, model=first.model, dataset="+".join(datasets), label=FUSED_LABEL,
                  settings=_without_target(first.settings), name=name)
     out._fused_mean = fused_mean
+    out._half_bins = None
     out.parts = [{"name": s.name, "dataset": s.dataset, "label": s.label, "num_pairs": s.count,
                   "num_dropped": s.num_dropped} for s in schemes]
     return out

@@ -4,9 +4,10 @@ Reads what ``fastnig run`` wrote into a run folder and the paper's numbers
 shipped with the package (``fastnig/reference/<name>.json``, see
 :func:`load_reference`), and builds a :class:`Scorecard`:
 
-* **Numbers side by side**: our Table 1 (baseline quality = mean P(rel) −
-  P(non-rel) at the baseline / the same at the input, from
-  ``analysis/baselines.csv``) and Table 4 (% nDCG@10 drop, positive = worse,
+* **Numbers side by side**: our Table 1 (the mean P(rel) − P(non-rel) over
+  relevant pairs the model judges relevant, at the input and at each
+  baseline — the paper's "average difference between each label", whose
+  input value is 1 — from ``analysis/baselines.csv``) and Table 4 (% nDCG@10 drop, positive = worse,
   averaged over the datasets of each validation group, from
   ``pruning/table4.csv``) beside the paper's, with the difference ours −
   paper per cell.  When the run's model, datasets, baseline or steps differ
@@ -17,6 +18,11 @@ shipped with the package (``fastnig/reference/<name>.json``, see
   (N.A. = the run lacks the data the check needs); see :data:`CLAIMS` for
   the exact rule and threshold of each (decisions where the paper gives no
   number are documented there).
+* **Two runs side by side** (:func:`compare_runs`; ``fastnig compare RUN
+  --with OTHER`` and the report's "§6" section when the config names
+  ``compare_with``): the layer profile of N / F of the in-domain dataset and
+  Table 4 of both runs, e.g. the ``pad`` run beside the ``zero`` (Möller)
+  baseline run of the paper's §6.
 
 It reads CSV/JSON files only (no model, no torch), and writes nothing
 unless asked (:meth:`Scorecard.write`).
@@ -72,6 +78,8 @@ CLAIMS: Tuple[Tuple[str, str, str], ...] = (
 """(key, claim, source and rule) of every qualitative check, in the order printed."""
 
 PathLike = Union[str, os.PathLike]
+
+TABLE1_TITLE = "mean P(rel) − P(non-rel) over relevant pairs the model judges relevant"
 
 
 class NotARunFolder(ValueError):
@@ -189,7 +197,7 @@ class Scorecard:
                  f"Qualitative claims: {n[PASS]} PASS, {n[FAIL]} FAIL, {n[NA]} N.A."]
         for c in self.claims:
             lines.append(f"  {c.verdict:<4}  {c.text}: {c.detail}")
-        for table, title in (("Table 1", "baseline quality, relative to the input"),
+        for table, title in (("Table 1", TABLE1_TITLE),
                              ("Table 4", "% nDCG@10 drop when pruning, positive = worse")):
             cells, omitted = self._shown(table)
             label = "" if self.paper_setup else f" [{NOT_PAPER_SETUP}]"
@@ -232,7 +240,7 @@ class Scorecard:
               "| verdict | claim | our numbers | source and rule |", "|---|---|---|---|"]
         for c in self.claims:
             md.append(f"| {c.verdict} | {_md(c.text)} | {_md(c.detail)} | {_md(c.source)} |")
-        for table, title in (("Table 1", "baseline quality, relative to the input"),
+        for table, title in (("Table 1", TABLE1_TITLE),
                              ("Table 4", "% nDCG@10 drop when pruning, positive = worse; (n) = datasets significant")):
             cells, omitted = self._shown(table)
             label = "" if self.paper_setup else f" ({NOT_PAPER_SETUP})"
@@ -389,6 +397,12 @@ def _table4_summary(rows: List[Dict[str, str]]) -> Tuple[Dict[Tuple[str, float, 
         by_gl[(group, level)].append(v["random"])
     random = {k: sum(v) / len(v) for k, v in by_gl.items()}
     return summary, random
+
+
+def table4_summary(rows: List[Dict[str, str]]):
+    """Group means of ``pruning/table4.csv`` rows: ``({(set, level, group): {drop, significant, random}},
+    {(group, level): random baseline})`` (the numbers of ``table4.md``)."""
+    return _table4_summary(rows)
 
 
 # ------------------------------------------------------------------ claims
@@ -599,15 +613,13 @@ def scorecard(run_dir: PathLike, reference: str = "paper") -> Scorecard:
     card = Scorecard(run_dir=run_dir, reference=reference, reference_title=ref.get("title", reference),
                      in_domain=in_domain, setup_differences=_setup_differences(cfg, setup))
 
-    # Table 1: our quality = mean difference at the baseline / at the input.
+    # Table 1: the paper reports the mean difference itself ("average difference between each label"; 1 at
+    # the input, over pairs the model judges relevant); a file without that column falls back to the ratio.
     ours_t1 = {}
     t1_rows = _read_csv(analysis / "baselines.csv")
-    original = next((_float(r.get("mean_difference")) for r in t1_rows if r.get("baseline") == "original"), None)
     for r in t1_rows:
-        q = _float(r.get("quality"))
-        if math.isnan(q) and original:
-            q = _float(r.get("mean_difference")) / original
-        ours_t1[r.get("baseline")] = q
+        value = _float(r.get("mean_difference"))
+        ours_t1[r.get("baseline")] = value if not math.isnan(value) else _float(r.get("quality"))
     if t1_rows:
         for row in ref["table1"]["rows"]:
             card.cells.append(Cell("Table 1", row["baseline"], ours=ours_t1.get(row["baseline"]),
@@ -655,3 +667,123 @@ def scorecard(run_dir: PathLike, reference: str = "paper") -> Scorecard:
         _check_components(layers, in_domain),
     ]
     return card
+
+
+# ------------------------------------------------------------ two runs (§6)
+MID_LAYERS = (7, 12)
+"""The paper's mid-layer peak, "spread across layers 7 to 12" of BERT-large's 24 (counted from 1); scaled to
+other depths as layers [L x 6/24, L x 12/24) counted from 0."""
+
+
+def _layer_totals(run_dir: Path, set_prefix: str) -> Tuple[str, Dict[int, int]]:
+    rows = [r for r in _read_csv(run_dir / "analysis" / "layers_components.csv") if r["set"].startswith(set_prefix)]
+    name = rows[0]["set"] if rows else ""
+    totals: Dict[int, int] = defaultdict(int)
+    for r in rows:
+        if r["set"] == name and int(_float(r["layer"])) >= 0:
+            totals[int(_float(r["layer"]))] += int(_float(r["count"]))
+    return name, dict(totals)
+
+
+def _shares(totals: Mapping[int, int]) -> Tuple[float, float]:
+    """(% in the last two layers, % in the mid layers of :data:`MID_LAYERS`) of a layer profile."""
+    total = sum(totals.values())
+    if not total:
+        return float("nan"), float("nan")
+    n = max(totals) + 1
+    lo, hi = round(n * (MID_LAYERS[0] - 1) / 24), round(n * MID_LAYERS[1] / 24)
+    last = sum(c for l, c in totals.items() if l >= n - 2)
+    mid = sum(c for l, c in totals.items() if lo <= l < hi)
+    return last / total * 100, mid / total * 100
+
+
+@dataclass
+class RunComparison:
+    """Two runs side by side: layer profiles of N / F of the in-domain dataset, and Table 4."""
+
+    run_dir: Path
+    other_dir: Path
+    run_label: str
+    other_label: str
+    profiles: List[Dict[str, Any]] = field(default_factory=list)   # one per set: name, this, other (layer -> n)
+    table4: List[Dict[str, Any]] = field(default_factory=list)     # set, level, group, this, other
+
+    def to_markdown(self) -> str:
+        """For report.md: the profile table, the peak shares, and Table 4 of both runs."""
+        a, b = self.run_label, self.other_label
+        md = [f"This run (`{self.run_dir}`, {a}) beside `{self.other_dir}` ({b}).", ""]
+        if not self.profiles:
+            md += ["_No layer profile (analysis/layers_components.csv) in one of the runs._", ""]
+        for prof in self.profiles:
+            last_a, mid_a = _shares(prof["this"])
+            last_b, mid_b = _shares(prof["other"])
+            md += [f"**Layer profile of {prof['set']}** (neurons per layer) — share in the last two layers: "
+                   f"{last_a:.1f} % ({a}) vs {last_b:.1f} % ({b}); in the mid layers "
+                   f"{prof['mid']}: {mid_a:.1f} % vs {mid_b:.1f} %", "",
+                   f"| layer | {_md(a)} | {_md(b)} |", "|---|---|---|"]
+            for layer in sorted(set(prof["this"]) | set(prof["other"])):
+                md.append(f"| {layer} | {prof['this'].get(layer, 0)} | {prof['other'].get(layer, 0)} |")
+            md.append("")
+        if self.table4:
+            md += ["**Table 4 of both runs** (% nDCG@10 drop, positive = worse, group means)", "",
+                   f"| set | group | level | {_md(a)} | {_md(b)} | difference |", "|---|---|---|---|---|---|"]
+            for r in self.table4:
+                diff = (r["this"] - r["other"]) if r["this"] is not None and r["other"] is not None else None
+                md.append(f"| {_md(r['set'])} | {_md(r['group'])} | {r['level']:g}% | {_num(r['this'])} | "
+                          f"{_num(r['other'])} | {'–' if diff is None else f'{diff:+.2f}'} |")
+            spread = self.spread()
+            if spread:
+                md += ["", "Spread of the drops (largest − smallest set, per group and level): " + "; ".join(
+                    f"{g} {l:g}%: {sa:.2f} ({a}) vs {sb:.2f} ({b})" for (g, l), (sa, sb) in spread.items())]
+        else:
+            md.append("_No Table 4 (pruning/table4.csv) in one of the runs._")
+        return "\n".join(md) + "\n"
+
+    def spread(self) -> Dict[Tuple[str, float], Tuple[float, float]]:
+        """(group, level) -> (largest − smallest drop over sets) in this run and the other (both present)."""
+        by: Dict[Tuple[str, float], List[Tuple[float, float]]] = defaultdict(list)
+        for r in self.table4:
+            if r["this"] is not None and r["other"] is not None:
+                by[(r["group"], r["level"])].append((r["this"], r["other"]))
+        return {k: (max(x for x, _ in v) - min(x for x, _ in v), max(y for _, y in v) - min(y for _, y in v))
+                for k, v in sorted(by.items()) if len(v) > 1}
+
+    def to_text(self) -> str:
+        """For the terminal (the Markdown, tables included, reads as text)."""
+        return self.to_markdown()
+
+
+def _run_label(cfg: Mapping[str, Any], run_dir: Path) -> str:
+    baseline = cfg.get("attribution", {}).get("baseline", "?")
+    return f"{cfg.get('name') or run_dir.name}, baseline {baseline}"
+
+
+def compare_runs(run_dir: PathLike, other_dir: PathLike) -> RunComparison:
+    """Two finished runs side by side (the paper's §6: the ``pad`` run beside the ``zero`` baseline's).
+
+    Layer profiles: N_x and F_x of each run's in-domain dataset at the
+    analysed level (``analysis/layers_components.csv``); Table 4: every
+    (set, level, group) of either run (``pruning/table4.csv``, group means).
+
+    Raises:
+        NotARunFolder: either folder is not a run folder.
+    """
+    run_dir, other_dir = Path(run_dir), Path(other_dir)
+    cfg, other_cfg = read_run_config(run_dir), read_run_config(other_dir)
+    comp = RunComparison(run_dir, other_dir, _run_label(cfg, run_dir), _run_label(other_cfg, other_dir))
+    for prefix in ("N_", "F_"):
+        name, mine = _layer_totals(run_dir, f"{prefix}{_in_domain(cfg)}@")
+        other_name, theirs = _layer_totals(other_dir, f"{prefix}{_in_domain(other_cfg)}@")
+        if mine or theirs:
+            n = max(list(mine) + list(theirs)) + 1
+            lo, hi = round(n * (MID_LAYERS[0] - 1) / 24), round(n * MID_LAYERS[1] / 24)
+            comp.profiles.append({"set": name or other_name, "this": mine, "other": theirs,
+                                  "mid": f"{lo}–{hi - 1}"})
+    mine, _ = _table4_summary(_read_csv(run_dir / "pruning" / "table4.csv"))
+    theirs, _ = _table4_summary(_read_csv(other_dir / "pruning" / "table4.csv"))
+    if mine and theirs:
+        for key in sorted(dict.fromkeys(list(mine) + list(theirs)), key=lambda k: (k[2], k[1])):
+            comp.table4.append({"set": key[0], "level": key[1], "group": key[2],
+                                "this": mine[key]["drop"] if key in mine else None,
+                                "other": theirs[key]["drop"] if key in theirs else None})
+    return comp

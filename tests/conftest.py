@@ -1,7 +1,16 @@
-"""Shared fixtures: the real collections of ../shared/data and tiny models."""
+"""Shared fixtures: real collections and tiny models.
+
+Cranfield and MEDLINE ship inside the package (``fastnig/collections``), so
+every test that reads them runs on a fresh clone.  Only NFCorpus, which is
+larger and whose terms do not allow shipping it, is read from a data folder
+(``../shared/data`` beside the checkout, or ``$FASTNIG_SHARED_DATA``); the
+few tests that need it skip, saying so, when it is absent.
+"""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,11 +24,40 @@ def shared_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = shared_data_dir()
-    if not path.is_dir():
-        pytest.skip(f"the real test collections are not at {path} (set FASTNIG_SHARED_DATA)")
+def nfcorpus_dir() -> Path:
+    """NFCorpus's TREC-style files (``nfcorpus/test.docs``, ...) from the larger, unshippable collections."""
+    path = shared_data_dir() / "nfcorpus"
+    if not (path / "test.docs").is_file():
+        pytest.skip(f"needs NFCorpus (3,162 docs, not shipped with fastnig: its terms forbid it) at {path}; "
+                    "put its TREC-style files there or set FASTNIG_SHARED_DATA to the folder holding nfcorpus/")
     return path
+
+
+@pytest.fixture(scope="session")
+def cran_tarball() -> Path:
+    """The packaged original ``cran.tar.gz`` (its sha256 checked against ``checksums.json``)."""
+    from fastnig.data.packaged import packaged_archive
+
+    return packaged_archive("cranfield")
+
+
+def pytest_configure(config):
+    """A fresh IR_DATASETS_HOME for the session (before anything imports ir_datasets): the tests neither
+    read nor write a user's ~/.ir_datasets; fastnig places the packaged Cranfield archive there itself."""
+    home = tempfile.mkdtemp(prefix="fastnig-tests-irds-")
+    config._fastnig_irds_home = (home, os.environ.get("IR_DATASETS_HOME"))
+    os.environ["IR_DATASETS_HOME"] = home
+
+
+def pytest_unconfigure(config):
+    home, before = getattr(config, "_fastnig_irds_home", (None, None))
+    if home is None:
+        return
+    shutil.rmtree(home, ignore_errors=True)
+    if before is None:
+        os.environ.pop("IR_DATASETS_HOME", None)
+    else:
+        os.environ["IR_DATASETS_HOME"] = before
 
 
 @pytest.fixture(scope="session")

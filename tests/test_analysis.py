@@ -100,15 +100,15 @@ def test_pairwise_overlaps_match_hand_computed_values(schemes, tmp_path):
         assert curve(table, label=label, dataset_a=a, dataset_b=b, pair_kind=kind) == expected
     row = next(r for r in table if r["dataset_b"] == "nf" and r["level_percent"] == "30.0" and r["dataset_a"] == "ms")
     assert (row["scheme_a"], row["scheme_b"], row["set_size"], row["common"]) == ("P_ms", "P_nf", "3", "2")
-    assert_png(tmp_path / "pairwise_overlap_relevant.png")
-    assert_png(tmp_path / "pairwise_overlap_non-relevant.png")
+    assert_png(tmp_path / "figure2a_pairwise_overlap_relevant.png")
+    assert_png(tmp_path / "figure2c_pairwise_overlap_non-relevant.png")
 
 
 def test_excluding_datasets_and_ranking_by_abs(schemes, tmp_path):
     rows = analysis.pairwise_overlaps(schemes, tmp_path, levels=LEVELS, exclude=["nf"])
     assert {(r["dataset_a"], r["dataset_b"]) for r in rows} == {("ms", "tc")}
     assert (tmp_path / "pairwise_overlap_without_nf.csv").is_file()
-    assert_png(tmp_path / "pairwise_overlap_relevant_without_nf.png")
+    assert_png(tmp_path / "figure2b_pairwise_overlap_relevant_without_nf.png")
     # All values are positive here, so ranking by |mean| changes nothing.
     by_abs = analysis.pairwise_overlaps(schemes, levels=LEVELS, by="abs")
     assert [r["overlap_percent"] for r in by_abs] == [
@@ -125,12 +125,12 @@ def test_intersection_summary_matches_hand_computed_values(schemes, tmp_path):
             assert curve(source, curve=name, label=label, datasets=datasets) == expected
     names = {r["name"] for r in table}
     assert {"∩_O P", "∩_A P", "∩_A N", "P_tc ∩ N_tc"} <= names
-    assert_png(tmp_path / "intersections.png")
+    assert_png(tmp_path / "figure3_intersections.png")
     # Without nf only tc is out of domain: no ∩_O curve left, ∩_A P = P_ms ∩ P_tc.
     rows = analysis.intersection_summary(schemes, tmp_path, levels=LEVELS, exclude=["nf"])
     assert curve(rows, curve="cap_A", label="relevant") == {10: 100.0, 20: 50.0, 30: 100.0}
     assert not [r for r in rows if r["curve"] == "cap_O"]
-    assert_png(tmp_path / "intersections_without_nf.png")
+    assert_png(tmp_path / "figure3_intersections_without_nf.png")
 
 
 def test_layer_component_counts(schemes, tmp_path):
@@ -147,7 +147,7 @@ def test_layer_component_counts(schemes, tmp_path):
 def test_analyze_writes_every_table_and_figure(schemes, tmp_path):
     tables = analysis.analyze(schemes, tmp_path, levels=LEVELS, exclude=["nf"], layer_percent=30)
     assert set(tables) == {"schemes", "pairwise_overlap", "intersections", "pairwise_overlap_without_nf",
-                           "intersections_without_nf", "layers_components"}
+                           "intersections_without_nf", "layers_components", "layer_profile"}
     summary = read_csv(tmp_path / "schemes.csv")
     assert [(r["name"], r["pairs"], r["dropped"], r["steps"]) for r in summary] == [
         ("P_ms", "1", "1", "8"), ("N_ms", "1", "1", "8"), ("P_nf", "1", "1", "8"),
@@ -160,9 +160,24 @@ def test_analyze_writes_every_table_and_figure(schemes, tmp_path):
     # the tie rule (model order) keeps neurons 0, 1, 2.
     f_ms = {(r["layer"], r["component"]): int(r["count"]) for r in layers if r["set"] == "F_ms@30%"}
     assert f_ms == {("0", "query"): 2, ("0", "intermediate"): 1, ("1", "value"): 0, ("1", "ff_output"): 0}
-    for name in ("pairwise_overlap_relevant", "pairwise_overlap_non-relevant", "intersections",
-                 "pairwise_overlap_relevant_without_nf", "intersections_without_nf", "layers_F_A_at_30pct"):
+    # File names follow the paper's numbering: Figures 2a-d, 3, 4a (N_ms), 4b (F_ms), 5.
+    for name in ("figure2a_pairwise_overlap_relevant", "figure2c_pairwise_overlap_non-relevant",
+                 "figure3_intersections", "figure2b_pairwise_overlap_relevant_without_nf",
+                 "figure3_intersections_without_nf", "figure4a_layers_N_ms_at_30pct", "figure4b_layers_F_ms_at_30pct",
+                 "layers_F_A_at_30pct", "layers_P_ms_at_30pct", "figure5_layers"):
         assert_png(tmp_path / f"{name}.png")
+    assert_png(tmp_path / "figure2d_pairwise_overlap_non-relevant_without_nf.png")
+    assert not list(tmp_path.glob("layers_N_ms*")) and not list(tmp_path.glob("figure4*_P_*"))
+    # Figure 5: neurons per layer of P, N, F of the in-domain dataset and F_A (default sets).
+    profile = read_csv(tmp_path / "layer_profile.csv")
+    assert list(dict.fromkeys(r["expression"] for r in profile)) == ["P_ms", "N_ms", "F_ms", "F_A"]
+    per_layer = {(r["expression"], r["layer"]): int(r["count"]) for r in profile}
+    assert per_layer[("F_ms", "0")] == 3 and per_layer[("F_ms", "1")] == 0
+    assert sum(v for (e, _), v in per_layer.items() if e == "N_ms") == 3
+    # Given sets (a run passes its pruned sets): only those, and unknown ones are left out.
+    tables = analysis.analyze(schemes, tmp_path / "given", levels=LEVELS, layer_percent=30,
+                              profile=["inter(O, P)", "N_nf", "F_A"])
+    assert [r["expression"] for r in tables["layer_profile"]][::2] == ["inter(O, P)", "F_A"]
 
 
 def test_schemes_of_one_dataset_and_label_are_merged(schemes):
@@ -201,12 +216,13 @@ def test_fastnig_analyze_on_saved_scheme_files(schemes, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "read 5 scheme(s)" in printed and "skipping F_ms" in printed and "layers_F_A_at_30pct.png" in printed
+    assert "figure4a_layers_N_ms_at_30pct.png" in printed and "figure5_layers.png" in printed
     table = read_csv(out / "pairwise_overlap.csv")
     for (label, a, b, kind), expected in PAIRWISE.items():
         assert curve(table, label=label, dataset_a=a, dataset_b=b, pair_kind=kind) == expected
     table = read_csv(out / "intersections_without_nf.csv")
     assert curve(table, curve="cap_A", label="relevant") == {10: 100.0, 20: 50.0, 30: 100.0}
-    assert_png(out / "pairwise_overlap_non-relevant.png")
+    assert_png(out / "figure2c_pairwise_overlap_non-relevant.png")
     # Files can also be named one by one, with or without ".json".
     rc = main(["analyze", str(runs / "P_ms"), str(runs / "P_tc.json"), "-o", str(tmp_path / "two"),
                "--levels", "10", "20"])
@@ -287,12 +303,15 @@ def test_baseline_quality_matches_an_independent_computation(kind, num_labels):
 def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     from fastnig.cli import main
 
-    rows = analysis.baseline_table({"original": 0.5, "pad": 0.1, "zero": -0.25}, tmp_path)
+    rows = analysis.baseline_table({"original": 0.5, "pad": 0.1, "zero": -0.25}, tmp_path, pairs=7, dataset="ms")
     assert [(r["baseline"], r["quality"]) for r in rows] == [("original", 1.0), ("pad", 0.2), ("zero", -0.5)]
     table = read_csv(tmp_path / "baselines.csv")
-    assert [(r["baseline"], float(r["mean_difference"]), float(r["quality"])) for r in table] == [
-        ("original", 0.5, 1.0), ("pad", 0.1, 0.2), ("zero", -0.25, -0.5)]
-    assert_png(tmp_path / "baselines.png")
+    assert tuple(table[0]) == analysis.BASELINE_COLUMNS
+    # Each row has the original input's value beside it, and what it was averaged over.
+    assert [(r["baseline"], float(r["mean_difference"]), float(r["original_difference"]), float(r["quality"]),
+             r["pairs"], r["dataset"]) for r in table] == [
+        ("original", 0.5, 0.5, 1.0, "7", "ms"), ("pad", 0.1, 0.5, 0.2, "7", "ms"), ("zero", -0.25, 0.5, -0.5, "7", "ms")]
+    assert_png(tmp_path / "table1_baselines.png")
     with pytest.raises(ValueError, match="baselines"):
         analysis.baseline_quality(tiny_bert, tokenizer, [("a", "b")], baselines=["blank"])
 
@@ -306,10 +325,18 @@ def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["analyze", "--baseline-model", str(model_dir), "--baseline-pairs", str(pairs_file),
                  "--baseline-max-pairs", "3", "--out", str(out), "--device", "cpu"]) == 0
-    expected = analysis.baseline_quality(tiny_bert, tokenizer, PAIRS[:3])
+    # Table 1's protocol: only the pairs the model judges relevant (P(rel) > 0.5), the first 3 of them.
+    from fastnig.cross_encoder import score_pairs
+
+    every = PAIRS + [("diet", "vitamin")]
+    p_rel = score_pairs(tiny_bert, tokenizer, every, output="probability").tolist()
+    agreeing = [pair for pair, p in zip(every, p_rel) if p > 0.5][:3]
+    assert agreeing, "the tiny model judges no pair relevant; pick other pairs"
+    expected = analysis.baseline_differences(tiny_bert, tokenizer, agreeing)
     table = read_csv(out / "baselines.csv")
     assert [r["baseline"] for r in table] == list(expected)
     for r in table:
-        assert float(r["quality"]) == pytest.approx(expected[r["baseline"]], rel=1e-5)
-    assert "baseline pad" in capsys.readouterr().out
+        assert float(r["mean_difference"]) == pytest.approx(expected[r["baseline"]], rel=1e-5, abs=1e-6)
+        assert int(r["pairs"]) == len(agreeing)
+    assert "judges relevant" in capsys.readouterr().out
     assert main(["analyze", "--baseline-model", str(model_dir), "-o", str(out)]) == 2

@@ -18,8 +18,9 @@ FAMILIES = [  # (model family, logits, tokenizer family)
 ]
 
 
-def _captum_conductance(model, tokenizer, query, passage, target, steps):
-    """Captum LayerConductance (riemann_trapezoid) summed over tokens, per Linear."""
+def _captum_conductance(model, tokenizer, query, passage, target, steps, names=None):
+    """Captum LayerConductance (riemann_trapezoid) summed over tokens, per Linear
+    (every encoder Linear, or ``names``); a ``[batch, features]`` output (the pooler) has no token axis."""
     enc = tokenizer(query, passage, truncation="only_second", max_length=512, return_tensors="pt",
                     return_special_tokens_mask=True)
     ids = enc["input_ids"]
@@ -40,10 +41,11 @@ def _captum_conductance(model, tokenizer, query, passage, target, steps):
         return target_function(logits, torch.full((n,), relevant), "probability")
 
     result = {}
-    for name, module in linear_modules(model).items():
-        lc = captum_attr.LayerConductance(forward, module)
-        attr = lc.attribute(x, baselines=x_base, n_steps=steps, method="riemann_trapezoid")
-        result[name] = attr.detach().sum(dim=1)[0]
+    modules = dict(model.named_modules())
+    for name in names or linear_modules(model):
+        lc = captum_attr.LayerConductance(forward, modules[name])
+        attr = lc.attribute(x, baselines=x_base, n_steps=steps, method="riemann_trapezoid").detach()
+        result[name] = attr.sum(dim=1)[0] if attr.dim() == 3 else attr[0]
     return result
 
 
@@ -66,11 +68,31 @@ def test_left_rule_equals_captum_layer_conductance(family, logits, tok_family, t
         assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("how", ["include_pooler", "layers"])
+def test_pooler_equals_captum_layer_conductance(how):
+    """The pooler's output is [batch, features]: one "token" per pair; Captum LayerConductance agrees."""
+    tok = make_tokenizer("bert")
+    model = make_model("bert", num_labels=2, vocab_size=tok.vocab_size, seed=3)
+    query, passage = PAIRS[1]
+    steps = 16
+    kwargs = dict(include_pooler=True) if how == "include_pooler" else dict(layers=["bert.pooler.dense"])
+    ours = fastnig.attribute(model, [(query, passage)], tokenizer=tok, steps=steps, rule="left", step_batch=5,
+                             progress=False, **kwargs)
+    ref = _captum_conductance(model, tok, query, passage, "relevant", steps, names=["bert.pooler.dense"])
+    got, expected = ours.scores["bert.pooler.dense"][0], ref["bert.pooler.dense"]
+    assert got.shape == (model.config.hidden_size,)
+    assert expected.abs().max() > 0
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel <= 1e-4, f"relative error {rel:.2e}"
+    # completeness over the pooler: its conductance sums to F(x) - F(x') up to the integration error
+    total = got.sum()
+    assert total.item() == pytest.approx((ours.f_input - ours.f_baseline)[0].item(), abs=0.05)
+
+
 @pytest.mark.parametrize("family,tok_family,attention", [
     ("bert", "bert", "sdpa"), ("bert", "bert", "eager"), ("electra", "bert", "sdpa"),
     ("roberta", "roberta", "sdpa"), ("distilbert", "distilbert", "sdpa")])
-def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(family, tok_family, attention,
-                                                                             monkeypatch):
+def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(family, tok_family, attention):
     """The head reads the last layer at token 0 only: the cut runs its feed-forward block (and,
     for the BERT family, its queries) on that token alone, and every attribution equals the
     uncut run's, with batch padding (boolean or additive attention masks)."""
@@ -90,8 +112,13 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
         h.remove()
     assert rows[last_ffn] == {1}
     assert (rows[last_query] == {1}) == (family != "distilbert")
-    monkeypatch.setattr(first_token, "first_token_cut", lambda model: None)
-    full = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False)
+    rows = {last_query: set(), last_ffn: set()}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: rows[n].add(o.shape[1])) for n in rows]
+    full = fastnig.attribute(model, PAIRS[:3], tokenizer=tok, steps=8, pair_batch=3, progress=False,
+                             first_token_cut=False)
+    for h in handles:
+        h.remove()
+    assert rows[last_ffn] == rows[last_query] and 1 not in rows[last_ffn]  # switched off: every token
     for name, expected in full.scores.items():
         torch.testing.assert_close(cut.scores[name], expected, rtol=1e-5, atol=1e-7, msg=name)
     torch.testing.assert_close(cut.delta, full.delta, rtol=0, atol=1e-6)  # a difference of near-equal sums

@@ -1,17 +1,22 @@
-"""fastnig.data on real collections (../shared/data), offline.
+"""fastnig.data on real collections, offline.
 
-Cranfield goes through its real ir_datasets id in a subprocess: ir_datasets
-reads IR_DATASETS_HOME when it is imported, so a temporary home holding the
-original cran.tar.gz must be set before that import.  NFCorpus goes through
-local TREC-style files, and a BEIR folder is written by the tests.  Expected
+Cranfield and MEDLINE are the collections packaged with fastnig
+(``fastnig/collections``): their archives are checked against
+``checksums.json`` and ir_datasets' pinned md5, and their counts against the
+raw files.  Cranfield goes through its real ir_datasets id in a subprocess:
+ir_datasets reads IR_DATASETS_HOME when it is imported, so a temporary home
+(into which fastnig places the packaged cran.tar.gz) must be set before that
+import.  NFCorpus (not shippable) goes through local TREC-style files when
+its folder is there, and a BEIR folder is written by the tests.  Expected
 values are computed here from the raw files, independently of ir_datasets.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import subprocess
+import tarfile
 import sys
 import textwrap
 from collections import Counter
@@ -107,11 +112,19 @@ CRANFIELD_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def cranfield(shared_data, tmp_path_factory):
-    """Results of the Cranfield script, run with a temporary IR_DATASETS_HOME holding cran.tar.gz."""
+def cran_raw(cran_tarball, tmp_path_factory):
+    """The members of the packaged cran.tar.gz, unpacked with tarfile (not by ir_datasets)."""
+    folder = tmp_path_factory.mktemp("cran_raw")
+    with tarfile.open(cran_tarball) as tar:
+        tar.extractall(folder, members=[m for m in tar.getmembers() if m.name in ("cran.qry", "cranqrel")])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cranfield(tmp_path_factory):
+    """Results of the Cranfield script, run with an empty temporary IR_DATASETS_HOME: fastnig places
+    the packaged cran.tar.gz there itself (no network, no data folder)."""
     home = tmp_path_factory.mktemp("irds_home")
-    (home / "cranfield").mkdir()
-    shutil.copy(shared_data / "cranfield" / "cran.tar.gz", home / "cranfield" / "cran.tar.gz")
     env = dict(os.environ, IR_DATASETS_HOME=str(home), FASTNIG_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", CRANFIELD_SCRIPT], capture_output=True, text=True, env=env,
@@ -119,6 +132,7 @@ def cranfield(shared_data, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     result["home"] = str(home)
+    result["placed"] = hashlib.sha256((home / "cranfield" / "cran.tar.gz").read_bytes()).hexdigest()
     return result
 
 
@@ -129,10 +143,13 @@ def test_cranfield_counts(cranfield):
     assert sum(len(d) for d in cranfield["qrels"].values()) == 1837
     assert len(cranfield["qrels"]) == 225
     assert cranfield["scoreddocs"] is None
+    from fastnig.data.packaged import checksums
+
+    assert cranfield["placed"] == checksums()["cran.tar.gz"]["sha256"]  # the packaged original, byte for byte
 
 
-def test_cranfield_query_ids_are_qrels_positions(cranfield, shared_data):
-    raw = read_cranfield_queries(shared_data / "cranfield" / "cran.qry")
+def test_cranfield_query_ids_are_qrels_positions(cranfield, cran_raw):
+    raw = read_cranfield_queries(cran_raw / "cran.qry")
     assert len(raw) == 225
     assert cranfield["queries"] == {str(k): text for k, text in enumerate(raw, start=1)}
     q3 = cranfield["queries"]["3"]
@@ -142,8 +159,8 @@ def test_cranfield_query_ids_are_qrels_positions(cranfield, shared_data):
         assert "slab" in cranfield["texts"][did]
 
 
-def test_cranfield_grades_higher_is_better(cranfield, shared_data):
-    rows = read_cranqrel(shared_data / "cranfield" / "cranqrel")
+def test_cranfield_grades_higher_is_better(cranfield, cran_raw):
+    rows = read_cranqrel(cran_raw / "cranqrel")
     assert Counter(code for _, _, code in rows) == {1: 128, 2: 387, 3: 734, 4: 363, -1: 225}
     expected = {"relevant": 4, "nonrelevant": 0, "drop": None}
     for policy, source_gain in expected.items():
@@ -199,6 +216,130 @@ def test_cranfield_errors(cranfield):
     assert kind == "ValueError" and "source_paper" in message and "'drop'" in message
 
 
+# ------------------------------------------------------ packaged collections
+def _digests(data: bytes) -> dict:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest(), "bytes": len(data)}
+
+
+def test_packaged_files_match_their_checksums():
+    from importlib import resources
+
+    from fastnig.data.packaged import ARCHIVES, checksums
+
+    sums = checksums()
+    assert set(sums) == set(ARCHIVES.values()) == {"cran.tar.gz", "med.tar.gz"}
+    folder = resources.files("fastnig").joinpath("collections")
+    total = 0
+    for name, expected in sums.items():
+        data = folder.joinpath(name).read_bytes()
+        total += len(data)
+        assert _digests(data) == {k: expected[k] for k in ("sha256", "md5", "bytes")}, name
+        with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        assert set(members) == set(expected["members"]), name
+        for member, digest in expected["members"].items():
+            assert _digests(members[member]) == digest, (name, member)
+    assert total <= 3 * 2 ** 20  # the issue's budget for shipped data
+    # cran.tar.gz is the original archive: the md5 and size ir_datasets pins for its download
+    pinned = json.loads(Path(ir_datasets.__file__).with_name("etc").joinpath("downloads.json").read_text())
+    cran = pinned["cranfield"]["main"]
+    assert (cran["expected_md5"], cran["size_hint"]) == (sums["cran.tar.gz"]["md5"], sums["cran.tar.gz"]["bytes"])
+
+
+def test_altered_packaged_file_is_refused(tmp_path, monkeypatch):
+    from fastnig.data import packaged
+
+    real = packaged._collections_dir()
+    fake = tmp_path / "collections"
+    fake.mkdir()
+    (fake / "checksums.json").write_bytes(real.joinpath("checksums.json").read_bytes())
+    data = bytearray(real.joinpath("med.tar.gz").read_bytes())
+    data[-1] ^= 1
+    (fake / "med.tar.gz").write_bytes(bytes(data))
+    monkeypatch.setattr(packaged, "_collections_dir", lambda: fake)
+    monkeypatch.setattr(packaged, "_VERIFIED", {})
+    with pytest.raises(DatasetUnavailable, match="missing or altered") as err:
+        packaged.packaged_archive("med")
+    assert "reinstall fastnig" in str(err.value)
+    (fake / "med.tar.gz").unlink()
+    with pytest.raises(DatasetUnavailable, match="missing or altered"):
+        packaged.packaged_archive("med")
+
+
+def _smart(text: str) -> dict:
+    """``.I id`` / ``.W`` records -> {id: text}, whitespace collapsed (an independent reader)."""
+    records, current = {}, None
+    for line in text.splitlines():
+        if line.startswith(".I "):
+            current = line.split()[1]
+            records[current] = []
+        elif line.strip() != ".W" and current is not None:
+            records[current] += line.split()
+    return {k: " ".join(v) for k, v in records.items()}
+
+
+@pytest.fixture(scope="module")
+def med(tmp_path_factory):
+    from fastnig.data.packaged import packaged_archive
+
+    with tarfile.open(packaged_archive("med")) as tar:
+        raw = {name: tar.extractfile(name).read().decode("ascii") for name in ("MED.ALL", "MED.QRY", "MED.REL")}
+    cache = tmp_path_factory.mktemp("med_cache")
+    return load_collection("med", cache_dir=cache), raw, cache
+
+
+def test_med_counts_and_texts(med):
+    c, raw, _ = med
+    assert c.name == "med" and "MEDLINE" in c.source
+    assert c.docs_count() == 1033 and sum(1 for _ in c.iter_docs()) == 1033
+    queries = c.queries()
+    assert len(queries) == 30 and queries == _smart(raw["MED.QRY"])
+    qrels = c.qrels()
+    assert sum(len(d) for d in qrels.values()) == 696 and len(qrels) == 30
+    assert {g for d in qrels.values() for g in d.values()} == {1}  # binary, relevant only
+    assert not c.has_nonrelevant
+    assert qrels == read_trec_qrels_text(raw["MED.REL"])
+    sizes = sorted(len(d) for d in qrels.values())
+    assert sizes[0] == 9 and sizes[-1] == 39
+    docs = [d for ds in qrels.values() for d in ds]
+    assert len(docs) == len(set(docs))  # each relevant doc belongs to exactly one query
+    texts = _smart(raw["MED.ALL"])
+    assert c.doc_texts(["1", "1033"]) == {"1": texts["1"], "1033": texts["1033"]}
+    assert "crystalline lens" in queries["1"]
+
+
+def read_trec_qrels_text(text: str) -> dict:
+    qrels = {}
+    for line in text.splitlines():
+        if line.strip():
+            qid, _, did, grade = line.split()
+            qrels.setdefault(qid, {})[did] = int(grade)
+    return qrels
+
+
+def test_query_split_specs(med):
+    from fastnig.models import split_queries
+
+    c, _, cache = med
+    train, heldout = split_queries(c)
+    assert len(heldout) == round(0.3 * 30) and len(train) == 30 - len(heldout)
+    assert not set(train) & set(heldout) and set(train) | set(heldout) == set(c.queries())
+    assert split_queries(c, 0.3, 1) != (train, heldout)
+    for part, ids in (("train", train), ("heldout", heldout)):
+        sub = load_collection(f"med@{part}", cache_dir=cache)
+        assert sub.name == f"med@{part}"
+        assert list(sub.queries()) == ids and set(sub.qrels()) == set(ids)
+        assert sub.qrels() == {q: c.qrels()[q] for q in ids}
+        assert sub.docs_count() == 1033  # the corpus stays whole
+        assert any(f"the {part} part of the seeded split" in note for note in sub.notes)
+        pairs = sample_pairs(sub, label=1, num_pairs=50, seed=0)
+        assert {p.query_id for p in pairs} <= set(ids)
+    with pytest.raises(ValueError, match="unknown dataset 'med@test'"):
+        load_collection("med@test")
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_queries(c, 1.0)
+
+
 # ----------------------------------------------------------------- NFCorpus
 @pytest.fixture()
 def irds_home(tmp_path, monkeypatch):
@@ -208,8 +349,8 @@ def irds_home(tmp_path, monkeypatch):
     return home
 
 
-def test_nfcorpus_trec_files(shared_data, irds_home):
-    nf = shared_data / "nfcorpus"
+def test_nfcorpus_trec_files(nfcorpus_dir, irds_home):
+    nf = nfcorpus_dir
     before = sorted(os.listdir(nf))
     spec = f"trec:docs_tsv={nf / 'test.docs'},queries_tsv={nf / 'test.all.queries'},qrels_trec={nf / 'test.3-2-1.qrel'}"
     c = load_collection(spec)

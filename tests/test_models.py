@@ -122,6 +122,50 @@ def test_finetune_freezes_embeddings_and_ranks_relevant_higher(tiny, tmp_path):
                                   bm25_cache_dir=tmp_path / "bm25")
     assert ev["queries"] == 6 and 0 <= ev["ndcg"] <= 1 and 0 <= ev["bm25_ndcg"] <= 1
     assert ev["ndcg"] > 0.5  # the training queries: it has learnt their relevant docs
+    assert ev["random_orders"] == 100 and 0 < ev["random_ndcg"] < ev["ndcg"]
+    assert set(ev["per_query"]) == {"q1", "q2", "q3", "q4", "q5", "q6"}
+    assert ev["random_ndcg"] == pytest.approx(statistics.mean(v[2] for v in ev["per_query"].values()))
+
+
+def test_random_order_ndcg_is_the_mean_over_permutations(tiny, tmp_path):
+    """The chance level equals its exact expectation: E[DCG@k] = mean gain x sum of discounts (linearity)."""
+    import math
+
+    from fastnig.reranking import bm25_run
+
+    collection, _, base = tiny
+    model, tokenizer = _fresh(base)
+    qids = ["q1", "q2", "q3", "q4"]
+    ev = models.evaluate_reranker(model, tokenizer, collection, qids, depth=10, k=5, random_orders=2000,
+                                  bm25_cache_dir=tmp_path / "bm25")
+    run = bm25_run(collection, {q: collection.queries()[q] for q in qids}, k=10, cache_dir=tmp_path / "bm25",
+                   progress=False)
+    qrels = collection.qrels()
+    for q in qids:
+        gains = [qrels[q].get(d, 0) for d, _ in run[q]]
+        expected_dcg = sum(gains) / len(gains) * sum(1 / math.log2(i + 2) for i in range(min(5, len(gains))))
+        ideal = sorted(qrels[q].values(), reverse=True)[:5]
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+        assert ev["per_query"][q][2] == pytest.approx(expected_dcg / idcg, abs=0.02), q
+    with pytest.raises(ValueError, match="random_orders"):
+        models.evaluate_reranker(model, tokenizer, collection, qids, random_orders=0)
+    with pytest.raises(ValueError, match="query_ids"):
+        models.evaluate_reranker(model, tokenizer, collection, ["nope"])
+
+
+def test_demo_model_quality_evaluates_the_held_out_queries(tiny, tmp_path):
+    collection, _, base = tiny
+    model, tokenizer = offline_demo_model(tmp_path / "models", dataset=collection, base=str(base),
+                                          test_fraction=0.25, steps=10, batch_size=8, lr=FAST["lr"], max_length=32,
+                                          progress=False)
+    quality = models.demo_model_quality(model, tokenizer, dataset=collection, test_fraction=0.25, depth=10,
+                                        max_length=32, bm25_cache_dir=tmp_path / "bm25")
+    _, held_out = split_queries(collection, 0.25, 0)
+    assert set(quality["per_query"]) == set(held_out) and quality["heldout_queries"] == 2
+    assert quality["train_queries"] == 6 and quality["model"] == model.config.name_or_path
+    assert quality["training"]["settings"]["steps"] == 10 and "train_query_ids" not in quality["training"]["settings"]
+    assert quality["training"]["seconds"] > 0 and quality["dataset"].endswith("@heldout")
+    json.dumps(quality)
 
 
 def test_finetune_rejects_bad_settings(tiny):

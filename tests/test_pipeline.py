@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +15,10 @@ from fastnig.schemes import Scheme
 
 
 @pytest.fixture(scope="module")
-def cranfield_home(shared_data, tmp_path_factory):
-    """An IR_DATASETS_HOME holding the real Cranfield tarball (read by its real id)."""
-    home = tmp_path_factory.mktemp("irds")
-    (home / "cranfield").mkdir()
-    shutil.copy(shared_data / "cranfield" / "cran.tar.gz", home / "cranfield" / "cran.tar.gz")
-    return home
+def cranfield_home(tmp_path_factory):
+    """An empty IR_DATASETS_HOME: Cranfield is read by its real id, from the tarball fastnig packages
+    (and places there itself)."""
+    return tmp_path_factory.mktemp("irds")
 
 
 @pytest.fixture(scope="module")

@@ -40,21 +40,40 @@ def test_paper_plan_counts_equal_hand_computed_numbers(no_network):
     assert stages["NIG path"].sequences == 14 * 1000 * 101 == 1_414_000
     assert stages["NIG path"].token_rows == 1_414_000 * 512 == 723_968_000
     assert stages["agreement filter"].sequences == 14 * att["pairs"]
-    assert stages["Table 1 baselines"].sequences == ana["baseline_pairs"] * 5
+    # Table 1: the agreement filter over the relevant pairs, then input + 4 baselines.
+    assert stages["Table 1 baselines"].sequences == ana["baseline_pairs"] * 6
     candidates = pru["queries"] * (pru["depth"] + 1)
     runs = 1 + len(pru["sets"]) * len(pru["levels"]) * (1 + pru["repetitions"])
     assert (candidates, runs) == (4200, 1531)
     assert stages["pruning reranking"].sequences == len(pru["validation"]) * candidates * runs == 38_581_200
-    # BERT-large: 24 x (4 x 1024 + 4096 + 1024) neurons (SPEC §4), 24 x (4 d^2 + 2 d f) Linear weights.
+    # BERT-large: 24 x (4 x 1024 + 4096 + 1024) neurons (docs/method.md §4), 24 x (4 d^2 + 2 d f) Linear weights.
     assert plan.shape.neurons == 221_184
     assert plan.shape.linear_params == 24 * (4 * 1024 ** 2 + 2 * 1024 * 4096) == 301_989_888
     per_forward = 2 * 301_989_888 * 512 + 4 * 24 * 512 ** 2 * 1024
     assert plan.shape.forward_flops(512) == per_forward == 335_007_449_088
     assert stages["NIG path"].flops == 3 * 1_414_000 * per_forward
-    assert plan.total_flops == pytest.approx(per_forward * (14_000 + 3 * 1_414_000 + 5_000 + 38_581_200))
+    assert plan.total_flops == pytest.approx(per_forward * (14_000 + 3 * 1_414_000 + 6_000 + 38_581_200))
     # Shorter pairs: token rows and the quadratic attention term scale down.
     short = plan_config("paper", tokens=128)
     assert short.attribution_tokens == 128 and short.shape.forward_flops(128) < per_forward / 4
+
+
+def test_plan_follows_the_label_mapping(no_network):
+    """N_x is planned where the dataset's known grades hold a non-relevant one under its mapping."""
+    base = yaml.safe_load(PAPER_YAML.read_text())
+    base["attribution"]["datasets"] = {
+        "ms": {"dataset": "ms", "relevant": [2, 3], "nonrelevant": []},     # explicitly none -> no N_ms
+        "nq": "beir/nq",                                                     # BEIR NQ: grade 1 only -> no N
+        "nqb": {"dataset": "beir/nq", "negatives": "bm25"},                  # BM25 negatives -> N
+        "nf": {"dataset": "nf", "relevant": [1, 2]},                         # both grades relevant -> no N
+        "loc": {"dataset": "/nowhere/local-beir-folder"},                    # grades unknown -> N assumed
+    }
+    base["attribution"]["in_domain"] = ["ms"]
+    base["analysis"]["exclude"] = []
+    base["pruning"]["sets"] = ["P_ms"]
+    plan = plan_config(base)
+    assert plan.schemes == ["P_ms", "P_nq", "P_nqb", "N_nqb", "P_nf", "P_loc", "N_loc"]
+    assert any("N_loc assumed" in n for n in plan.notes) and any(n.startswith("no N_nf") for n in plan.notes)
 
 
 def test_paper_plan_cli_runs_offline_in_seconds(tmp_path):

@@ -22,15 +22,12 @@ def model_dir(saved_tiny_model):
     return saved_tiny_model(seed=5)
 
 
-def _config(model_dir, data, **overrides):
+def _config(model_dir, **overrides):
+    """A reduced study on the two packaged collections (Cranfield in-domain, MEDLINE out of domain)."""
     cfg = {
         "name": "tiny", "model": str(model_dir), "output": "unused",
-        "ir_datasets_files": {"cranfield/cran.tar.gz": str(data / "cranfield" / "cran.tar.gz")},
         "attribution": {
-            "datasets": {"cran": "cranfield",
-                         "nf": f"trec:docs_tsv={data}/nfcorpus/test.docs,"
-                               f"queries_tsv={data}/nfcorpus/test.titles.queries,"
-                               f"qrels_trec={data}/nfcorpus/test.2-1-0.qrel"},
+            "datasets": {"cran": "cranfield", "med": "med"},
             "in_domain": ["cran"], "labels": ["relevant", "non-relevant"], "negatives": "unjudged",
             "agreement_filter": False, "pairs": 6, "steps": 4, "max_length": 48, "chunk_pairs": 2},
         "analysis": {"levels": [1, 10], "layer_percent": 10, "baseline_pairs": 4},
@@ -75,10 +72,10 @@ def irds_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir, shared_data, irds_home):
+def reference(tmp_path_factory, model_dir, irds_home):
     """One uninterrupted single-process run of the tiny study."""
     folder = tmp_path_factory.mktemp("reference")
-    config = _write(folder, _config(model_dir, shared_data))
+    config = _write(folder, _config(model_dir))
     _finish(_start(["run", config, "--output", folder / "out", "--quiet"], irds_home))
     return folder / "out", config
 
@@ -96,7 +93,7 @@ def _schemes(out: Path):
 def test_reduced_study_writes_the_report_with_its_numbers(reference):
     out, _ = reference
     schemes = _schemes(out)
-    assert set(schemes) == {"P_cran.json", "N_cran.json", "P_nf.json", "N_nf.json"}
+    assert set(schemes) == {"P_cran.json", "N_cran.json", "P_med.json", "N_med.json"}
     assert all(s.count == 6 for s in schemes.values())
     rows = _table4(out)
     assert {(r["set"], float(r["level_percent"])) for r in rows} == {
@@ -195,8 +192,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference, irds_home):
     ({"attribution__datasets": {"cran": "no-such-dataset/at-all"}}, "attribution dataset 'cran'"),
     ({"model": "nobody/no-such-model"}, "model:"),
 ])
-def test_bad_config_stops_before_any_work(tmp_path, model_dir, shared_data, irds_home, change, words):
-    config = _write(tmp_path, _config(model_dir, shared_data, **change))
+def test_bad_config_stops_before_any_work(tmp_path, model_dir, irds_home, change, words):
+    config = _write(tmp_path, _config(model_dir, **change))
     out = tmp_path / "out"
     proc = _start(["run", config, "--output", out], irds_home)
     _, err = proc.communicate(timeout=300)

@@ -1,4 +1,4 @@
-"""Schemes, neuron sets and their algebra (SPEC §4, §6), with hand-computed expectations."""
+"""Schemes, neuron sets and their algebra (docs/method.md §4, §6), with hand-computed expectations."""
 from __future__ import annotations
 
 import json

@@ -140,9 +140,10 @@ def test_each_claim_verdict_on_the_fixture(fixture_run):
 def test_numeric_side_by_side(fixture_run):
     card = scorecard(fixture_run)
     t1 = {c.item: c for c in card.cells if c.table == "Table 1"}
-    assert t1["pad"].difference == pytest.approx(0.25 - 0.21)
-    assert t1["zero"].difference == pytest.approx(0.5 - 0.67)
-    assert t1["original"].difference == 0
+    # The paper's Table 1 is the mean difference itself (1 at the input), not a ratio.
+    assert t1["pad"].ours == 0.2 and t1["pad"].difference == pytest.approx(0.2 - 0.21)
+    assert t1["zero"].difference == pytest.approx(0.4 - 0.67)
+    assert t1["original"].difference == pytest.approx(0.8 - 1.0)
     t4 = {(c.item, c.group, c.level_percent): c for c in card.cells if c.table == "Table 4"}
     n = t4[("N_ms", "LoTTE benchmark", 1.0)]
     assert n.ours == pytest.approx(45.0) and n.paper == 48.40 and n.difference == pytest.approx(45.0 - 48.40)
@@ -173,7 +174,7 @@ def test_renders_and_writes(fixture_run):
     claims = {r["item"]: r["verdict"] for r in rows if r["section"] == "claim"}
     assert claims["random_small"] == FAIL and claims["f_top2"] == NA
     pad = next(r for r in rows if r["section"] == "Table 1" and r["item"] == "pad")
-    assert float(pad["difference"]) == pytest.approx(0.04)
+    assert float(pad["difference"]) == pytest.approx(-0.01)
 
 
 def test_the_papers_own_table4_passes_its_table4_claims(tmp_path):

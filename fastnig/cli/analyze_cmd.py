@@ -10,6 +10,7 @@ from typing import List
 import torch
 
 from ..analysis import DEFAULT_LEVELS, analyze, baseline_differences, baseline_table
+from ..data import LabelledPair, filter_agreeing
 from ..models import ModelUnavailable, load_cross_encoder
 from ..schemes import Scheme, is_scheme_file, scheme_json_path
 from .usage import UsageError
@@ -31,16 +32,21 @@ INPUTS
 OUTPUTS (in --out)
   schemes.csv                      pairs, dropped pairs, convergence delta per scheme
   pairwise_overlap.csv             overlap % of the top-X% sets of every two datasets
-  pairwise_overlap_<label>.png     ... one figure per label (paper Fig. 2a/2c):
+  figure2a_/figure2c_*.png         ... one figure per label (relevant 2a, non-relevant 2c):
                                    solid = in-domain vs OOD, grey dashed = OOD vs OOD
-  intersections.csv / .png         ∩ over OOD datasets, over all datasets, and
-                                   P_x ∩ N_x per dataset (paper Fig. 3)
-  *_without_<x>.csv / .png         the same without the --exclude datasets (Fig. 2b/2d)
+  intersections.csv                ∩ over OOD datasets, over all datasets, and
+  figure3_intersections.png        P_x ∩ N_x per dataset (paper Fig. 3)
+  *_without_<x>.csv, figure2b_/    the same without the --exclude datasets (Fig. 2b/2d,
+  figure2d_/figure3_*_without_*    and Figure 3 without them)
   layers_components.csv            neurons per layer and component of the top
-  layers_<set>.png                 --layer-percent sets: P_x, N_x, F_x = P_x ⊕ N_x, F_A
-                                   (paper Fig. 4-5)
-  baselines.csv / .png             with --baseline-model: Table 1, how much of the
-                                   relevance signal each baseline erases
+  figure4a_/figure4b_layers_*.png  --layer-percent sets: Fig. 4a = N of --in-domain,
+  layers_<set>.png                 Fig. 4b = its F = P ⊕ N; every other P_x, N_x, F_x, F_A
+  layer_profile.csv, figure5_layers.png
+                                   neurons per layer of P, N, F of --in-domain and F_A (Fig. 5)
+  baselines.csv, table1_baselines.png
+                                   with --baseline-model: Table 1, mean P(rel) - P(non-rel)
+                                   over the pairs the model judges relevant (the pairs
+                                   are taken as relevant ones), input and baselines
 
 EXAMPLE
   fastnig attribute ... --out runs/      # one scheme per dataset and label
@@ -73,7 +79,8 @@ def register(subparsers) -> None:
     b.add_argument("--baseline-pairs", metavar="FILE",
                    help="pairs: TSV lines 'query<TAB>passage', or JSONL with 'query' and 'passage' keys")
     b.add_argument("--baseline-max-pairs", type=int, default=1000, metavar="N",
-                   help="use the first N pairs of the file (default: 1000, as the paper)")
+                   help="use the first N pairs of the file that the model judges relevant (default: 1000, "
+                        "as the paper)")
     b.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                    help="tokens of the pair encoding (default: the model's, at most 512)")
     b.add_argument("--device", default=None, help="where to run the model (default: cuda if available, else cpu)")
@@ -163,9 +170,17 @@ def run(args) -> int:
             model, tokenizer = load_cross_encoder(args.baseline_model, device=device)
         except ModelUnavailable as exc:
             raise UsageError(f"--baseline-model: {exc}") from None
-        diffs = baseline_differences(model, tokenizer, pairs, max_length=args.max_length)
-        for row in baseline_table(diffs, out):
-            print(f"  baseline {row['baseline']:<10} quality {row['quality']:.3f}")
+        labelled = [LabelledPair(str(i), str(i), q, d, 1, 1) for i, (q, d) in enumerate(pairs)]
+        kept, report = filter_agreeing(model, tokenizer, labelled, max_length=args.max_length, progress=False)
+        if not kept:
+            raise UsageError(f"--baseline-pairs: the model judges none of the {len(pairs)} pairs relevant")
+        kept = kept[:args.baseline_max_pairs]
+        print(f"Table 1 over {len(kept)} pairs the model judges relevant ({report['dropped']} of {len(pairs)} "
+              f"dropped by the agreement filter)")
+        diffs = baseline_differences(model, tokenizer, [p.text_pair for p in kept], max_length=args.max_length)
+        for row in baseline_table(diffs, out, pairs=len(kept), dataset=Path(args.baseline_pairs).name):
+            print(f"  {row['baseline']:<10} mean P(rel) - P(non-rel) {row['mean_difference']:+.3f} "
+                  f"(original {row['original_difference']:+.3f})")
 
     written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= started)
     print(f"wrote {len(written)} file(s) to {out}: " + ", ".join(p.name for p in written))

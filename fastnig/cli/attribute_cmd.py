@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from ..data import NEGATIVES, label_mapping
 from ..models import load_cross_encoder
 from ..pipeline import attribute_dataset
+from ..stability import StopRule
+from .usage import UsageError
 
 DESCRIPTION = """\
 Attribute the pairs of one dataset and one label with Neuron Integrated
@@ -14,13 +18,21 @@ Gradients and save their per-neuron mean as a scheme (P_x for relevant pairs,
 N_x for non-relevant ones).
 
 Pairs are sampled deterministically (--seed), filtered to those the model
-classifies correctly (SPEC §6), and attributed in chunks; the scheme file is
+classifies correctly (docs/method.md §6.1), and attributed in chunks; the scheme file is
 saved after each chunk.  Run the same command again after an interruption and
 it continues where it stopped; the result equals an uninterrupted run.
 
 Datasets: an abbreviation (ms, f, tc, nf, nq, tn, r, b, ms-dev, lotte-science,
 ...), any ir_datasets id (cranfield, beir/nfcorpus/test, ...), a local BEIR
 folder, or trec:docs_tsv=D,queries_tsv=Q,qrels_trec=R.
+
+Labels: --relevant lists the grades counted relevant (default: every grade
+>= --relevance-threshold); --nonrelevant the grades counted non-relevant
+(default: the judged grades below the lowest relevant one, never a negative
+grade).  The paper's setup: ms --relevant 2,3; tc, nf, nq --relevant 2;
+r --relevant 1,2 (see fastnig/configs/paper.yaml).  --negatives bm25 fills
+up the judged non-relevant pairs, when too few, with the top BM25-ranked
+unjudged passages of queries with a relevant one.
 Models: a Hugging Face id, a local save_pretrained folder, or minilm-l6.
 """
 
@@ -28,6 +40,10 @@ EPILOG = """\
 example:
   fastnig attribute --model ./my-cross-encoder --dataset cranfield \\
       --label relevant --pairs 200 --steps 50 --out runs/P_cranfield
+  fastnig attribute --model castorini/monobert-large-msmarco --dataset ms \\
+      --label non-relevant --relevant 2,3 --nonrelevant 0,1 --negatives bm25 --out runs/N_ms
+  fastnig attribute --model ./my-cross-encoder --dataset cranfield \\
+      --label relevant --pairs 1000 --stop-level 1 --stop-overlap 0.95 --out runs/P_cranfield
   fastnig analyze runs/ --out runs/analysis
 """
 
@@ -40,10 +56,25 @@ def register(sub) -> None:
     p.add_argument("--label", required=True, choices=["relevant", "non-relevant"], help="which pairs to attribute")
     p.add_argument("--out", required=True, help="scheme path, e.g. runs/P_nf (writes P_nf.json + tensors)")
     p.add_argument("--pairs", type=int, default=100, help="pairs sampled before the agreement filter (default 100)")
+    p.add_argument("--stop-level", type=float, default=None, metavar="X",
+                   help="early stopping: attribute in rounds (16, 32, 64, ... sampled pairs, at most --pairs) and "
+                        "stop once the top X %% set is stable (needs --stop-overlap)")
+    p.add_argument("--stop-overlap", type=float, default=None, metavar="O",
+                   help="early stopping: stop when doubling the pairs is estimated to keep at least this fraction "
+                        "of the top --stop-level %% set (e.g. 0.95; docs/method.md §6.6)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--negatives", choices=["judged", "unjudged"], default="judged",
-                   help="non-relevant pairs: judged grade 0 (default, SPEC) or random unjudged documents")
-    p.add_argument("--relevance-threshold", type=int, default=1, help="lowest grade counted relevant (default 1)")
+    p.add_argument("--negatives", choices=list(NEGATIVES), default="judged",
+                   help="non-relevant pairs: judged ones only (default); judged filled up with BM25-ranked "
+                        "unjudged passages (bm25); or random unjudged documents (unjudged)")
+    p.add_argument("--relevance-threshold", type=int, default=1,
+                   help="lowest grade counted relevant when --relevant is not given (default 1)")
+    p.add_argument("--relevant", default=None, metavar="GRADES",
+                   help="grades counted relevant, comma-separated, e.g. 2,3 (default: >= --relevance-threshold)")
+    p.add_argument("--nonrelevant", default=None, metavar="GRADES",
+                   help="grades counted non-relevant, e.g. 0,1 (default: judged grades below the lowest "
+                        "relevant one, >= 0)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where --negatives bm25 keeps its BM25 index (default: ~/.cache/fastnig/bm25)")
     p.add_argument("--no-filter", action="store_true", help="keep pairs the model gets wrong")
     p.add_argument("--steps", type=int, default=100, help="path intervals N (default 100)")
     p.add_argument("--rule", choices=["trapezoid", "left"], default="trapezoid",
@@ -62,16 +93,47 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def parse_grades(text, option: str):
+    """``"2,3"`` -> ``[2, 3]``; ``None`` stays ``None``; ``""`` = no grade (e.g. --nonrelevant '' : no N_x)."""
+    if text is None:
+        return None
+    try:
+        return [int(g) for g in text.replace(" ", "").split(",") if g]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give integer grades separated by commas, e.g. 2,3") from None
+
+
 def run(args) -> int:
+    relevant = parse_grades(args.relevant, "--relevant")
+    nonrelevant = parse_grades(args.nonrelevant, "--nonrelevant")
+    try:
+        label_mapping(relevant, nonrelevant, args.relevance_threshold)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    stop_when = None
+    if (args.stop_level is None) != (args.stop_overlap is None):
+        raise UsageError("early stopping needs both --stop-level and --stop-overlap")
+    if args.stop_level is not None:
+        try:
+            stop_when = StopRule.parse({"level": args.stop_level, "overlap": args.stop_overlap})
+        except ValueError as exc:
+            raise UsageError(str(exc).replace("stop_when.level", "--stop-level")
+                             .replace("stop_when.overlap", "--stop-overlap")) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_cross_encoder(args.model, device=device)
+    bm25_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "fastnig" / "bm25"
     scheme = attribute_dataset(
         model, tokenizer, args.dataset, label=args.label, num_pairs=args.pairs, out=args.out, seed=args.seed,
-        negatives=args.negatives, relevance_threshold=args.relevance_threshold,
+        negatives=args.negatives, relevance_threshold=args.relevance_threshold, relevant=relevant,
+        nonrelevant=nonrelevant, bm25_cache_dir=bm25_dir,
         agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, steps=args.steps, rule=args.rule, nodes=args.nodes,
         baseline=args.baseline, output=args.output, max_length=args.max_length, step_batch=args.step_batch,
-        pair_batch=args.pair_batch, progress=not args.quiet)
+        pair_batch=args.pair_batch, progress=not args.quiet, stop_when=stop_when)
     if not args.quiet:
         print(f"{scheme.name}: {scheme.count} pairs attributed, {scheme.num_dropped} dropped by the agreement "
               f"filter -> {args.out}")
+        if stop_when is not None:
+            stopping = scheme.extra.get("stopping") or {}
+            print(f"early stopping: {stopping.get('pairs_sampled')} of at most {args.pairs} sampled pairs used "
+                  f"({stopping.get('reason')})")
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..scorecard import NotARunFolder, scorecard
+from ..scorecard import NotARunFolder, compare_runs, scorecard
 from .usage import UsageError
 
 DESCRIPTION = """\
@@ -20,6 +20,13 @@ Prints, and writes into RUN as scorecard.md and scorecard.csv:
     datasets, baseline or steps are not the paper's (e.g. the demo) is
     labelled "not the paper's setup": its numbers are not expected to match.
 
+With --with OTHER, also puts RUN beside another finished run (the paper's
+§6: the `paper` run with the PAD baseline beside `paper-zero`, the zero
+baseline of Möller et al.): the layer profile of N_x and F_x of the in-domain
+dataset (share of the last two layers and of the mid layers) and Table 4 of
+both.  A run whose config has `compare_with: OTHER` puts the same section in
+its report.
+
 Reads only the CSV/JSON files of RUN (config.json, analysis/*.csv,
 pruning/table4.csv); needs no model, data or network.
 """
@@ -27,6 +34,7 @@ pruning/table4.csv); needs no model, data or network.
 EPILOG = """\
 example:
   fastnig demo && fastnig compare runs/demo
+  fastnig compare runs/paper-zero --with runs/paper
 """
 
 
@@ -36,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("run_dir", metavar="RUN", help="output folder of `fastnig run` (holds config.json)")
     p.add_argument("--reference", default="paper", metavar="NAME",
                    help="packaged reference numbers to compare with (default: paper)")
+    p.add_argument("--with", dest="other", default=None, metavar="OTHER",
+                   help="another finished run to put beside RUN (layer profile and Table 4)")
     p.set_defaults(func=run)
 
 
@@ -48,4 +58,10 @@ def run(args) -> int:
     print(card.to_text(), end="")
     paths = card.write()
     print(f"written: {paths['md']} and {paths['csv']}")
+    if args.other:
+        try:
+            comparison = compare_runs(args.run_dir, args.other)
+        except NotARunFolder as exc:
+            raise UsageError(f"--with: {exc}") from None
+        print("\n" + comparison.to_text(), end="")
     return 0

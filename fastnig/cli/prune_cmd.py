@@ -26,7 +26,7 @@ DESCRIPTION = """\
 Do the neurons NIG finds matter for ranking?  Prune (zero the output of) each
 neuron set at each level, rerank every validation dataset with the pruned
 model, and compare nDCG@10 with the original model and with random sets of
-the same size in the same modules (SPEC §8, the paper's Table 4).
+the same size in the same modules (docs/method.md §8, the paper's Table 4).
 
 PROTOCOL
   For each dataset, --queries queries with a relevant judgment are sampled

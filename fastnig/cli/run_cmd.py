@@ -12,13 +12,15 @@ from .usage import UsageError
 DESCRIPTION = """\
 Run the whole study of "Which Neurons Matter in IR?" from one configuration
 file (YAML or TOML): attribution schemes per dataset and label, the overlap
-and per-layer analyses (Figures 2, 3, 5), the baseline table (Table 1), the
-pruning evaluation against random pruning (Table 4), and a report
-(report.md + report.html) in the output folder.
+and per-layer analyses (Figures 2a-d, 3, 4a/4b, 5), the baseline table (Table 1),
+the pruning evaluation against random pruning (Table 4), and a report
+(report.md + report.html: findings and the reproduction scorecard first,
+settings and timings last) in the output folder.
 
 CONFIG is a file or a packaged name: `paper` (MonoBERT-large, the paper's
-eight datasets and validation sets; needs network access and licensed data)
-or `demo` (offline: a MiniLM-L6 cross-encoder fine-tuned on the spot,
+eight datasets and validation sets; needs network access and licensed data),
+`paper-zero` (the same with the zero baseline, the paper's §6; its report
+puts itself beside runs/paper) or `demo` (offline: a MiniLM-L6 cross-encoder fine-tuned on the spot,
 Cranfield and NFCorpus from the shared data folder).
 
 Every stage writes atomically and is skipped when its output exists with the
@@ -48,7 +50,7 @@ def register(sub) -> None:
         if name == "run":
             p = sub.add_parser("run", help="run a whole study from a config file", description=DESCRIPTION,
                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-            p.add_argument("config", help="config file (.yaml/.toml) or packaged name: paper, demo")
+            p.add_argument("config", help="config file (.yaml/.toml) or packaged name: paper, paper-zero, demo")
         else:
             p = sub.add_parser("demo", help="the offline demo study (= fastnig run demo)",
                                description="Run the packaged offline demo configuration: fine-tune MiniLM-L6 as "

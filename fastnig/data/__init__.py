@@ -45,12 +45,13 @@ from .agreement import filter_agreeing
 from .collection import Collection
 from .loading import load_collection
 from .records import DatasetUnavailable, LabelledPair, MissingJudgments
-from .registry import (ATTRIBUTION_DATASETS, DATASETS, IN_DOMAIN, PAPER_NAMES, VALIDATION_DATASETS,
-                       WITHOUT_NONRELEVANT)
-from .sampling import NEGATIVES, sample_pairs
+from .registry import (ATTRIBUTION_DATASETS, DATASETS, GRADES_WITHOUT_METADATA, IN_DOMAIN, PAPER_NAMES,
+                       VALIDATION_DATASETS, WITHOUT_NONRELEVANT)
+from .sampling import NEGATIVES, LabelMapping, count_labels, known_grades, label_mapping, sample_pairs
 
 __all__ = [
     "DATASETS", "ATTRIBUTION_DATASETS", "VALIDATION_DATASETS", "IN_DOMAIN", "PAPER_NAMES",
     "WITHOUT_NONRELEVANT", "DatasetUnavailable", "MissingJudgments", "LabelledPair", "Collection",
-    "load_collection", "sample_pairs", "filter_agreeing", "NEGATIVES",
+    "load_collection", "sample_pairs", "filter_agreeing", "NEGATIVES", "GRADES_WITHOUT_METADATA", "LabelMapping",
+    "label_mapping", "count_labels", "known_grades",
 ]

@@ -155,6 +155,16 @@ class Collection:
             self._qrels = qrels
         return {qid: dict(docs) for qid, docs in self._qrels.items()}
 
+    def restrict(self, query_ids, note: str) -> "Collection":
+        """Keep only ``query_ids`` (and their qrels), in place; the corpus stays whole.  Returns ``self``."""
+        keep = {str(q) for q in query_ids}
+        self.queries()
+        self.qrels()
+        self._queries = {q: t for q, t in self._queries.items() if q in keep}
+        self._qrels = {q: docs for q, docs in self._qrels.items() if q in keep}
+        self.notes.append(note)
+        return self
+
     @property
     def has_nonrelevant(self) -> bool:
         """Whether some qrel has grade 0 (needed to sample label 0, i.e. N_x)."""

@@ -24,6 +24,7 @@ from .packaged import med_trec_files, place_cranfield
 from .readers import TREC_KEYS, load_beir_folder, load_trec_files, parse_trec_spec
 from .records import DatasetUnavailable
 from .registry import DATASETS
+from .splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, split_queries, split_suffix
 
 BIOASQ_ENV = "FASTNIG_BIOASQ"
 _COMMON_OPTIONS = ("offline", "connect_timeout")
@@ -161,6 +162,11 @@ def load_collection(spec: Union[str, "os.PathLike[str]"], **options) -> Collecti
               judgments), packaged with fastnig (:mod:`.packaged`).
               ``cranfield`` is packaged too: its original ``cran.tar.gz`` is
               placed where ir_datasets looks when none is there.
+            * any of these followed by ``@train`` or ``@heldout``
+              (``"cranfield@heldout"``): only the queries of that part of
+              :func:`fastnig.data.splits.split_queries` (test fraction 0.3,
+              seed 0: the split the offline demo model is trained on); the
+              corpus stays whole.
         options: keyword options
             * ``offline`` (all; default ``False`` unless ``FASTNIG_OFFLINE=1``):
               never download; missing files raise :class:`DatasetUnavailable` at once;
@@ -217,7 +223,17 @@ def load_collection(spec: Union[str, "os.PathLike[str]"], **options) -> Collecti
                                    hint=" (seconds)")
     common = dict(offline=offline, connect_timeout=connect_timeout)
 
+    part = None
     if not as_path:
+        key, part = split_suffix(key)
+        if part is not None:  # "SPEC@train" / "SPEC@heldout": one part of the seeded query split
+            collection = load_collection(key, offline=offline, connect_timeout=connect_timeout, **options)
+            train, heldout = split_queries(collection, DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
+            collection.name = name
+            return collection.restrict(train if part == "train" else heldout, (
+                f"queries: the {part} part of the seeded split (test_fraction {DEFAULT_TEST_FRACTION}, "
+                f"seed {DEFAULT_SPLIT_SEED}): {len(train if part == 'train' else heldout)} of "
+                f"{len(train) + len(heldout)} judged queries"))
         key = DATASETS.get(key, key)
     if not as_path and (key == "trec" or key.startswith("trec:")):  # local TREC-style files
         collection = _load_trec(name, key, options, common)

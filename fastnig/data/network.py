@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from ..common import optional_import
 from .records import clean_text
 
 OFFLINE_ENV = "FASTNIG_OFFLINE"
@@ -31,10 +32,9 @@ LOCAL_HINT = ("or pass a local copy instead: a BEIR folder (corpus.jsonl, querie
 
 
 def irds():
-    """The ``ir_datasets`` module."""
-    import ir_datasets  # imported lazily: ~0.5 s, not needed by `import fastnig`
-
-    return ir_datasets
+    """The ``ir_datasets`` module (imported lazily: ~0.5 s, not needed by ``import fastnig``); without it,
+    :class:`fastnig.common.MissingExtra` naming ``pip install "fastnig[ir]"``."""
+    return optional_import("ir_datasets", "to read datasets")
 
 
 # ----------------------------------------------------- downloads: fail fast

@@ -48,3 +48,6 @@ PAPER_NAMES: Dict[str, str] = {
 #: Datasets the paper lists as lacking non-relevant judgments (no N_x, docs/method.md §6).
 #: :attr:`fastnig.data.Collection.has_nonrelevant` checks the actual qrels.
 WITHOUT_NONRELEVANT = frozenset({"f", "b"})
+#: Grades of datasets that ir_datasets' metadata does not list (see :func:`fastnig.data.known_grades`):
+#: BEIR's BioASQ qrels judge relevant passages only (grade 1).
+GRADES_WITHOUT_METADATA = {"bioasq": (1,)}
