@@ -40,8 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fastnig  # noqa: E402
 from fastnig import first_token  # noqa: E402
-from fastnig.attribution import (auto_step_batch, baseline_embeddings, encode_pairs,  # noqa: E402
-                                 linear_modules, path_chunks)
+from fastnig.attribution import baseline_embeddings, encode_pairs, path_chunks  # noqa: E402
+from fastnig.cross_encoder import linear_modules  # noqa: E402
+from fastnig.memory import auto_step_batch  # noqa: E402
 from fastnig.cross_encoder import target_function  # noqa: E402
 from fastnig.kernels import Carry, accumulate_conductance, accumulate_conductance_ref  # noqa: E402
 from tiny_models import make_model, make_tokenizer  # noqa: E402

@@ -142,8 +142,9 @@ def nested_nig(model, tokenizer, pair, family, n_max, levels, step_batch, max_le
     """
     import torch
 
-    from fastnig.attribution import (_frozen_eval, _input_embeddings, baseline_embeddings, encode_pairs,
-                                     linear_modules, path_nodes, target_function)
+    from fastnig.attribution import baseline_embeddings, encode_pairs, path_nodes
+    from fastnig.cross_encoder import frozen_eval as _frozen_eval, input_embeddings as _input_embeddings
+    from fastnig.cross_encoder import linear_modules, target_function
     from fastnig.kernels import Carry, accumulate_conductance
 
     modules = linear_modules(model)

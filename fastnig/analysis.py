@@ -15,15 +15,14 @@ figure(s) there:
   component: Figures 4a (N of the in-domain dataset) and 4b (its F).
 - :func:`layer_profile` — members per layer of several sets (the pruned
   sets of Table 4): Figure 5.
-- :func:`table1_pairs` / :func:`baseline_differences` / :func:`baseline_table`
-  — Table 1: mean P(rel) − P(non-rel) over relevant pairs the model judges
-  relevant, at the input and at each baseline.
+- Table 1 lives in :mod:`fastnig.baselines`; CSV and figure plumbing in
+  :mod:`fastnig.figures`.
 - :func:`scheme_summary` — pairs, dropped pairs, convergence delta per scheme.
 - :func:`analyze` — all of the above from a list of schemes (what
   ``fastnig analyze`` runs).
 
 Schemes are identified by (dataset, label); a dataset is in-domain when its
-name or SPEC §7 abbreviation equals ``in_domain`` (``"ms"`` by default).
+name or docs/method.md §7 abbreviation equals ``in_domain`` (``"ms"`` by default).
 Datasets are listed in-domain first, then by short name, whatever the order
 the schemes were given in.
 Percentages of a ∩ over several sets are |∩| / |one set| · 100 (all the sets
@@ -32,22 +31,15 @@ canvas directly, so the caller's pyplot backend is left alone.
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from itertools import combinations
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import warnings
 
-import torch
 
-from .attribution import BASELINES, baseline_embeddings, encode_pairs
-from .common import check_int
-from .cross_encoder import (accepts_token_type_ids, frozen_eval, input_embeddings, relevance_probability,
-                            resolve_max_length, unwrap, validate_pairs)
-from .data import filter_agreeing, sample_pairs
+from .figures import level_axis, new_figure, save_figure, write_csv
 from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection, short_name
 from .schemes import LABELS, RANK_BY, Scheme, fuse, fuse_all
 from .stability import stability_estimates
@@ -147,45 +139,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "set"
 
 
-def write_csv(rows: Rows, path: PathLike, columns: Optional[Sequence[str]] = None) -> Path:
-    """Write rows (dicts) to a UTF-8 CSV with a header; floats at full precision."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(columns or (rows[0].keys() if rows else []))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    return path
-
-
-def _figure(width: float = 7.0, height: float = 4.5):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is in the "ir" extra
-        raise ImportError("the figures need matplotlib: pip install 'fastnig[ir]' (or pip install matplotlib)") from None
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_figure(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(str(path), format="png")
-    return path
-
-
-def _level_axis(ax, levels: Sequence[float]) -> None:
-    ax.set_xscale("log")
-    ax.set_xticks(levels)
-    ax.set_xticklabels([f"{x:g}" for x in levels], rotation=45)
-    ax.minorticks_off()
-    ax.set_xlabel("top neurons kept (% of all neurons, log scale)")
-
-
 # ----------------------------------------------------------- Figures 2a-d
 PAIRWISE_COLUMNS = ("label", "scheme_a", "scheme_b", "dataset_a", "dataset_b", "pair_kind", "level_percent",
                     "set_size", "common", "overlap_percent")
@@ -241,7 +194,7 @@ def pairwise_overlaps(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = N
 
 
 def _plot_pairwise(rows: Rows, label: str, levels: Sequence[float], exclude: Sequence[str], path: Path) -> Path:
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     curves: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}
     for r in rows:
@@ -256,7 +209,7 @@ def _plot_pairwise(rows: Rows, label: str, levels: Sequence[float], exclude: Seq
             ood_labelled = True
         else:
             ax.plot(x, y, linestyle="-", marker="o", markersize=3, linewidth=1.5, label=f"{a} ∩ {b}")
-    _level_axis(ax, levels)
+    level_axis(ax, levels)
     ax.set_ylim(0, 100)
     ax.set_ylabel("overlap (% of a set)")
     symbol = LABEL_SYMBOL[label]
@@ -265,7 +218,7 @@ def _plot_pairwise(rows: Rows, label: str, levels: Sequence[float], exclude: Seq
         title += f" (without {', '.join(exclude)})"
     ax.set_title(title)
     ax.legend(fontsize="small", ncol=2)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------ Figure 3
@@ -323,7 +276,7 @@ def intersection_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] 
 
 
 def _plot_intersections(rows: Rows, levels: Sequence[float], exclude: Sequence[str], path: Path) -> Path:
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     curves: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}
     for r in rows:
@@ -338,7 +291,7 @@ def _plot_intersections(rows: Rows, levels: Sequence[float], exclude: Sequence[s
         else:
             ax.plot(x, y, linestyle="--" if curve == "cap_O" else "-", marker="o", markersize=3,
                     color=_LABEL_COLOR[label], label=name)
-    _level_axis(ax, levels)
+    level_axis(ax, levels)
     ax.set_ylim(0, 100)
     ax.set_ylabel("neurons in the intersection (% of a set)")
     title = "Figure 3 — intersections of attribution schemes"
@@ -346,7 +299,7 @@ def _plot_intersections(rows: Rows, levels: Sequence[float], exclude: Sequence[s
         title += f" (without {', '.join(exclude)})"
     ax.set_title(title)
     ax.legend(fontsize="small")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # -------------------------------------------------------------- Figures 4-5
@@ -389,7 +342,7 @@ def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
     counts = neuron_set.counts_by_layer_component()
     layers = sorted({layer for layer, _ in counts})
     present = [c for c in COMPONENTS + OTHER_COMPONENTS if any(comp == c for _, comp in counts)]
-    fig = _figure(max(6.0, 0.35 * len(layers) + 2), 4.5)
+    fig = new_figure(max(6.0, 0.35 * len(layers) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     positions = list(range(len(layers)))
     bottom = [0] * len(layers)
@@ -407,7 +360,7 @@ def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
     figure = {"figure4a": "Figure 4a — ", "figure4b": "Figure 4b — "}.get(path.name[:8], "")
     ax.set_title(f"{figure}{neuron_set.name}: {len(neuron_set)} neurons per layer and component")
     ax.legend(fontsize="small")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 FIGURE5 = "figure5_layers.png"
@@ -437,7 +390,7 @@ def layer_profile(neuron_sets: Mapping[str, NeuronSet], out_dir: Optional[PathLi
     if out_dir is not None and rows:
         out_dir = Path(out_dir)
         write_csv(rows, out_dir / "layer_profile.csv", PROFILE_COLUMNS)
-        fig = _figure(8, 4.5)
+        fig = new_figure(8, 4.5)
         ax = fig.add_subplot(1, 1, 1)
         for expression in neuron_sets:
             points = [(r["layer"], r["count"]) for r in rows if r["expression"] == expression and r["layer"] >= 0]
@@ -449,157 +402,7 @@ def layer_profile(neuron_sets: Mapping[str, NeuronSet], out_dir: Optional[PathLi
         percent = next(iter(neuron_sets.values())).name.split("@")[-1] if neuron_sets else ""
         ax.set_title(f"Figure 5 — important neurons per layer ({percent})")
         ax.legend(fontsize="small", ncol=2)
-        _save_figure(fig, out_dir / FIGURE5)
-    return rows
-
-
-# ------------------------------------------------------------------- Table 1
-MAX_DRAW = 16
-"""Table 1 draws at most this many times the pairs it needs before giving up on more agreeing ones."""
-
-
-def table1_pairs(model, tokenizer, collection, num_pairs: int, *, seed: int = 0, relevant=None, nonrelevant=None,
-                 relevance_threshold: int = 1, max_length: Optional[int] = None, batch_size: int = 32):
-    """The pairs of Table 1: the first ``num_pairs`` relevant pairs (in sampling order) the model judges relevant.
-
-    The paper averages over "1000 inputs from the MSMARCO dataset" whose
-    original difference is 1, i.e. relevant pairs the model gets right (the
-    agreement filter of docs/method.md §6.1, P(relevant) > 0.5).  Relevant
-    pairs are drawn as for P_x (:func:`fastnig.data.sample_pairs`, same seed
-    and label mapping), ``num_pairs`` at first and twice as many each round
-    until ``num_pairs`` agree, the dataset has no more, or
-    :data:`MAX_DRAW` x ``num_pairs`` were drawn (a model that gets most pairs
-    wrong does not scan a whole collection).
-
-    Returns:
-        ``(pairs, info)``: the agreeing :class:`fastnig.data.LabelledPair`
-        objects and ``{"dataset", "drawn", "agreeing", "requested"}``.
-    """
-    check_int("num_pairs", num_pairs, 1)
-    max_draw = MAX_DRAW * num_pairs
-    size, drawn, kept = num_pairs, [], []
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "only n relevant pairs": reported below instead
-            pairs = sample_pairs(collection, label=1, num_pairs=size, seed=seed, relevant=relevant,
-                                 nonrelevant=nonrelevant, relevance_threshold=relevance_threshold)
-        new = pairs[len(drawn):]
-        drawn = pairs
-        if new:
-            agreeing, _ = filter_agreeing(model, tokenizer, new, max_length=max_length, batch_size=batch_size,
-                                          progress=False)
-            kept += agreeing
-        if len(kept) >= num_pairs or len(pairs) < size or size >= max_draw:
-            break
-        size = min(2 * size, max_draw)
-    kept = kept[:num_pairs]
-    if len(kept) < num_pairs:
-        warnings.warn(f"Table 1: only {len(kept)} of {len(drawn)} relevant pairs of {collection.name} are judged "
-                      f"relevant by the model ({num_pairs} asked)", stacklevel=2)
-    return kept, {"dataset": collection.name, "drawn": len(drawn), "agreeing": len(kept), "requested": num_pairs}
-
-
-def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
-                         *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
-    """Mean over pairs of P(relevant) − P(non-relevant), at the input and at each baseline.
-
-    The baselines are built exactly as :func:`fastnig.attribute` builds them
-    (``encode_pairs`` + ``baseline_embeddings``): word embeddings replaced,
-    position / token-type embeddings and attention mask those of the input.
-    For a 1-logit model P(non-relevant) = 1 − P(relevant).
-
-    Returns:
-        ``{"original": d_input, "<baseline>": d_baseline, ...}`` (unitless, in [-1, 1]).
-    """
-    pairs = validate_pairs(pairs)
-    if isinstance(baselines, str):
-        baselines = [baselines]
-    baselines = list(baselines)
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise ValueError(f"baselines: {unknown} unknown; choose from {BASELINES}")
-    check_int("batch_size", batch_size, 1)
-    model, tokenizer = unwrap(model, tokenizer)
-    max_length = resolve_max_length(model, tokenizer, max_length)
-    embeddings = input_embeddings(model)
-    device = embeddings.weight.device
-    accepts_types = accepts_token_type_ids(model, tokenizer)
-    totals = {name: 0.0 for name in ["original"] + baselines}
-    # The input's embeddings do not depend on the baseline: take them from the
-    # first encoding ("zero" when only "original" is asked: it needs no [PAD]).
-    first = baselines[0] if baselines else "zero"
-
-    def mean_difference_sum(inputs_embeds: torch.Tensor, enc) -> float:
-        kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": enc.attention_mask.to(device)}
-        if enc.token_type_ids is not None:
-            kwargs["token_type_ids"] = enc.token_type_ids.to(device)
-        p = relevance_probability(model(**kwargs).logits).double()
-        return float((2 * p - 1).sum())  # P(rel) - P(non-rel) = 2 P(rel) - 1
-
-    with frozen_eval(model), torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
-            enc_first = encode_pairs(tokenizer, batch, max_length, first, accepts_types)
-            x, _ = baseline_embeddings(embeddings, enc_first, first, tokenizer.pad_token_id)
-            totals["original"] += mean_difference_sum(x, enc_first)
-            for name in baselines:
-                enc = enc_first if name == first else encode_pairs(tokenizer, batch, max_length, name, accepts_types)
-                _, x_base = baseline_embeddings(embeddings, enc, name, tokenizer.pad_token_id)
-                totals[name] += mean_difference_sum(x_base, enc)
-    return {name: total / len(pairs) for name, total in totals.items()}
-
-
-def baseline_quality(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
-                     *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
-    """How much relevance signal each baseline keeps (the paper's Table 1, SPEC §3).
-
-    ``quality[b]`` = mean over pairs of P(rel) − P(non-rel) at baseline ``b``
-    divided by the same mean at the real input; ``"original"`` is 1.  Near 0
-    = the baseline erases the relevance signal (what a baseline should do).
-    The paper reports 1 / 0.21 / 1 / 0.67 / 1 for original / pad / pad-query /
-    zero / zero-query on MonoBERT.
-
-    Raises:
-        ValueError: when the mean difference at the input is 0 (the ratio is undefined).
-    """
-    diffs = baseline_differences(model, tokenizer, pairs, baselines, max_length=max_length, batch_size=batch_size)
-    if diffs["original"] == 0:
-        raise ValueError("baseline_quality: the mean P(rel) - P(non-rel) at the input is 0; choose other pairs")
-    return {name: d / diffs["original"] for name, d in diffs.items()}
-
-
-BASELINE_COLUMNS = ("baseline", "mean_difference", "original_difference", "quality", "pairs", "dataset")
-TABLE1_FIGURE = "table1_baselines.png"
-
-
-def baseline_table(differences: Mapping[str, float], out_dir: Optional[PathLike] = None, *,
-                   pairs: Optional[int] = None, dataset: str = "") -> Rows:
-    """Table 1 from :func:`baseline_differences`: ``baselines.csv`` and a bar chart ``table1_baselines.png``.
-
-    One row per input (``original``) and baseline: ``mean_difference`` =
-    mean P(rel) − P(non-rel) there (the paper's column), ``original_difference``
-    = the same at the original input (beside each row), ``quality`` = their
-    ratio; ``pairs`` / ``dataset`` say what it was averaged over.
-    """
-    if "original" not in differences:
-        raise ValueError("differences must contain 'original' (use baseline_differences)")
-    base = float(differences["original"])
-    rows = [{"baseline": name, "mean_difference": float(d), "original_difference": base,
-             "quality": float(d) / base if base else float("nan"), "pairs": "" if pairs is None else int(pairs),
-             "dataset": dataset} for name, d in differences.items()]
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        write_csv(rows, out_dir / "baselines.csv", BASELINE_COLUMNS)
-        fig = _figure(6, 4)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.bar([r["baseline"] for r in rows], [r["mean_difference"] for r in rows], color="tab:blue")
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.axhline(base, color="tab:red", linewidth=0.8, linestyle="--", label=f"original input ({base:.2f})")
-        ax.set_ylabel("mean P(rel) − P(non-rel)")
-        over = f" over {pairs} agreeing relevant pairs" if pairs else ""
-        ax.set_title(f"Table 1 — baselines{over} (closer to 0 = signal erased)", fontsize="medium")
-        ax.legend(fontsize="small")
-        _save_figure(fig, out_dir / TABLE1_FIGURE)
+        save_figure(fig, out_dir / FIGURE5)
     return rows
 
 

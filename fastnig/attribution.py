@@ -21,14 +21,10 @@ model of everything a chunk holds (:func:`chunk_memory`).
 """
 from __future__ import annotations
 
-import gc
-import logging
 import math
-import re
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,11 +32,12 @@ from tqdm.auto import tqdm
 
 from .common import check_int, check_number
 from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, check_model, frozen_eval,
-                            input_embeddings, load_tokenizer, move_model, resolve_max_length, single_device,
-                            target_function, tokenize_pair, unwrap, validate_pairs)
-from .first_token import (_last_layer_before_first_token_head, cut_enabled_by_environment, first_token_cut as cut_of,
-                          first_token_only, query_cut_module)
+                            input_embeddings, linear_modules, load_tokenizer, move_model, resolve_max_length,
+                            single_device, target_function, tokenize_pair, unwrap, validate_pairs)
+from .first_token import first_token_only
 from .kernels import RULES, Carry, accumulate_conductance
+from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
+from .segments import SEGMENTS  # Attributions.segment_scores' dim 1, EncodedPairs.segments' ids
 
 BASELINES = ("pad", "pad-query", "zero", "zero-query")
 NODES = ("uniform", "chebyshev")
@@ -65,7 +62,12 @@ class Attributions:
         steps_used: ``[num_pairs]`` path intervals N of each pair (differs
             between pairs only with ``steps="auto"``).
         settings: what the scores were computed with (model, target function,
-            baseline, steps, rule, max_length, dtype).
+            baseline, steps, rule, max_length, dtype; ``segments: True`` when on).
+        segment_scores: with ``attribute(..., segments=True)``, module name ->
+            float32 ``[num_pairs, 3, out_features]``: the same NIG split by the
+            segment of the token it flows through, :data:`SEGMENTS` =
+            ("query", "passage", "special"); ``scores`` is its sum over dim 1.
+            ``None`` otherwise.
     """
 
     scores: Dict[str, torch.Tensor]
@@ -76,6 +78,7 @@ class Attributions:
     num_tokens: torch.Tensor
     settings: Dict[str, object] = field(default_factory=dict)
     steps_used: Optional[torch.Tensor] = None
+    segment_scores: Optional[Dict[str, torch.Tensor]] = None
 
     @property
     def num_pairs(self) -> int:
@@ -141,39 +144,6 @@ def normalize_targets(target: TargetSpec, num_pairs: int) -> List[str]:
     return [one(v) for v in values]
 
 
-# ------------------------------------------------------------------ the model
-def _is_attributed_by_default(name: str) -> bool:
-    return "pooler" not in name.split(".")
-
-
-def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
-                   include_pooler: bool = False) -> Dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules whose outputs are neurons (SPEC §4).
-
-    By default every Linear of the encoder (``model.base_model``): the
-    classification head is excluded, and so is the pooler unless
-    ``include_pooler``.  ``layers`` selects module names explicitly.
-    """
-    everything = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if layers is not None:
-        if isinstance(layers, str):
-            layers = [layers]
-        unknown = [n for n in layers if n not in everything]
-        if unknown:
-            sample = ", ".join(list(everything)[:4])
-            raise ValueError(f"layers: {unknown} are not nn.Linear modules of the model (e.g. {sample})")
-        if not layers:
-            raise ValueError("layers is empty: give Linear module names, or None for all of them")
-        return {n: everything[n] for n in layers}
-    base = getattr(model, "base_model", model)
-    base_ids = {id(m) for m in base.modules()}
-    chosen = {n: m for n, m in everything.items()
-              if id(m) in base_ids and (include_pooler or _is_attributed_by_default(n))}
-    if not chosen:
-        raise ValueError("the model has no nn.Linear module in its encoder to attribute")
-    return chosen
-
-
 # ------------------------------------------------------------------ the input
 @dataclass
 class EncodedPairs:
@@ -181,7 +151,9 @@ class EncodedPairs:
 
     ``input_ids``, ``attention_mask``, ``replace`` (positions the baseline
     changes) and, when the model takes them, ``token_type_ids``: ``[P, T]``;
-    ``lengths``: ``[P]``.
+    ``lengths``: ``[P]``; ``segments``: ``[P, T]`` int64 index into
+    :data:`SEGMENTS` of each real token (0 query, 1 passage, 2 special: the
+    tokenizer's special-token mask, or no sequence id), -1 on padding.
     """
 
     input_ids: torch.Tensor
@@ -189,11 +161,12 @@ class EncodedPairs:
     token_type_ids: Optional[torch.Tensor]
     replace: torch.Tensor
     lengths: torch.Tensor
+    segments: Optional[torch.Tensor] = None
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: str,
                  use_token_type_ids: bool) -> EncodedPairs:
-    """Tokenise (query, passage) pairs as the cross-encoder sees them (SPEC §1)."""
+    """Tokenise (query, passage) pairs as the cross-encoder sees them (docs/method.md §1)."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tokenizer must be a fast (Rust) Hugging Face tokenizer: fastnig needs sequence_ids() "
                         "to find the query tokens; load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
@@ -208,8 +181,10 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: st
             replace = torch.tensor([s == 0 for s in seq], dtype=torch.bool) & ~special
         else:
             replace = ~special
-        rows.append((enc, replace))
-    longest = max(len(enc["input_ids"]) for enc, _ in rows)
+        segment = torch.tensor([2 if s is None else s for s in seq], dtype=torch.long)
+        segment[special] = 2
+        rows.append((enc, replace, segment))
+    longest = max(len(enc["input_ids"]) for enc, _, _ in rows)
     P = len(rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((P, longest), pad_id, dtype=torch.long)
@@ -217,15 +192,17 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: st
     types = torch.zeros((P, longest), dtype=torch.long)
     replace = torch.zeros((P, longest), dtype=torch.bool)
     lengths = torch.zeros(P, dtype=torch.long)
-    for i, (enc, rep) in enumerate(rows):
+    segments = torch.full((P, longest), -1, dtype=torch.long)
+    for i, (enc, rep, segment) in enumerate(rows):
         n = len(enc["input_ids"])
         input_ids[i, :n] = torch.tensor(enc["input_ids"])
         attention[i, :n] = 1
         if "token_type_ids" in enc:
             types[i, :n] = torch.tensor(enc["token_type_ids"])
         replace[i, :n] = rep
+        segments[i, :n] = segment
         lengths[i] = n
-    return EncodedPairs(input_ids, attention, types if use_token_type_ids else None, replace, lengths)
+    return EncodedPairs(input_ids, attention, types if use_token_type_ids else None, replace, lengths, segments)
 
 
 def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str, pad_id: Optional[int]
@@ -252,13 +229,18 @@ ENGINE_CPU_KERNEL_THREADS = 1
 class _HookState:
     """Per-chunk bookkeeping shared by the forward and gradient hooks.
 
-    ``out[name]``: ``[P, features]`` accumulators, ``carries[name]``: the
-    previous chunk's last point; both live on the module's device.
+    ``out[name]``: ``[P, features]`` accumulators (``[P, 3, features]`` with
+    ``segments``, the ``[P, T]`` ids of :attr:`EncodedPairs.segments`),
+    ``carries[name]``: the previous chunk's last point; both live on the module's device.
     """
 
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
-                 out: Dict[str, torch.Tensor], carries: Dict[str, Carry]):
+                 out: Dict[str, torch.Tensor], carries: Dict[str, Carry],
+                 segments: Optional[torch.Tensor] = None):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
+        self.segments = segments
+        # segment ids of outputs of T tokens: the first T tokens' (T = 1: the first token, [CLS])
+        self.segments_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         # real tokens per pair for outputs of T tokens on a device (T = 1 past the first-token cut
         # and for [batch, features] outputs such as the pooler's)
         self.lengths_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
@@ -290,180 +272,17 @@ class _HookState:
         lengths = self.lengths_for.get(key)
         if lengths is None:
             lengths = self.lengths_for[key] = self.lengths.to(a4.device).clamp(max=tokens)
-        accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS)
+        segments = None
+        if self.segments is not None:
+            segments = self.segments_for.get(key)
+            if segments is None:
+                segments = self.segments_for[key] = self.segments[:, :tokens].to(a4.device).contiguous()
+        accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS,
+                               segments=segments)
 
     def clear(self) -> None:
         """Drop the activations of a failed pass (each holds a hook that refers back to this state)."""
         self.activations.clear()
-
-
-# On CPU, forwards of about this many token rows (path points × pairs × tokens)
-# run faster than one big forward: the activations stay closer to the caches
-# (MiniLM shape, 128 tokens: 11 points per forward ~10 % faster than 33; 1-4
-# points slower again; bench/bench_attribute.py).
-CPU_ROWS_PER_FORWARD = 2048
-
-
-@dataclass
-class ChunkMemory:
-    """Predicted memory of one path chunk of :func:`attribute` (bytes), by part.
-
-    ``per_point``: what one more path point per forward adds (all pairs of
-    the batch); ``fixed``: what the batch holds whatever the chunk size.
-    """
-
-    per_point: Dict[str, int]
-    fixed: Dict[str, int]
-
-    def total(self, points: int) -> int:
-        """Predicted peak of a chunk of ``points`` path points, bytes."""
-        return sum(self.fixed.values()) + points * sum(self.per_point.values())
-
-
-def _encoder_shape(model: nn.Module) -> Tuple[int, int, int, int]:
-    """(hidden, intermediate, heads, layers) from the config (BERT and DistilBERT names), 0 when unknown."""
-    config = getattr(model, "config", None)
-
-    def first(*names):
-        for name in names:
-            value = getattr(config, name, None)
-            if isinstance(value, int):
-                return value
-        return 0
-    return (first("hidden_size", "dim", "d_model"), first("intermediate_size", "hidden_dim", "ffn_dim"),
-            first("num_attention_heads", "n_heads"), first("num_hidden_layers", "n_layers"))
-
-
-def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
-                 dtype: Optional[torch.dtype] = None, first_token_cut: bool = True) -> ChunkMemory:
-    """The memory model of a path chunk: what one forward + backward of ``points`` path
-    points of ``pairs`` pairs of ``tokens`` tokens holds at its peak (the start of backward).
-
-    Per point and token row (c = bytes of the compute dtype, f = bytes of the
-    parts autocast keeps in float32, or of the parameters' dtype without autocast):
-
-    * every Linear output of the encoder and every attributed module: kept for
-      the gradient hooks (q, k, v and the intermediate ones by autograd too), c each;
-    * per layer, the two residual sums autograd keeps for the LayerNorms, f each,
-      and the attention: SDPA keeps its output (c) and log-sum-exp (heads, fp32),
-      eager attention its probabilities (heads × tokens, c);
-    * the path itself, its gradient and the embedding LayerNorm's input (f),
-      the attention mask (tokens × f for eager attention, tokens bytes for SDPA);
-    * the transient peak of backward: about two intermediate-wide gradients
-      and one attention-wide (three for eager attention's probabilities), c.
-
-    Past the first-token cut (``first_token_cut``) the last layer's rows are
-    one per path point instead of ``tokens``; a ``[batch, features]`` output
-    (the pooler) has one row.  Fixed: the carries (two points of every
-    attributed output, c), the input's carry, input and baseline embeddings
-    and their difference (f); under autocast, every Linear's weight cast to c.
-    Calibrated on CPU against the allocator's peak (tests/test_engine_robustness.py):
-    within 10 % on the MiniLM shape, SDPA or eager, float32 or bfloat16.
-    """
-    parameter = next(model.parameters(), None)
-    param_dtype = parameter.dtype if parameter is not None else torch.float32
-    compute = dtype or param_dtype
-    c = torch.finfo(compute).bits // 8
-    autocast = dtype is not None and dtype != param_dtype
-    f = max(4, torch.finfo(param_dtype).bits // 8) if autocast else c
-    hidden, intermediate, heads, layers = _encoder_shape(model)
-    embedding = input_embeddings(model).weight.shape[1]
-    eager = getattr(getattr(model, "config", None), "_attn_implementation", "eager") == "eager"
-
-    # rows per path point (all pairs) of each Linear: tokens, or 1 past the cut and for 2-D outputs
-    cut = cut_of(model) if first_token_cut else None
-    last_layer_rows_cut = cut is not None
-    past_cut = set()
-    if cut is not None:
-        named = list(model.named_modules())
-        cut_name = next(n for n, m in named if m is cut)
-        last_layer = _last_layer_before_first_token_head(model)
-        layer_name = next(n for n, m in named if m is last_layer)
-        after = False
-        for name, m in named:
-            if name == cut_name:
-                after = True
-            if after and isinstance(m, nn.Linear) and name.startswith(layer_name + "."):
-                past_cut.add(name)
-        query = query_cut_module(model)
-        if query is not None:
-            past_cut.update(n for n, m in named if m is getattr(query, "query", None))
-
-    # one row per pair: past the cut, the pooler, and the head's Linears (they read the first token)
-    base_ids = {id(m) for m in getattr(model, "base_model", model).modules()}
-    single = past_cut | {n for n, m in model.named_modules()
-                         if isinstance(m, nn.Linear) and ("pooler" in n.split(".") or id(m) not in base_ids)}
-
-    def rows(name: str) -> int:
-        return pairs if name in single else pairs * tokens
-
-    kept = dict(linear_modules(model))
-    kept.update(modules)
-    per_point: Dict[str, int] = {}
-    per_point["linear outputs"] = sum(m.out_features * rows(n) * c for n, m in kept.items())
-    full, last = pairs * tokens, (pairs if last_layer_rows_cut else pairs * tokens)
-    layer_rows = full * max(layers - 1, 0) + (last if layers else 0)
-    per_point["layer norm inputs"] = 2 * hidden * f * layer_rows
-    if eager:
-        attention_row = heads * tokens * c
-    else:
-        attention_row = hidden * c + heads * 4
-    per_point["attention"] = attention_row * full * max(layers - 1, 0) + (
-        attention_row * (pairs if query_cut_active(model, first_token_cut) else full) if layers else 0)
-    per_point["path and embeddings"] = full * (2 * embedding * f + hidden * f)
-    per_point["attention mask"] = full * tokens * (f if eager else 1)
-    per_point["backward transients"] = full * c * (2 * intermediate + (3 * heads * tokens if eager else hidden))
-
-    carry_rows = {n: (1 if n in single else tokens) for n in modules}
-    fixed = {
-        "carries": sum(2 * pairs * carry_rows[n] * m.out_features * c for n, m in modules.items()),
-        "input carry and embeddings": pairs * tokens * embedding * f * 5,
-    }
-    if autocast:  # each Linear's weight cast to the compute dtype, kept for its input gradient
-        fixed["weights cast by autocast"] = sum(m.weight.numel() * c for m in model.modules()
-                                                if isinstance(m, nn.Linear))
-    return ChunkMemory(per_point, fixed)
-
-
-def query_cut_active(model: nn.Module, first_token_cut: bool = True) -> bool:
-    """Whether :func:`attribute` runs the last layer's queries on the first token only."""
-    return bool(first_token_cut) and cut_enabled_by_environment() and query_cut_module(model) is not None
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes a chunk may still take on ``device``: on CUDA the driver's free memory plus
-    what PyTorch's caching allocator holds unused (``memory_reserved - memory_allocated``);
-    on the host ``MemAvailable`` of ``/proc/meminfo``."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    return _available_host_memory()
-
-
-def auto_step_batch(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
-                    device: torch.device, dtype: Optional[torch.dtype] = None, fraction: float = 0.5,
-                    first_token_cut: bool = True) -> int:
-    """Path points per pair in one forward: as many as ``fraction`` of the free memory
-    (:func:`free_memory`) holds by the memory model (:func:`chunk_memory`), and on CPU
-    at most :data:`CPU_ROWS_PER_FORWARD` token rows.  At least 1."""
-    device = torch.device(device)
-    estimate = chunk_memory(model, modules, tokens, pairs, dtype, first_token_cut)
-    budget = free_memory(device) * fraction - sum(estimate.fixed.values())
-    points = int(budget // max(sum(estimate.per_point.values()), 1))
-    if device.type == "cpu":
-        points = min(points, CPU_ROWS_PER_FORWARD // max(tokens * pairs, 1))
-    return max(1, points)
-
-
-def _available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30  # unknown: assume 4 GiB
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -510,7 +329,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
               output: str = "probability", nodes: str = "uniform", tolerance: float = 0.01,
               max_steps: int = 256, device: Union[str, torch.device, None] = None,
               dtype: Optional[torch.dtype] = None, progress: bool = True,
-              first_token_cut: bool = True) -> Attributions:
+              first_token_cut: bool = True, segments: bool = False) -> Attributions:
     """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
 
     One batched forward + backward over the path points gives every layer's
@@ -545,7 +364,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         max_length: tokens of the pair encoding; ``None`` = the tokenizer's
             ``model_max_length`` (a CrossEncoder's ``max_length``), else 512; never
             more than the model's position embeddings allow.
-        output: ``"probability"`` (default) or ``"logit"``: what F is (SPEC §2).
+        output: ``"probability"`` (default) or ``"logit"``: what F is (docs/method.md §2).
         nodes: ``"uniform"`` (default) or ``"chebyshev"`` path positions (:func:`path_nodes`).
         tolerance, max_steps: the stopping rule of ``steps="auto"``.
         device: where to compute; ``None`` (default) = where the model is, which
@@ -559,9 +378,17 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
             token only where the head reads just that token (exact, faster;
             :func:`fastnig.first_token.first_token_only`); ``False`` = run the whole
             model (also: environment variable ``FASTNIG_FIRST_TOKEN_CUT=0``).
+        segments: also split each neuron's NIG by the segment of the token it
+            flows through — ("query", "passage", "special") from the tokenizer's
+            sequence ids and special-token mask — into ``segment_scores[name]``:
+            ``[num_pairs, 3, out_features]``, accumulated by the same fused op;
+            ``scores`` is then their sum.  Outputs past the first-token cut and
+            ``[batch, features]`` outputs (the pooler) have the first token only:
+            [CLS], "special".
 
     Returns:
-        :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``.
+        :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``
+        (and ``segment_scores`` with ``segments=True``).
     """
     pairs = validate_pairs(pairs)
     _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
@@ -569,6 +396,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     targets = normalize_targets(target, len(pairs))
     if not isinstance(first_token_cut, bool):
         raise TypeError(f"first_token_cut must be True or False, got {first_token_cut!r}")
+    if not isinstance(segments, bool):
+        raise TypeError(f"segments must be True or False, got {segments!r}")
     model, tokenizer = unwrap(model, tokenizer)
     embeddings = input_embeddings(check_model(model))
     modules = linear_modules(model, layers, include_pooler)
@@ -583,7 +412,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
 
     levels = auto_step_levels(max_steps) if steps == "auto" else [steps]
     P = len(pairs)
-    scores = {n: torch.zeros(P, m.out_features, dtype=torch.float32) for n, m in modules.items()}
+    shape = (P, len(SEGMENTS)) if segments else (P,)
+    scores = {n: torch.zeros(*shape, m.out_features, dtype=torch.float32) for n, m in modules.items()}
     input_nig = torch.zeros(P, dtype=torch.float64)
     f_input = torch.zeros(P, dtype=torch.float64)
     f_base = torch.zeros(P, dtype=torch.float64)
@@ -595,7 +425,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     order = sorted(range(P), key=lambda i: -lengths_hint[i])
     batches = [order[i:i + pair_batch] for i in range(0, P, pair_batch)]
 
-    limit = _ChunkLimit()
+    limit = ChunkLimit()
     bar = tqdm(total=P, desc="NIG", unit="pair", disable=not progress)
     with frozen_eval(model):
         for batch in batches:
@@ -611,7 +441,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                 out, nig_in, f_in, f_b = _attribute_batch(model, embeddings, modules, enc, relevant,
                                                           tokenizer.pad_token_id, baseline, alphas,
                                                           min(chunk, level + 1), limit, rule, output, dtype,
-                                                          first_token_cut)
+                                                          first_token_cut, segments)
                 nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
                 if level == levels[-1]:
                     done = torch.ones(len(pending), dtype=torch.bool)
@@ -635,19 +465,23 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         if not torch.isfinite(value).all():
             raise ValueError(f"NIG of layer {name} is not finite (NaN/Inf) for some pairs: the model overflows "
                              f"along the path; try dtype=torch.float32 or another baseline")
+    segment_scores = None
+    if segments:  # the token sum is the sum over segments: exact, and one accumulator per layer
+        segment_scores = scores
+        scores = {n: value.sum(dim=1) for n, value in segment_scores.items()}
     delta = input_nig - (f_input - f_base)
     target_name = targets[0] if len(set(targets)) == 1 else "per-pair"
     settings = attribution_settings(model, target=target_name, output=output, baseline=baseline, steps=steps,
                                     rule=rule, max_length=max_length, dtype=dtype, nodes=nodes,
-                                    tolerance=tolerance, max_steps=max_steps)
+                                    tolerance=tolerance, max_steps=max_steps, segments=segments)
     return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings,
-                        steps_used)
+                        steps_used, segment_scores)
 
 
 def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
                          steps: Union[int, str] = 100, rule: str = "trapezoid", max_length: int = 512,
                          dtype: Optional[torch.dtype] = None, nodes: str = "uniform", tolerance: float = 0.01,
-                         max_steps: int = 256) -> Dict[str, object]:
+                         max_steps: int = 256, segments: bool = False) -> Dict[str, object]:
     """The ``settings`` dict :func:`attribute` records for these arguments.
 
     Lets a resumed job check, before computing anything, that a saved scheme
@@ -660,62 +494,9 @@ def attribution_settings(model: nn.Module, *, target: str, output: str = "probab
     }
     if steps == "auto":
         settings.update(tolerance=float(tolerance), max_steps=max_steps)
+    if segments:  # recorded only when on: settings without segments compare as before
+        settings["segments"] = True
     return settings
-
-
-# ------------------------------------------------------- out-of-memory recovery
-_OUT_OF_MEMORY = re.compile(r"out of memory|DefaultCPUAllocator|can't allocate memory|could not allocate|"
-                            r"failed to allocate", re.IGNORECASE)
-logger = logging.getLogger("fastnig")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for ``torch.OutOfMemoryError`` (CUDA), ``MemoryError`` and a CPU allocation failure
-    (a ``RuntimeError`` whose message says it could not allocate, e.g. ``DefaultCPUAllocator: ...``)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
-        return True
-    return isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(str(exc)) is not None
-
-
-class _ChunkLimit:
-    """Path points per forward within one :func:`attribute` call: halved after an out-of-memory
-    error and kept for the rest of the call (said once in a warning, later halvings logged)."""
-
-    def __init__(self) -> None:
-        self.limit: Optional[int] = None
-        self.warned = False
-
-    def cap(self, size: int) -> int:
-        return size if self.limit is None else max(1, min(size, self.limit))
-
-    def halve(self, size: int, pairs: int, tokens: int, device: torch.device, message: str) -> int:
-        if size <= 1:
-            raise MemoryError(
-                f"out of memory on {device} even with one path point per forward ({pairs} pair(s) x {tokens} "
-                f"tokens): lower pair_batch or max_length, or compute in dtype=torch.bfloat16 ({message})")
-        smaller = (size + 1) // 2
-        self.limit = smaller
-        text = (f"out of memory on {device} with {size} path points per forward ({pairs} pair(s) x {tokens} "
-                f"tokens); the chunk is redone with {smaller}, and later chunks use at most that ({message})")
-        if not self.warned:
-            self.warned = True
-            warnings.warn(text + "; further halvings are logged to the 'fastnig' logger", RuntimeWarning,
-                          stacklevel=4)
-        else:
-            logger.info(text)
-        return smaller
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _forward_backward(model, modules, state: _HookState, path: torch.Tensor, mask: torch.Tensor,
@@ -745,13 +526,15 @@ def _forward_backward(model, modules, state: _HookState, path: torch.Tensor, mas
 
 
 def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pad_id, baseline, alphas,
-                     chunk: int, limit: _ChunkLimit, rule, output, dtype, cut: bool = True):
+                     chunk: int, limit: ChunkLimit, rule, output, dtype, cut: bool = True,
+                     segments: bool = False):
     """Attribute one batch of P pairs over all path points, ``chunk`` points per forward at most.
 
     A chunk that runs out of memory is undone (accumulators restored from a
     copy taken before it, the carries rebuilt from the previous point) and
     redone in halves (``limit``).  Returns ``(scores {name: [P, features]},
-    input NIG [P], F at the input [P], F at the baseline [P])``.
+    input NIG [P], F at the input [P], F at the baseline [P])``; with
+    ``segments``, scores are ``[P, 3, features]`` per :data:`SEGMENTS`.
     """
     device = embeddings.weight.device
     P = enc.input_ids.shape[0]
@@ -763,7 +546,11 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         path_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
         x_in, x_base = x_in.to(path_dtype), x_base.to(path_dtype)
         direction = x_in - x_base
-    out = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=m.weight.device)
+    token_segments = enc.segments if segments else None
+    if segments and token_segments is None:
+        raise ValueError("segments=True needs EncodedPairs.segments (from encode_pairs)")
+    shape = (P, len(SEGMENTS)) if segments else (P,)
+    out = {n: torch.zeros(*shape, m.out_features, dtype=torch.float32, device=m.weight.device)
            for n, m in modules.items()}
     carries: Dict[str, Carry] = {}
     input_out = torch.zeros(P, x_in.shape[-1], dtype=torch.float64, device=device)
@@ -784,20 +571,20 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         S = stop - start
         before = {n: o.clone() for n, o in out.items()}
         path = path_at(start, stop)
-        state = _HookState(P, S, lengths, rule, out, carries)
+        state = _HookState(P, S, lengths, rule, out, carries, token_segments)
         failure = None
         try:
             f = _forward_backward(model, modules, state, path, mask, types, relevant, output, dtype, cut)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, anything else re-raised
             if not is_out_of_memory(exc):
                 raise
-            failure = _first_line(exc)
+            failure = first_line(exc)
         if failure is not None:  # undo the chunk: hooks may have accumulated some layers already
             state.clear()
             del path, state
             for n, o in out.items():
                 o.copy_(before[n])
-            _free_memory(device)
+            release_memory(device)
             size = limit.halve(S, P, enc.input_ids.shape[1], device, failure)
             if start > 0:
                 _refill_carries(model, modules, path_at(start - 1, start), P, lengths, rule, carries, mask,

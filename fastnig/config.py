@@ -157,7 +157,7 @@ def _read_config_file(source: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
 
 
 def shared_data_dir() -> Optional[Path]:
-    """Where offline test collections live: $FASTNIG_DATA, else a ``shared/data`` near here."""
+    """The folder ``${data}`` stands for in configs: $FASTNIG_DATA, else a ``shared/data`` folder beside the checkout or the current folder."""
     if os.environ.get("FASTNIG_DATA"):
         return Path(os.environ["FASTNIG_DATA"])
     for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
@@ -175,7 +175,7 @@ def _substitute(value: str) -> str:
             found = shared_data_dir()
             if found is None:
                 raise ConfigError("the config uses ${data} but no data folder was found: set FASTNIG_DATA to the "
-                                  "folder holding the collections (e.g. shared/data)")
+                                  "folder holding your collections")
             return str(found)
         if key not in os.environ:
             raise ConfigError(f"the config uses ${{{key}}} but the environment variable {key} is not set")

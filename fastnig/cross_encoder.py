@@ -153,6 +153,38 @@ def load_tokenizer(model):
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); pass tokenizer=... explicitly") from None
 
 
+def _is_attributed_by_default(name: str) -> bool:
+    return "pooler" not in name.split(".")
+
+
+def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
+                   include_pooler: bool = False) -> Dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules whose outputs are neurons (docs/method.md §4).
+
+    By default every Linear of the encoder (``model.base_model``): the
+    classification head is excluded, and so is the pooler unless
+    ``include_pooler``.  ``layers`` selects module names explicitly.
+    """
+    everything = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        unknown = [n for n in layers if n not in everything]
+        if unknown:
+            sample = ", ".join(list(everything)[:4])
+            raise ValueError(f"layers: {unknown} are not nn.Linear modules of the model (e.g. {sample})")
+        if not layers:
+            raise ValueError("layers is empty: give Linear module names, or None for all of them")
+        return {n: everything[n] for n in layers}
+    base = getattr(model, "base_model", model)
+    base_ids = {id(m) for m in base.modules()}
+    chosen = {n: m for n, m in everything.items()
+              if id(m) in base_ids and (include_pooler or _is_attributed_by_default(n))}
+    if not chosen:
+        raise ValueError("the model has no nn.Linear module in its encoder to attribute")
+    return chosen
+
+
 # ------------------------------------------------------------------ the pairs
 def validate_pairs(pairs) -> List[Pair]:
     """``pairs`` as a non-empty list of (query, passage) string tuples, or a ``TypeError``/``ValueError``

@@ -49,7 +49,7 @@ def cut_enabled_by_environment() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _last_layer_before_first_token_head(model: nn.Module) -> Optional[nn.Module]:
+def last_layer_before_first_token_head(model: nn.Module) -> Optional[nn.Module]:
     """The last encoder layer of a model with one of :data:`FIRST_TOKEN_HEADS`, else ``None``."""
     if type(model).__name__ not in FIRST_TOKEN_HEADS:
         return None
@@ -75,7 +75,7 @@ def first_token_cut(model: nn.Module) -> Optional[nn.Module]:
     ``(hidden, residual)``) or DistilBERT's ``sa_layer_norm``. Any other model
     gets ``None``: nothing is skipped.
     """
-    last = _last_layer_before_first_token_head(model)
+    last = last_layer_before_first_token_head(model)
     if last is None:
         return None
     attention_output = getattr(getattr(last, "attention", None), "output", None)
@@ -101,7 +101,7 @@ def query_cut_module(model: nn.Module) -> Optional[nn.Module]:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) not in QUERY_CUT_ATTENTION:
         return None
-    attention = getattr(getattr(_last_layer_before_first_token_head(model), "attention", None), "self", None)
+    attention = getattr(getattr(last_layer_before_first_token_head(model), "attention", None), "self", None)
     own = vars(attention).get("forward") if attention is not None else None
     ok = (attention is not None
           and (own is None or isinstance(getattr(own, "__self__", None), _QueryCutInstall))

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .attribution import linear_modules
+from .cross_encoder import linear_modules
 from .common import is_int
 
 COMPONENTS = ("query", "key", "value", "attention_output", "intermediate", "ff_output")

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import analyze, baseline_differences, baseline_table, table1_pairs
+from .analysis import analyze
+from .baselines import baseline_differences, baseline_table, table1_pairs
 from .attribution import attribute, attribution_settings
 from .common import check_int, write_atomic
 from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files  # noqa: F401 (re-exported)

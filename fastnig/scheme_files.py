@@ -31,7 +31,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from .common import PathLike, fsync_path
+from .common import PathLike, fsync_path, optional_import
 
 FORMAT = "fastnig-scheme"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ def write_scheme(path: PathLike, meta: Mapping[str, object], tensors: Mapping[st
     file's name) first, then ``meta``.  See the module docstring for why a
     killed save leaves the previous scheme readable.
     """
-    from safetensors.torch import save_file
+    save_file = optional_import("safetensors.torch", "to save schemes").save_file
 
     json_path = scheme_json_path(path)
     folder = json_path.parent
@@ -108,7 +108,7 @@ def read_scheme(path: PathLike) -> Tuple[Path, Dict[str, object], Dict[str, torc
     Checks the format, the version and that the tensor file belongs to the
     same save as the JSON (``path`` with or without ``.json``).
     """
-    from safetensors import safe_open
+    safe_open = optional_import("safetensors", "to read schemes").safe_open
 
     json_path = scheme_json_path(path)
     if not json_path.is_file():

@@ -40,6 +40,7 @@ from .neurons import (COMPONENTS, DATASET_ABBREVIATIONS, OTHER_COMPONENTS, Neuro
                       intersection, layer_index, neuron_universe, short_name, top_count, union)
 from .scheme_files import (FORMAT, FORMAT_VERSION, expect_tensor, is_scheme_file, read_scheme, scheme_json_path,
                            write_scheme)
+from .segments import SEGMENTS
 
 __all__ = [
     "LABELS", "RANK_BY", "FUSED_LABEL", "Scheme", "fuse", "fuse_all",
@@ -96,6 +97,8 @@ class Scheme:
         has_halves: whether the two interleaved half sums are kept
             (:meth:`half_means`); False for fusions and for schemes saved
             before halves existed.
+        has_segments: whether exact per-segment sums (query, passage, special;
+            ``attribute(..., segments=True)``) are kept (:meth:`segment_means`).
     """
 
     def __init__(self, sizes: Mapping[str, int], *, model: str, dataset: str, label: str,
@@ -115,6 +118,8 @@ class Scheme:
         # [2, B, n] exact sums of the pairs of half 0 and half 1 (pair_half); None when not kept.
         self._half_bins: Optional[Dict[str, torch.Tensor]] = {
             m: torch.zeros((2,) + tuple(zero_bins(n).shape), dtype=torch.float64) for m, n in self.sizes.items()}
+        # [3, B, n] exact sums per segment (fastnig.attribution.SEGMENTS); None when the attributions had none.
+        self._segment_bins: Optional[Dict[str, torch.Tensor]] = None
         self._fused_mean: Optional[Dict[str, torch.Tensor]] = None
         self.parts: List[Dict[str, object]] = []  # fused schemes: what was averaged
         self.pair_ids: List[str] = []
@@ -233,6 +238,22 @@ class Scheme:
         """True when the two interleaved half sums are kept (not for fusions or old scheme files)."""
         return self._fused_mean is None and self._half_bins is not None
 
+    @property
+    def has_segments(self) -> bool:
+        """True when exact per-segment sums are kept (attributions with ``segments=True``; not for fusions)."""
+        return self._fused_mean is None and self._segment_bins is not None
+
+    def segment_means(self) -> Optional[Dict[str, torch.Tensor]]:
+        """module -> ``[3, n]`` float64 mean NIG per segment (query, passage, special), or None.
+
+        None without segment sums (:attr:`has_segments`) or pairs.  The three
+        sum to :attr:`mean` up to float64 rounding (each is an exact sum).
+        """
+        if not self.has_segments or not self.pair_ids:
+            return None
+        return {m: torch.stack([bins_value(b[s]) for s in range(b.shape[0])]) / self.count
+                for m, b in self._segment_bins.items()}
+
     def half_counts(self) -> Tuple[int, int]:
         """Pairs in half 0 and half 1 (:func:`pair_half` of each pair id)."""
         ones = sum(pair_half(i) for i in self.pair_ids)
@@ -325,6 +346,24 @@ class Scheme:
                 raise ValueError(f"add: scores[{m!r}] has NaN/Inf values; they cannot enter a mean")
         if self.count + num > MAX_PAIRS:
             raise ValueError(f"a scheme holds at most {MAX_PAIRS} pairs with exact sums; split the dataset")
+        segment_scores = getattr(attributions, "segment_scores", None)
+        new_segments = None
+        if segment_scores is not None or self._segment_bins is not None:
+            if segment_scores is None or (self._segment_bins is None and self.count):
+                raise ValueError(f"add: scheme {self.name} and the attributions differ in segments (attribute "
+                                 f"with the same segments=)")
+            new_segments = {}
+            for m, n in self.sizes.items():
+                values = segment_scores[m].detach().cpu()
+                if values.dim() != 3 or tuple(values.shape[::2]) != (num, n):
+                    raise ValueError(f"add: segment_scores[{m!r}] has shape {tuple(values.shape)}, "
+                                     f"expected ({num}, segments, {n})")
+                old = (self._segment_bins[m] if self._segment_bins is not None else
+                       torch.zeros((values.shape[1],) + tuple(zero_bins(n).shape), dtype=torch.float64))
+                if old.shape[0] != values.shape[1]:
+                    raise ValueError(f"add: segment_scores[{m!r}] has {values.shape[1]} segments, the scheme "
+                                     f"{old.shape[0]}")
+                new_segments[m] = old + torch.stack([split_into_bins(values[:, s]) for s in range(values.shape[1])])
         new_bins, new_halves = {}, None
         if self._half_bins is None:
             new_bins = {m: self._bins[m] + split_into_bins(scores[m].detach().cpu()) for m in self.sizes}
@@ -343,6 +382,8 @@ class Scheme:
         self._bins = new_bins
         if new_halves is not None:
             self._half_bins = new_halves
+        if new_segments is not None:
+            self._segment_bins = new_segments
         self.pair_ids.extend(ids)
         self._seen.update(ids)
         self.delta = torch.cat([self.delta, attributions.delta.detach().cpu().float()])
@@ -426,6 +467,10 @@ class Scheme:
         out._bins = {m: self._bins[m] + other._bins[m] for m in self.sizes}
         out._half_bins = (None if self._half_bins is None or other._half_bins is None
                           else {m: self._half_bins[m] + other._half_bins[m] for m in self.sizes})
+        a, b = self._segment_bins, other._segment_bins
+        if (a is None) != (b is None) and (self.count if a is None else other.count):
+            raise ValueError(f"cannot merge {self.name} and {other.name}: one keeps segment sums, the other not")
+        out._segment_bins = (a if b is None else b if a is None else {m: a[m] + b[m] for m in self.sizes})
         out.pair_ids = self.pair_ids + other.pair_ids
         out.dropped_ids = self.dropped_ids + other.dropped_ids
         out._seen = self._seen | other._seen
@@ -488,6 +533,9 @@ class Scheme:
             if self._half_bins is not None:
                 for m, b in self._half_bins.items():
                     tensors[f"half_bins/{m}"] = b
+            if self._segment_bins is not None:
+                for m, b in self._segment_bins.items():
+                    tensors[f"segment_bins/{m}"] = b
             for t in _PAIR_TENSORS:
                 tensors[f"pair/{t}"] = getattr(self, t)
         meta = {**self.describe(), "name": self._name, "display_name": self.name,
@@ -495,6 +543,8 @@ class Scheme:
                 "bin_exponents": list(BIN_EXPONENTS),
                 "halves": HALVES_RULE if (self._fused_mean is None and self._half_bins is not None) else None,
                 "pair_ids": self.pair_ids, "dropped_ids": self.dropped_ids}
+        if self._fused_mean is None and self._segment_bins is not None:  # absent in older files: no segments
+            meta["segments"] = list(SEGMENTS)
         return write_scheme(path, meta, tensors)
 
     @classmethod
@@ -521,6 +571,12 @@ class Scheme:
         else:
             scheme._half_bins = {m: expect_tensor(tensors, f"half_bins/{m}", (2, len(BIN_EXPONENTS), n), json_path)
                                  for m, n in sizes.items()}
+        if meta.get("segments"):
+            if list(meta["segments"]) != list(SEGMENTS):
+                raise ValueError(f"scheme {json_path} has segments {meta['segments']!r}, not {list(SEGMENTS)}")
+            scheme._segment_bins = {m: expect_tensor(tensors, f"segment_bins/{m}",
+                                                     (len(SEGMENTS), len(BIN_EXPONENTS), n), json_path)
+                                    for m, n in sizes.items()}
         scheme.pair_ids = [str(i) for i in meta["pair_ids"]]
         scheme.dropped_ids = [str(i) for i in meta["dropped_ids"]]
         scheme._seen = set(scheme.pair_ids) | set(scheme.dropped_ids)

@@ -18,7 +18,7 @@ shipped with the package (``fastnig/reference/<name>.json``, see
   (N.A. = the run lacks the data the check needs); see :data:`CLAIMS` for
   the exact rule and threshold of each (decisions where the paper gives no
   number are documented there).
-* **Two runs side by side** (:func:`compare_runs`; ``fastnig compare RUN
+* **Two runs side by side** (:func:`fastnig.run_comparison.compare_runs`; ``fastnig compare RUN
   --with OTHER`` and the report's "§6" section when the config names
   ``compare_with``): the layer profile of N / F of the in-domain dataset and
   Table 4 of both runs, e.g. the ``pad`` run beside the ``zero`` (Möller)
@@ -32,11 +32,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .run_results import (NotARunFolder, PathLike, fmt_number, md_escape, read_csv, read_run_config,  # noqa: F401 (NotARunFolder: re-exported)
+                          run_in_domain, table4_groups, to_float, to_level)
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 NOT_PAPER_SETUP = "not the paper's setup"
@@ -77,13 +79,8 @@ CLAIMS: Tuple[Tuple[str, str, str], ...] = (
 )
 """(key, claim, source and rule) of every qualitative check, in the order printed."""
 
-PathLike = Union[str, os.PathLike]
 
 TABLE1_TITLE = "mean P(rel) − P(non-rel) over relevant pairs the model judges relevant"
-
-
-class NotARunFolder(ValueError):
-    """The folder given is not a run folder written by ``fastnig run``."""
 
 
 # --------------------------------------------------------------- reference
@@ -227,8 +224,8 @@ class Scorecard:
     def _row_strings(c: Cell) -> List[str]:
         item = c.item if not c.paper_item or c.paper_item == c.item else f"{c.item} (paper {c.paper_item})"
         level = "" if c.level_percent is None else f"{c.level_percent:g}%"
-        ours = _num(c.ours) + (f" ({c.ours_significant})" if c.ours_significant else "")
-        paper = _num(c.paper) + (f" ({c.paper_significant})" if c.paper_significant else "")
+        ours = fmt_number(c.ours) + (f" ({c.ours_significant})" if c.ours_significant else "")
+        paper = fmt_number(c.paper) + (f" ({c.paper_significant})" if c.paper_significant else "")
         diff = c.difference
         return [item, c.group, level, ours, paper, "–" if diff is None else f"{diff:+.2f}"]
 
@@ -239,7 +236,7 @@ class Scorecard:
               f"**Qualitative claims: {n[PASS]} PASS, {n[FAIL]} FAIL, {n[NA]} N.A.**", "",
               "| verdict | claim | our numbers | source and rule |", "|---|---|---|---|"]
         for c in self.claims:
-            md.append(f"| {c.verdict} | {_md(c.text)} | {_md(c.detail)} | {_md(c.source)} |")
+            md.append(f"| {c.verdict} | {md_escape(c.text)} | {md_escape(c.detail)} | {md_escape(c.source)} |")
         for table, title in (("Table 1", TABLE1_TITLE),
                              ("Table 4", "% nDCG@10 drop when pruning, positive = worse; (n) = datasets significant")):
             cells, omitted = self._shown(table)
@@ -253,7 +250,7 @@ class Scorecard:
             md += ["| set | group | level | ours | paper | ours − paper |" if table == "Table 4"
                    else "| baseline | | | ours | paper | ours − paper |", "|---|---|---|---|---|---|"]
             for c in cells:
-                md.append("| " + " | ".join(_md(v) for v in self._row_strings(c)) + " |")
+                md.append("| " + " | ".join(md_escape(v) for v in self._row_strings(c)) + " |")
         return "\n".join(md) + "\n"
 
     CSV_COLUMNS = ("section", "item", "paper_item", "group", "level_percent", "ours", "paper", "difference",
@@ -289,63 +286,6 @@ class Scorecard:
         return {"md": md, "csv": self.to_csv(folder / "scorecard.csv")}
 
 
-def _num(x: Optional[float]) -> str:
-    if x is None:
-        return "–"
-    if math.isnan(x):
-        return "nan"
-    return f"{x:.2f}"
-
-
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|")
-
-
-# ------------------------------------------------------------- reading a run
-def _read_csv(path: Path) -> List[Dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _level(value: Any) -> float:
-    return round(_float(value), 9)
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes")
-
-
-def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
-    """The run's ``config.json`` (written by ``fastnig run``).
-
-    Raises:
-        NotARunFolder: ``run_dir`` is not a folder or holds no ``config.json``.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise NotARunFolder(f"{run_dir} is not a folder (give the output folder of `fastnig run`, e.g. runs/demo)")
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise NotARunFolder(f"{run_dir} is not a fastnig run folder: it has no config.json "
-                            "(run `fastnig run CONFIG` first, or give its output folder)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise NotARunFolder(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or "attribution" not in cfg:
-        raise NotARunFolder(f"{path} is not a fastnig run configuration (no 'attribution' section)")
-    return cfg
-
-
 def _setup_differences(cfg: Mapping[str, Any], setup: Mapping[str, Any]) -> List[str]:
     att = cfg.get("attribution", {})
     diffs = []
@@ -364,45 +304,12 @@ def _setup_differences(cfg: Mapping[str, Any], setup: Mapping[str, Any]) -> List
     return diffs
 
 
-def _in_domain(cfg: Mapping[str, Any]) -> str:
-    att = cfg.get("attribution", {})
-    in_domain = att.get("in_domain") or []
-    if isinstance(in_domain, str):
-        return in_domain
-    return str(in_domain[0]) if in_domain else ""
-
-
 def _run_set_name(paper_set: str, paper_in_domain: str, in_domain: str) -> str:
     """The run's name of a paper row: P_ms -> P_<in-domain>; set-algebra rows keep their expression."""
     for prefix in ("P_", "N_", "F_"):
         if paper_set == prefix + paper_in_domain and in_domain:
             return prefix + in_domain
     return paper_set
-
-
-def _table4_summary(rows: List[Dict[str, str]]) -> Tuple[Dict[Tuple[str, float, str], Dict[str, float]],
-                                                        Dict[Tuple[str, float], float]]:
-    """Per (set, level, group): mean drop over the group's datasets and datasets significant; and the
-    random baseline per (group, level): mean over sets of the group's mean random drop (as table4.md)."""
-    grouped: Dict[Tuple[str, float, str], List[Dict[str, str]]] = defaultdict(list)
-    for r in rows:
-        grouped[(r["set"], _level(r["level_percent"]), r["group"])].append(r)
-    summary = {}
-    for key, members in grouped.items():
-        summary[key] = {"drop": sum(_float(r["drop_percent"]) for r in members) / len(members),
-                        "significant": sum(_truthy(r["significant"]) for r in members),
-                        "random": sum(_float(r["random_drop_mean"]) for r in members) / len(members)}
-    by_gl: Dict[Tuple[str, float], List[float]] = defaultdict(list)
-    for (_s, level, group), v in summary.items():
-        by_gl[(group, level)].append(v["random"])
-    random = {k: sum(v) / len(v) for k, v in by_gl.items()}
-    return summary, random
-
-
-def table4_summary(rows: List[Dict[str, str]]):
-    """Group means of ``pruning/table4.csv`` rows: ``({(set, level, group): {drop, significant, random}},
-    {(group, level): random baseline})`` (the numbers of ``table4.md``)."""
-    return _table4_summary(rows)
 
 
 # ------------------------------------------------------------------ claims
@@ -413,16 +320,16 @@ def _claim(key: str, verdict: str, detail: str) -> Claim:
 
 def _check_p_cap_n(inter: List[Dict[str, str]]) -> Claim:
     rows = [r for r in inter if r.get("curve") == "P_cap_N"
-            and PN_LEVELS[0] - 1e-9 <= _float(r["level_percent"]) <= PN_LEVELS[1] + 1e-9]
+            and PN_LEVELS[0] - 1e-9 <= to_float(r["level_percent"]) <= PN_LEVELS[1] + 1e-9]
     if not rows:
         return _claim("p_cap_n_empty", NA, "no P_x ∩ N_x at levels 0.1–1 % (needs a dataset with both labels "
                                            "and an analysis level in [0.1, 1] %)")
-    worst = max(rows, key=lambda r: _float(r["percent"]))
+    worst = max(rows, key=lambda r: to_float(r["percent"]))
     datasets = sorted({r["datasets"].split("+")[0] for r in rows})
-    value = _float(worst["percent"])
+    value = to_float(worst["percent"])
     verdict = PASS if value <= PN_MAX_PERCENT else FAIL
     return _claim("p_cap_n_empty", verdict,
-                  f"largest {value:.2f} % ({worst['name']} at {_float(worst['level_percent']):g} %) over "
+                  f"largest {value:.2f} % ({worst['name']} at {to_float(worst['level_percent']):g} %) over "
                   f"{', '.join(datasets)}; threshold {PN_MAX_PERCENT:g} %")
 
 
@@ -440,10 +347,10 @@ def _pairwise_file(analysis: Path, exclude: Sequence[str]) -> Optional[Path]:
 
 def _check_ood_above_id(analysis: Path, exclude: Sequence[str]) -> Claim:
     path = _pairwise_file(analysis, exclude)
-    rows = _read_csv(path) if path else []
+    rows = read_csv(path) if path else []
     per: Dict[Tuple[str, float], Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        per[(r["label"], _level(r["level_percent"]))][r["pair_kind"]].append(_float(r["overlap_percent"]))
+        per[(r["label"], to_level(r["level_percent"]))][r["pair_kind"]].append(to_float(r["overlap_percent"]))
     checked, failures, labels = 0, [], set()
     for (label, level), kinds in sorted(per.items()):
         if not kinds.get("OOD-OOD") or not kinds.get("ID-OOD"):
@@ -470,9 +377,9 @@ def _check_cap_o_above_cap_a(analysis: Path) -> Claim:
     checked, failures, files = 0, [], []
     for path in sorted(analysis.glob("intersections*.csv")):
         values: Dict[Tuple[str, float], Dict[str, float]] = defaultdict(dict)
-        for r in _read_csv(path):
+        for r in read_csv(path):
             if r.get("curve") in ("cap_O", "cap_A"):
-                values[(r["label"], _level(r["level_percent"]))][r["curve"]] = _float(r["percent"])
+                values[(r["label"], to_level(r["level_percent"]))][r["curve"]] = to_float(r["percent"])
         for (label, level), v in sorted(values.items()):
             if "cap_O" not in v or "cap_A" not in v or not v["cap_O"] > 0:
                 continue
@@ -509,7 +416,7 @@ def _check_n_above_p(summary, in_domain: str) -> Claim:
 
 def _check_f_top2(summary, in_domain: str) -> Claim:
     f = f"F_{in_domain}"
-    level = _level(STRONG_LEVEL)
+    level = to_level(STRONG_LEVEL)
     groups = sorted({g for (s, l, g) in summary if s == f and l == level})
     if not groups:
         return _claim("f_top2", NA, f"{f} was not pruned at {STRONG_LEVEL:g} %")
@@ -524,13 +431,13 @@ def _check_f_top2(summary, in_domain: str) -> Claim:
 
 
 def _check_random(rows: List[Dict[str, str]]) -> Claim:
-    values = [(abs(_float(r["random_drop_mean"])), r) for r in rows if not math.isnan(_float(r["random_drop_mean"]))]
+    values = [(abs(to_float(r["random_drop_mean"])), r) for r in rows if not math.isnan(to_float(r["random_drop_mean"]))]
     if not values:
         return _claim("random_small", NA, "no pruning/table4.csv (or no random baseline in it)")
     worst, r = max(values, key=lambda x: x[0])
     verdict = PASS if worst <= RANDOM_MAX_PERCENT else FAIL
     return _claim("random_small", verdict,
-                  f"largest |random drop| {worst:.2f} % ({r['set']} at {_float(r['level_percent']):g} % on "
+                  f"largest |random drop| {worst:.2f} % ({r['set']} at {to_float(r['level_percent']):g} % on "
                   f"{r['dataset']}) over {len(values)} rows; threshold {RANDOM_MAX_PERCENT:g} %")
 
 
@@ -551,9 +458,9 @@ def _check_last_layers(layers: List[Dict[str, str]], in_domain: str) -> Claim:
     for name, rows in sets.items():
         per_layer: Dict[int, int] = defaultdict(int)
         for r in rows:
-            layer = int(_float(r["layer"]))
+            layer = int(to_float(r["layer"]))
             if layer >= 0:
-                per_layer[layer] += int(_float(r["count"]))
+                per_layer[layer] += int(to_float(r["count"]))
         if not per_layer:
             continue
         n_layers = max(per_layer) + 1
@@ -578,7 +485,7 @@ def _check_components(layers: List[Dict[str, str]], in_domain: str) -> Claim:
     for name, rows in sets.items():
         total: Dict[str, int] = defaultdict(int)
         for r in rows:
-            total[r["component"]] += int(_float(r["count"]))
+            total[r["component"]] += int(to_float(r["count"]))
         strong = min(total["attention_output"], total["value"])
         weak = max(total["query"], total["key"])
         failed |= not strong > weak
@@ -608,7 +515,7 @@ def scorecard(run_dir: PathLike, reference: str = "paper") -> Scorecard:
     cfg = read_run_config(run_dir)
     ref = load_reference(reference)
     setup = ref["setup"]
-    in_domain = _in_domain(cfg)
+    in_domain = run_in_domain(cfg)
     analysis, pruning = run_dir / "analysis", run_dir / "pruning"
     card = Scorecard(run_dir=run_dir, reference=reference, reference_title=ref.get("title", reference),
                      in_domain=in_domain, setup_differences=_setup_differences(cfg, setup))
@@ -616,30 +523,30 @@ def scorecard(run_dir: PathLike, reference: str = "paper") -> Scorecard:
     # Table 1: the paper reports the mean difference itself ("average difference between each label"; 1 at
     # the input, over pairs the model judges relevant); a file without that column falls back to the ratio.
     ours_t1 = {}
-    t1_rows = _read_csv(analysis / "baselines.csv")
+    t1_rows = read_csv(analysis / "baselines.csv")
     for r in t1_rows:
-        value = _float(r.get("mean_difference"))
-        ours_t1[r.get("baseline")] = value if not math.isnan(value) else _float(r.get("quality"))
+        value = to_float(r.get("mean_difference"))
+        ours_t1[r.get("baseline")] = value if not math.isnan(value) else to_float(r.get("quality"))
     if t1_rows:
         for row in ref["table1"]["rows"]:
             card.cells.append(Cell("Table 1", row["baseline"], ours=ours_t1.get(row["baseline"]),
                                    paper=float(row["quality"]), paper_item=row["paper_label"]))
 
     # Table 4: the paper's rows (by role), then our rows it does not have, then the random baseline.
-    t4_rows = _read_csv(pruning / "table4.csv")
-    summary, random = _table4_summary(t4_rows)
+    t4_rows = read_csv(pruning / "table4.csv")
+    summary, random = table4_groups(t4_rows)
     t4 = ref["table4"]
-    paper_cells = {(c["set"], _level(c["level_percent"]), c["group"]): c for c in t4["cells"]}
-    paper_random = {(c["group"], _level(c["level_percent"])): c["drop_percent"] for c in t4["random"]}
+    paper_cells = {(c["set"], to_level(c["level_percent"]), c["group"]): c for c in t4["cells"]}
+    paper_random = {(c["group"], to_level(c["level_percent"])): c["drop_percent"] for c in t4["random"]}
     if t4_rows:
         shown = set()
         for s in t4["sets"]:
             ours_name = _run_set_name(s["set"], setup["in_domain"], in_domain)
             for group in t4["groups"]:
                 for level in t4["levels"]:
-                    key = (ours_name, _level(level), group)
+                    key = (ours_name, to_level(level), group)
                     mine = summary.get(key)
-                    pc = paper_cells[(s["set"], _level(level), group)]
+                    pc = paper_cells[(s["set"], to_level(level), group)]
                     shown.add(key)
                     card.cells.append(Cell("Table 4", ours_name, group, float(level),
                                            ours=mine["drop"] if mine else None, paper=float(pc["drop_percent"]),
@@ -653,8 +560,8 @@ def scorecard(run_dir: PathLike, reference: str = "paper") -> Scorecard:
             card.cells.append(Cell("Table 4", "random", group, level, ours=random.get((group, level)),
                                    paper=paper_random.get((group, level)), paper_item="Random baseline"))
 
-    inter = _read_csv(analysis / "intersections.csv")
-    layers = _read_csv(analysis / "layers_components.csv")
+    inter = read_csv(analysis / "intersections.csv")
+    layers = read_csv(analysis / "layers_components.csv")
     exclude = [str(x) for x in cfg.get("analysis", {}).get("exclude", []) or []]
     card.claims = [
         _check_p_cap_n(inter),
@@ -669,121 +576,3 @@ def scorecard(run_dir: PathLike, reference: str = "paper") -> Scorecard:
     return card
 
 
-# ------------------------------------------------------------ two runs (§6)
-MID_LAYERS = (7, 12)
-"""The paper's mid-layer peak, "spread across layers 7 to 12" of BERT-large's 24 (counted from 1); scaled to
-other depths as layers [L x 6/24, L x 12/24) counted from 0."""
-
-
-def _layer_totals(run_dir: Path, set_prefix: str) -> Tuple[str, Dict[int, int]]:
-    rows = [r for r in _read_csv(run_dir / "analysis" / "layers_components.csv") if r["set"].startswith(set_prefix)]
-    name = rows[0]["set"] if rows else ""
-    totals: Dict[int, int] = defaultdict(int)
-    for r in rows:
-        if r["set"] == name and int(_float(r["layer"])) >= 0:
-            totals[int(_float(r["layer"]))] += int(_float(r["count"]))
-    return name, dict(totals)
-
-
-def _shares(totals: Mapping[int, int]) -> Tuple[float, float]:
-    """(% in the last two layers, % in the mid layers of :data:`MID_LAYERS`) of a layer profile."""
-    total = sum(totals.values())
-    if not total:
-        return float("nan"), float("nan")
-    n = max(totals) + 1
-    lo, hi = round(n * (MID_LAYERS[0] - 1) / 24), round(n * MID_LAYERS[1] / 24)
-    last = sum(c for l, c in totals.items() if l >= n - 2)
-    mid = sum(c for l, c in totals.items() if lo <= l < hi)
-    return last / total * 100, mid / total * 100
-
-
-@dataclass
-class RunComparison:
-    """Two runs side by side: layer profiles of N / F of the in-domain dataset, and Table 4."""
-
-    run_dir: Path
-    other_dir: Path
-    run_label: str
-    other_label: str
-    profiles: List[Dict[str, Any]] = field(default_factory=list)   # one per set: name, this, other (layer -> n)
-    table4: List[Dict[str, Any]] = field(default_factory=list)     # set, level, group, this, other
-
-    def to_markdown(self) -> str:
-        """For report.md: the profile table, the peak shares, and Table 4 of both runs."""
-        a, b = self.run_label, self.other_label
-        md = [f"This run (`{self.run_dir}`, {a}) beside `{self.other_dir}` ({b}).", ""]
-        if not self.profiles:
-            md += ["_No layer profile (analysis/layers_components.csv) in one of the runs._", ""]
-        for prof in self.profiles:
-            last_a, mid_a = _shares(prof["this"])
-            last_b, mid_b = _shares(prof["other"])
-            md += [f"**Layer profile of {prof['set']}** (neurons per layer) — share in the last two layers: "
-                   f"{last_a:.1f} % ({a}) vs {last_b:.1f} % ({b}); in the mid layers "
-                   f"{prof['mid']}: {mid_a:.1f} % vs {mid_b:.1f} %", "",
-                   f"| layer | {_md(a)} | {_md(b)} |", "|---|---|---|"]
-            for layer in sorted(set(prof["this"]) | set(prof["other"])):
-                md.append(f"| {layer} | {prof['this'].get(layer, 0)} | {prof['other'].get(layer, 0)} |")
-            md.append("")
-        if self.table4:
-            md += ["**Table 4 of both runs** (% nDCG@10 drop, positive = worse, group means)", "",
-                   f"| set | group | level | {_md(a)} | {_md(b)} | difference |", "|---|---|---|---|---|---|"]
-            for r in self.table4:
-                diff = (r["this"] - r["other"]) if r["this"] is not None and r["other"] is not None else None
-                md.append(f"| {_md(r['set'])} | {_md(r['group'])} | {r['level']:g}% | {_num(r['this'])} | "
-                          f"{_num(r['other'])} | {'–' if diff is None else f'{diff:+.2f}'} |")
-            spread = self.spread()
-            if spread:
-                md += ["", "Spread of the drops (largest − smallest set, per group and level): " + "; ".join(
-                    f"{g} {l:g}%: {sa:.2f} ({a}) vs {sb:.2f} ({b})" for (g, l), (sa, sb) in spread.items())]
-        else:
-            md.append("_No Table 4 (pruning/table4.csv) in one of the runs._")
-        return "\n".join(md) + "\n"
-
-    def spread(self) -> Dict[Tuple[str, float], Tuple[float, float]]:
-        """(group, level) -> (largest − smallest drop over sets) in this run and the other (both present)."""
-        by: Dict[Tuple[str, float], List[Tuple[float, float]]] = defaultdict(list)
-        for r in self.table4:
-            if r["this"] is not None and r["other"] is not None:
-                by[(r["group"], r["level"])].append((r["this"], r["other"]))
-        return {k: (max(x for x, _ in v) - min(x for x, _ in v), max(y for _, y in v) - min(y for _, y in v))
-                for k, v in sorted(by.items()) if len(v) > 1}
-
-    def to_text(self) -> str:
-        """For the terminal (the Markdown, tables included, reads as text)."""
-        return self.to_markdown()
-
-
-def _run_label(cfg: Mapping[str, Any], run_dir: Path) -> str:
-    baseline = cfg.get("attribution", {}).get("baseline", "?")
-    return f"{cfg.get('name') or run_dir.name}, baseline {baseline}"
-
-
-def compare_runs(run_dir: PathLike, other_dir: PathLike) -> RunComparison:
-    """Two finished runs side by side (the paper's §6: the ``pad`` run beside the ``zero`` baseline's).
-
-    Layer profiles: N_x and F_x of each run's in-domain dataset at the
-    analysed level (``analysis/layers_components.csv``); Table 4: every
-    (set, level, group) of either run (``pruning/table4.csv``, group means).
-
-    Raises:
-        NotARunFolder: either folder is not a run folder.
-    """
-    run_dir, other_dir = Path(run_dir), Path(other_dir)
-    cfg, other_cfg = read_run_config(run_dir), read_run_config(other_dir)
-    comp = RunComparison(run_dir, other_dir, _run_label(cfg, run_dir), _run_label(other_cfg, other_dir))
-    for prefix in ("N_", "F_"):
-        name, mine = _layer_totals(run_dir, f"{prefix}{_in_domain(cfg)}@")
-        other_name, theirs = _layer_totals(other_dir, f"{prefix}{_in_domain(other_cfg)}@")
-        if mine or theirs:
-            n = max(list(mine) + list(theirs)) + 1
-            lo, hi = round(n * (MID_LAYERS[0] - 1) / 24), round(n * MID_LAYERS[1] / 24)
-            comp.profiles.append({"set": name or other_name, "this": mine, "other": theirs,
-                                  "mid": f"{lo}–{hi - 1}"})
-    mine, _ = _table4_summary(_read_csv(run_dir / "pruning" / "table4.csv"))
-    theirs, _ = _table4_summary(_read_csv(other_dir / "pruning" / "table4.csv"))
-    if mine and theirs:
-        for key in sorted(dict.fromkeys(list(mine) + list(theirs)), key=lambda k: (k[2], k[1])):
-            comp.table4.append({"set": key[0], "level": key[1], "group": key[2],
-                                "this": mine[key]["drop"] if key in mine else None,
-                                "other": theirs[key]["drop"] if key in theirs else None})
-    return comp

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastnig import analysis
+from fastnig import baselines
 from fastnig.attribution import Attributions
 from fastnig.schemes import Scheme, fuse
 
@@ -291,8 +292,8 @@ def test_baseline_quality_matches_an_independent_computation(kind, num_labels):
     pairs = PAIRS + [("heat flow", "laminar boundary layer heat transfer"), ("diet", "vitamin study")]
     expected = independent_differences(model, tokenizer, pairs)
     assert len({round(v, 6) for v in expected.values()}) == 5  # the five really differ
-    diffs = analysis.baseline_differences(model, tokenizer, pairs, batch_size=4)
-    quality = analysis.baseline_quality(model, tokenizer, pairs, batch_size=3)
+    diffs = baselines.baseline_differences(model, tokenizer, pairs, batch_size=4)
+    quality = baselines.baseline_quality(model, tokenizer, pairs, batch_size=3)
     assert list(quality) == ["original", "pad", "pad-query", "zero", "zero-query"]
     for name, value in expected.items():
         assert diffs[name] == pytest.approx(value, abs=1e-6)
@@ -303,17 +304,17 @@ def test_baseline_quality_matches_an_independent_computation(kind, num_labels):
 def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     from fastnig.cli import main
 
-    rows = analysis.baseline_table({"original": 0.5, "pad": 0.1, "zero": -0.25}, tmp_path, pairs=7, dataset="ms")
+    rows = baselines.baseline_table({"original": 0.5, "pad": 0.1, "zero": -0.25}, tmp_path, pairs=7, dataset="ms")
     assert [(r["baseline"], r["quality"]) for r in rows] == [("original", 1.0), ("pad", 0.2), ("zero", -0.5)]
     table = read_csv(tmp_path / "baselines.csv")
-    assert tuple(table[0]) == analysis.BASELINE_COLUMNS
+    assert tuple(table[0]) == baselines.BASELINE_COLUMNS
     # Each row has the original input's value beside it, and what it was averaged over.
     assert [(r["baseline"], float(r["mean_difference"]), float(r["original_difference"]), float(r["quality"]),
              r["pairs"], r["dataset"]) for r in table] == [
         ("original", 0.5, 0.5, 1.0, "7", "ms"), ("pad", 0.1, 0.5, 0.2, "7", "ms"), ("zero", -0.25, 0.5, -0.5, "7", "ms")]
     assert_png(tmp_path / "table1_baselines.png")
     with pytest.raises(ValueError, match="baselines"):
-        analysis.baseline_quality(tiny_bert, tokenizer, [("a", "b")], baselines=["blank"])
+        baselines.baseline_quality(tiny_bert, tokenizer, [("a", "b")], baselines=["blank"])
 
     from tiny_models import PAIRS
 
@@ -332,7 +333,7 @@ def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     p_rel = score_pairs(tiny_bert, tokenizer, every, output="probability").tolist()
     agreeing = [pair for pair, p in zip(every, p_rel) if p > 0.5][:3]
     assert agreeing, "the tiny model judges no pair relevant; pick other pairs"
-    expected = analysis.baseline_differences(tiny_bert, tokenizer, agreeing)
+    expected = baselines.baseline_differences(tiny_bert, tokenizer, agreeing)
     table = read_csv(out / "baselines.csv")
     assert [r["baseline"] for r in table] == list(expected)
     for r in table:

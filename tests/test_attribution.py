@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastnig
-from fastnig.attribution import linear_modules
+from fastnig.cross_encoder import linear_modules
 from fastnig.cross_encoder import target_function
 from tiny_models import PAIRS, make_model, make_tokenizer
 
@@ -348,7 +348,7 @@ def test_auto_steps_never_exceed_the_maximum(tiny_bert, tokenizer):
 
 
 def test_auto_step_batch_fits_memory_and_changes_nothing(tiny_bert, tokenizer, reference_run):
-    from fastnig.attribution import auto_step_batch
+    from fastnig.memory import auto_step_batch
 
     modules = linear_modules(tiny_bert)
     n = auto_step_batch(tiny_bert, modules, tokens=128, pairs=1, device=torch.device("cpu"))

@@ -11,7 +11,9 @@ import torch
 
 import fastnig
 from fastnig import attribution, cross_encoder, first_token
-from fastnig.attribution import chunk_memory, linear_modules
+from fastnig import memory
+from fastnig.cross_encoder import linear_modules
+from fastnig.memory import chunk_memory
 from tiny_models import PAIRS, make_model, make_tokenizer
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
@@ -101,10 +103,10 @@ def test_other_errors_are_not_taken_for_out_of_memory(tiny_bert, tokenizer, monk
     with pytest.raises(RuntimeError, match="some unrelated failure"):
         fastnig.attribute(tiny_bert, PAIRS[:1], tokenizer=tokenizer, steps=4, progress=False)
     assert _no_hooks_left(tiny_bert)
-    assert attribution.is_out_of_memory(RuntimeError(CPU_OOM))
-    assert attribution.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert attribution.is_out_of_memory(MemoryError())
-    assert not attribution.is_out_of_memory(RuntimeError("size mismatch"))
+    assert memory.is_out_of_memory(RuntimeError(CPU_OOM))
+    assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert memory.is_out_of_memory(MemoryError())
+    assert not memory.is_out_of_memory(RuntimeError("size mismatch"))
 
 
 def test_out_of_memory_with_one_point_per_forward_is_a_clear_error(tiny_bert, tokenizer, monkeypatch):
@@ -184,15 +186,15 @@ def test_auto_step_batch_counts_every_part_and_the_allocator_cache(tiny_bert, mo
     # what "auto" picks: exactly the points that fit in the budget, counted on CUDA with the allocator's cache
     points = 7
     free = (sum(estimate.fixed.values()) + points * sum(estimate.per_point.values())) / 0.5
-    monkeypatch.setattr(attribution, "free_memory", lambda device: free)
-    assert attribution.auto_step_batch(tiny_bert, modules, 64, 2, torch.device("cuda", 0)) == points
-    monkeypatch.setattr(attribution, "free_memory", lambda device: free - 1)
-    assert attribution.auto_step_batch(tiny_bert, modules, 64, 2, torch.device("cuda", 0)) == points - 1
+    monkeypatch.setattr(memory, "free_memory", lambda device: free)
+    assert memory.auto_step_batch(tiny_bert, modules, 64, 2, torch.device("cuda", 0)) == points
+    monkeypatch.setattr(memory, "free_memory", lambda device: free - 1)
+    assert memory.auto_step_batch(tiny_bert, modules, 64, 2, torch.device("cuda", 0)) == points - 1
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 700)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)
-    assert attribution.free_memory(torch.device("cuda", 0)) == 1500
+    assert memory.free_memory(torch.device("cuda", 0)) == 1500
 
 
 # ------------------------------------------------------------- first-token cut

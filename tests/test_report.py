@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import sys
 
-from fastnig.analysis import FIGURE5, TABLE1_FIGURE, figure2_name, figure3_name, figure4_name
+from fastnig.analysis import FIGURE5, figure2_name, figure3_name, figure4_name
+from fastnig.baselines import TABLE1_FIGURE
 from fastnig.report import write_report
 from fastnig.report.document import figure_caption
-from fastnig.scorecard import compare_runs
+from fastnig.run_comparison import compare_runs
 from test_scorecard import TABLE4_COLUMNS, _layers, _t4_row, _write_csv, fixture_run  # noqa: F401 (fixture)
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"

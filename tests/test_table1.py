@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastnig import analysis
+from fastnig import baselines
 from fastnig.cross_encoder import score_pairs
 from fastnig.data import load_collection, sample_pairs
 
@@ -77,7 +77,7 @@ def test_table1_uses_agreeing_relevant_pairs_only(trained, tokenizer, collection
     agree = [p for p, prob in zip(every, p_rel) if prob > 0.5]
     assert {(p.query_id, p.doc_id[1:]) for p in agree} == {(f"q{i}", str(i)) for i in range(len(TOPICS))}
 
-    pairs, info = analysis.table1_pairs(trained, tokenizer, collection, 4, seed=3)
+    pairs, info = baselines.table1_pairs(trained, tokenizer, collection, 4, seed=3)
     # The first 4 agreeing pairs in sampling order: drawn 4, then 8 (the draw is extended until 4 agree).
     assert pairs == agree[:4] and all(p.label == 1 and p.grade == 2 for p in pairs)
     first_draw_with_4 = next(n for n in (4, 8, 12) if len([p for p in every[:n] if p in agree]) >= 4)
@@ -85,18 +85,18 @@ def test_table1_uses_agreeing_relevant_pairs_only(trained, tokenizer, collection
     assert info == {"dataset": collection.name, "drawn": first_draw_with_4, "agreeing": 4, "requested": 4}
     # Asking for more than exist: every agreeing pair, with a warning.
     with pytest.warns(UserWarning, match="only 6 of 12 relevant pairs"):
-        all_pairs, info = analysis.table1_pairs(trained, tokenizer, collection, 10, seed=3)
+        all_pairs, info = baselines.table1_pairs(trained, tokenizer, collection, 10, seed=3)
     assert all_pairs == agree and info["agreeing"] == 6
 
 
 def test_table1_original_near_one_and_pad_below(trained, tokenizer, collection, tmp_path):
-    pairs, _ = analysis.table1_pairs(trained, tokenizer, collection, 6, seed=0)
-    diffs = analysis.baseline_differences(trained, tokenizer, [p.text_pair for p in pairs])
+    pairs, _ = baselines.table1_pairs(trained, tokenizer, collection, 6, seed=0)
+    diffs = baselines.baseline_differences(trained, tokenizer, [p.text_pair for p in pairs])
     assert diffs["original"] > 0.9          # the paper's "original embedding = 1"
     assert diffs["pad"] < diffs["original"] - 0.3
-    rows = analysis.baseline_table(diffs, tmp_path, pairs=len(pairs), dataset="t1")
+    rows = baselines.baseline_table(diffs, tmp_path, pairs=len(pairs), dataset="t1")
     assert all(r["original_difference"] == diffs["original"] for r in rows)
     # Over every relevant-graded pair instead (the old protocol), the input's value is far from 1.
     mixed = sample_pairs(collection, label=1, num_pairs=12, seed=0)
-    assert analysis.baseline_differences(trained, tokenizer, [p.text_pair for p in mixed],
+    assert baselines.baseline_differences(trained, tokenizer, [p.text_pair for p in mixed],
                                          baselines=[])["original"] < 0.5

@@ -9,7 +9,8 @@ from typing import List
 
 import torch
 
-from ..analysis import DEFAULT_LEVELS, analyze, baseline_differences, baseline_table
+from ..analysis import DEFAULT_LEVELS, analyze
+from ..baselines import baseline_differences, baseline_table
 from ..data import LabelledPair, filter_agreeing
 from ..models import ModelUnavailable, load_cross_encoder
 from ..schemes import Scheme, is_scheme_file, scheme_json_path

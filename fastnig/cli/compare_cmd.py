@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..scorecard import NotARunFolder, compare_runs, scorecard
+from ..run_comparison import compare_runs
+from ..run_results import NotARunFolder
+from ..scorecard import scorecard
 from .usage import UsageError
 
 DESCRIPTION = """\

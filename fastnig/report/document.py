@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from ..common import write_atomic
-from ..scorecard import NotARunFolder, compare_runs, scorecard, table4_summary
+from ..run_comparison import compare_runs
+from ..run_results import NotARunFolder, table4_summary
+from ..scorecard import scorecard
 
 FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows the figure number in the name
     ("figure2a_*.png", "Figure 2a — relevant neurons: overlap of P_x and P_y for every two datasets "
