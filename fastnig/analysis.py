@@ -39,6 +39,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 
 
+from .common import optional_import
 from .figures import level_axis, new_figure, save_figure, write_csv
 from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection, short_name
 from .schemes import LABELS, RANK_BY, Scheme, fuse, fuse_all
@@ -354,7 +355,7 @@ def _plot_layers(neuron_set: NeuronSet, path: Path) -> Path:
     ax.set_xticklabels(["other" if layer < 0 else str(layer) for layer in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
-    from matplotlib.ticker import MaxNLocator
+    MaxNLocator = optional_import("matplotlib.ticker", "for the figures").MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure = {"figure4a": "Figure 4a — ", "figure4b": "Figure 4b — "}.get(path.name[:8], "")

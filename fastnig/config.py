@@ -25,6 +25,7 @@ from .cross_encoder import OUTPUTS, TARGETS
 from .data.sampling import NEGATIVES, known_grades, label_mapping
 from .kernels import RULES
 from .set_expressions import check as check_expression
+from .stability import StopRule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REQUIRED = object()
@@ -329,8 +330,6 @@ def _pairs_option(value: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
     if unknown or "max" not in value:
         raise ConfigError(f"attribution.pairs must be a positive integer or {{max: N, stop_when: {{level: X, "
                           f"overlap: O}}}}; got {dict(value)!r}")
-    from .stability import StopRule
-
     try:
         rule = StopRule.parse(value.get("stop_when"))
     except ValueError as exc:

@@ -30,7 +30,11 @@ module is where devices, dtypes, shapes and strides are checked.
 """
 from __future__ import annotations
 
+import shutil
+import sys
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -58,10 +62,6 @@ def _extension():
     """
     if _C is not None:
         return _C
-    import shutil
-    import sys
-    import sysconfig
-    from pathlib import Path
 
     here = Path(__file__).resolve().parent
     package = sys.modules.get(__package__)

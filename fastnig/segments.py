@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .neurons import NeuronSet
+from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, component, layer_index
+
+if TYPE_CHECKING:  # pragma: no cover - type hints only (schemes imports this module)
     from .schemes import Scheme
 
 SEGMENTS = ("query", "passage", "special")
@@ -41,8 +42,6 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
     segments of Σ|mean| (in [0, 1], summing to 1; 0 where the members have no
     conductance).  ``neurons=None``: every neuron of the scheme.
     """
-    from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, component, layer_index  # neurons imports attribution
-
     means = _segment_means(scheme)
     if neurons is None:
         neurons = NeuronSet(scheme.sizes, torch.ones(scheme.total_neurons, dtype=torch.bool), "all")
@@ -89,8 +88,6 @@ def filter_by_segment(scheme: "Scheme", neurons: "NeuronSet", segment: str) -> "
         raise ValueError(f"segment must be one of {SEGMENTS}, got {segment!r}")
     if list(neurons.sizes.items()) != list(scheme.sizes.items()):
         raise ValueError(f"neuron set {neurons.name!r} is of another neuron universe than scheme {scheme.name}")
-    from .neurons import NeuronSet
-
     dominant = torch.cat([v for v in dominant_segment(scheme).values()])
     mask = neurons.mask & (dominant == SEGMENTS.index(segment))
     return NeuronSet(scheme.sizes, mask, f"{neurons.name}|{segment}")
