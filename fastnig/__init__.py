@@ -19,7 +19,8 @@ from .kernels import accumulate_conductance, accumulate_conductance_ref
 from .pruning import PruningBenchmark, evaluate_pruning, prune, pruned, random_like
 from .report import PruningTable
 from .reranking import Candidates, build_candidates, ndcg_at_k
-from .schemes import (COMPONENTS, NeuronSet, Scheme, component, fuse, fuse_all, intersection, layer_index,
+from .fusion import fuse, fuse_all
+from .schemes import (COMPONENTS, NeuronSet, Scheme, component, intersection, layer_index,
                       neuron_universe, union)
 
 __all__ = [

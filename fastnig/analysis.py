@@ -42,7 +42,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 from .common import optional_import
 from .figures import level_axis, new_figure, save_figure, write_csv
 from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection, short_name
-from .schemes import LABELS, RANK_BY, Scheme, fuse, fuse_all
+from .fusion import fuse, fuse_all
+from .schemes import LABELS, RANK_BY, Scheme
 from .stability import stability_estimates
 from .set_expressions import ExpressionError, evaluate
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from .scheme_files import (FORMAT, FORMAT_VERSION, expect_tensor, is_scheme_file
 from .segments import SEGMENTS
 
 __all__ = [
-    "LABELS", "RANK_BY", "FUSED_LABEL", "Scheme", "fuse", "fuse_all",
+    "LABELS", "RANK_BY", "FUSED_LABEL", "Scheme",
     # re-exported from fastnig.neurons, fastnig.exact_sums and fastnig.scheme_files
     "COMPONENTS", "OTHER_COMPONENTS", "DATASET_ABBREVIATIONS", "NeuronSet", "component", "intersection",
     "layer_index", "neuron_universe", "short_name", "union", "MAX_PAIRS", "FORMAT", "FORMAT_VERSION",
@@ -438,7 +438,8 @@ class Scheme:
             checks += [("dataset", self.dataset, other.dataset), ("label", self.label, other.label)]
             checks.append(("settings", self.settings, other.settings))
         else:
-            checks.append(("settings", _without_target(self.settings), _without_target(other.settings)))
+            checks.append(("settings", settings_without_target(self.settings),
+                           settings_without_target(other.settings)))
         _require_same(op, self.name, other.name, checks)
 
     def merge(self, other: "Scheme") -> "Scheme":
@@ -591,7 +592,7 @@ class Scheme:
         return scheme_json_path(path).is_file()
 
 
-def _without_target(settings: Mapping[str, object]) -> Dict[str, object]:
+def settings_without_target(settings: Mapping[str, object]) -> Dict[str, object]:
     return {k: v for k, v in settings.items() if k != "target"}
 
 
@@ -606,58 +607,3 @@ def _require_same(op: str, name_a: str, name_b: str, checks) -> None:
             diffs.append(f"{what} {a!r} vs {b!r}")
     if diffs:
         raise ValueError(f"cannot {op} {name_a} and {name_b}: " + "; ".join(diffs))
-
-
-# --------------------------------------------------------------------- fusion
-def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
-    """⊕: the scheme whose mean is the average of the schemes' means (docs/method.md §6).
-
-    Every scheme weighs the same, whatever its number of pairs.  The schemes
-    must share model, attributed modules and settings (except the target
-    label); the same (dataset, label) may not appear twice.  F_x =
-    ``fuse(P_x, N_x)`` (named ``"F_<x>"``).
-
-    Returns:
-        a fused :class:`Scheme` (label ``"fused"``): it has ``mean`` and
-        ``top`` but no pairs.
-    """
-    if len(schemes) == 1 and not isinstance(schemes[0], Scheme):
-        schemes = tuple(schemes[0])
-    if not schemes:
-        raise ValueError("fuse: give at least one Scheme")
-    for s in schemes:
-        if not isinstance(s, Scheme):
-            raise TypeError(f"fuse: expected Scheme arguments, got {type(s).__name__}")
-    first = schemes[0]
-    seen = {}
-    for s in schemes:
-        first.check_compatible(s, same_data=False, op="fuse")
-        key = (s.dataset, s.label, tuple(sorted(str(p.get("name")) for p in s.parts)))
-        if key in seen:
-            raise ValueError(f"fuse: {s.name} is given twice (same dataset and label); each scheme counts once")
-        seen[key] = s
-    means = [s.mean for s in schemes]
-    fused_mean = {}
-    for m in first.sizes:
-        total = torch.zeros(first.sizes[m], dtype=torch.float64)
-        for mean in means:
-            total = total + mean[m]
-        fused_mean[m] = total / len(schemes)
-    datasets = list(dict.fromkeys(s.dataset for s in schemes))
-    if name is None:
-        labels = sorted(s.label for s in schemes)
-        if len(datasets) == 1 and labels == sorted(LABELS):
-            name = f"F_{short_name(datasets[0])}"
-    out = Scheme(first.sizes, model=first.model, dataset="+".join(datasets), label=FUSED_LABEL,
-                 settings=_without_target(first.settings), name=name)
-    out._fused_mean = fused_mean
-    out._half_bins = None
-    out.parts = [{"name": s.name, "dataset": s.dataset, "label": s.label, "num_pairs": s.count,
-                  "num_dropped": s.num_dropped} for s in schemes]
-    return out
-
-
-def fuse_all(schemes: Iterable[Scheme], name: str = "F_A") -> Scheme:
-    """F_A: the fusion of every scheme given (all labels, all datasets), each weighing the same."""
-    schemes = list(schemes.values() if isinstance(schemes, Mapping) else schemes)
-    return fuse(*schemes, name=name)

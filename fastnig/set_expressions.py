@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 from .neurons import NeuronSet, intersection, union
-from .schemes import Scheme, fuse, fuse_all
+from .fusion import fuse, fuse_all
+from .schemes import Scheme
 
 PAPER_SETS = ("P_ms", "N_ms", "inter(O, P)", "inter(O, N)", "inter(A, P)", "inter(A, N)", "F_ms",
               "inter(O, F)", "inter(A, F)", "F_A")

@@ -10,7 +10,8 @@ import torch
 from fastnig import analysis
 from fastnig import baselines
 from fastnig.attribution import Attributions
-from fastnig.schemes import Scheme, fuse
+from fastnig.fusion import fuse
+from fastnig.schemes import Scheme
 
 L0Q, L0I = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.intermediate.dense"
 L1V, L1F = "bert.encoder.layer.1.attention.self.value", "bert.encoder.layer.1.output.dense"

@@ -16,7 +16,8 @@ from fastnig.attribution import Attributions
 from fastnig.exact_sums import MAX_PAIRS
 from fastnig.neurons import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
 from fastnig.scheme_files import scheme_json_path
-from fastnig.schemes import Scheme, fuse, fuse_all
+from fastnig.fusion import fuse, fuse_all
+from fastnig.schemes import Scheme
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -248,7 +248,8 @@ def test_scheme_segment_sums_survive_merge_resume_and_save_load_bit_for_bit(tmp_
 
 
 def test_schemes_without_segments_still_work_and_mixing_is_refused(tmp_path):
-    from fastnig.schemes import Scheme, fuse
+    from fastnig.fusion import fuse
+    from fastnig.schemes import Scheme
     from fastnig.segments import segment_shares
 
     plain = _scheme().add(_attributions(3, 2, segments=False), ["a", "b", "c"])

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastnig.schemes import Scheme, fuse, pair_half
+from fastnig.fusion import fuse
+from fastnig.schemes import Scheme, pair_half
 from fastnig.stability import MIN_HALF_PAIRS, StopRule, stability, top_indices, top_overlap
 from test_schemes import make_attributions
 

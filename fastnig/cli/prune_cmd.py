@@ -13,7 +13,8 @@ from ..data import DATASETS, load_collection
 from ..models import load_cross_encoder
 from ..pruning import evaluate_pruning
 from ..reranking import build_candidates
-from ..schemes import NeuronSet, Scheme, fuse, intersection, is_scheme_file, neuron_universe, scheme_json_path
+from ..fusion import fuse
+from ..schemes import NeuronSet, Scheme, intersection, is_scheme_file, neuron_universe, scheme_json_path
 from .usage import UsageError
 
 
