@@ -10,6 +10,9 @@ from importlib import resources
 from pathlib import Path
 
 target = Path(sys.argv[1]).resolve()
+# The venv may also hold an editable install of the checkout (what `make install` does): its import
+# hook sits in front of PYTHONPATH, so take it out to import the wheel's copy.
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 
 import fastnig  # noqa: E402
 import fastnig._C  # noqa: E402,F401
