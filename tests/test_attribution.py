@@ -18,9 +18,10 @@ FAMILIES = [  # (model family, logits, tokenizer family)
 ]
 
 
-def _captum_conductance(model, tokenizer, query, passage, target, steps, names=None):
+def _captum_conductance(model, tokenizer, query, passage, target, steps, names=None, per_token=False):
     """Captum LayerConductance (riemann_trapezoid) summed over tokens, per Linear
-    (every encoder Linear, or ``names``); a ``[batch, features]`` output (the pooler) has no token axis."""
+    (every encoder Linear, or ``names``); a ``[batch, features]`` output (the pooler) has no token axis.
+    ``per_token``: ``[tokens, features]`` per Linear instead of the sum."""
     enc = tokenizer(query, passage, truncation="only_second", max_length=512, return_tensors="pt",
                     return_special_tokens_mask=True)
     ids = enc["input_ids"]
@@ -45,7 +46,7 @@ def _captum_conductance(model, tokenizer, query, passage, target, steps, names=N
     for name in names or linear_modules(model):
         lc = captum_attr.LayerConductance(forward, modules[name])
         attr = lc.attribute(x, baselines=x_base, n_steps=steps, method="riemann_trapezoid").detach()
-        result[name] = attr.sum(dim=1)[0] if attr.dim() == 3 else attr[0]
+        result[name] = attr[0] if per_token or attr.dim() == 2 else attr.sum(dim=1)[0]
     return result
 
 

@@ -9,9 +9,8 @@ import torch
 import fastnig
 from fastnig import attribution
 from fastnig.attribution import SEGMENTS, encode_pairs
-from fastnig.cross_encoder import linear_modules
-from fastnig.cross_encoder import target_function
 from fastnig.first_token import first_token_cut as cut_of
+from test_attribution import _captum_conductance
 from tiny_models import PAIRS, make_model, make_tokenizer
 
 FAMILIES = [  # (model family, logits, tokenizer family)
@@ -79,36 +78,15 @@ def test_past_the_first_token_cut_and_the_pooler_everything_is_special(tiny_bert
 
 
 def _captum_segment_conductance(model, tokenizer, query, passage, steps):
-    """Captum LayerConductance (riemann_trapezoid) per Linear and token, summed over each segment's tokens:
-    ``{name: [3, features]}``."""
-    captum_attr = pytest.importorskip("captum.attr")
-    enc = tokenizer(query, passage, truncation="only_second", max_length=512, return_tensors="pt",
-                    return_special_tokens_mask=True)
-    ids = enc["input_ids"]
-    special = enc["special_tokens_mask"].bool()
+    """Captum LayerConductance (riemann_trapezoid) per Linear and token (test_attribution's reference),
+    summed over each segment's tokens: ``{name: [3, features]}``."""
+    pytest.importorskip("captum.attr")
+    enc = tokenizer(query, passage, truncation="only_second", max_length=512, return_special_tokens_mask=True)
     seq = torch.tensor([2 if s is None else s for s in enc.sequence_ids()])
-    seq[special[0]] = 2
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        x = emb(ids)
-        x_base = emb(torch.where(special, ids, torch.full_like(ids, tokenizer.pad_token_id)))  # 'pad' baseline
-    extra = {"attention_mask": enc["attention_mask"]}
-    if "token_type_ids" in enc:
-        extra["token_type_ids"] = enc["token_type_ids"]
-
-    def forward(inputs_embeds):
-        n = inputs_embeds.shape[0]
-        kwargs = {k: v.expand(n, -1) for k, v in extra.items()}
-        logits = model(inputs_embeds=inputs_embeds, **kwargs).logits
-        return target_function(logits, torch.full((n,), True), "probability")
-
-    result = {}
-    modules = dict(model.named_modules())
-    for name in linear_modules(model):
-        lc = captum_attr.LayerConductance(forward, modules[name])
-        attr = lc.attribute(x, baselines=x_base, n_steps=steps, method="riemann_trapezoid").detach()[0]
-        result[name] = torch.stack([attr[seq == s].sum(dim=0) for s in range(len(SEGMENTS))])
-    return result
+    seq[torch.tensor(enc["special_tokens_mask"], dtype=torch.bool)] = 2
+    per_token = _captum_conductance(model, tokenizer, query, passage, "relevant", steps, per_token=True)
+    return {name: torch.stack([attr[seq == s].sum(dim=0) for s in range(len(SEGMENTS))])
+            for name, attr in per_token.items()}
 
 
 @pytest.mark.parametrize("family,logits,tok_family", FAMILIES)
