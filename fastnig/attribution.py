@@ -21,7 +21,6 @@ model of everything a chunk holds (:func:`chunk_memory`).
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -35,13 +34,13 @@ from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, chec
                             input_embeddings, linear_modules, load_tokenizer, move_model, resolve_max_length,
                             single_device, target_function, tokenize_pair, unwrap, validate_pairs)
 from .first_token import first_token_only
-from .kernels import RULES, Carry, accumulate_conductance
+from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
+from .quadrature import (NODES, auto_converged, auto_step_levels, check_rule, error_estimate, kernel_rule,
+                         path_nodes, relative_delta, richardson, top_error, uses_coarse)
 from .segments import SEGMENTS  # Attributions.segment_scores' dim 1, EncodedPairs.segments' ids
 
 BASELINES = ("pad", "pad-query", "zero", "zero-query")
-NODES = ("uniform", "chebyshev")
-AUTO_START_STEPS = 16
 
 TargetSpec = Union[str, int, bool, Sequence[Union[str, int, bool]]]
 
@@ -68,6 +67,11 @@ class Attributions:
             segment of the token it flows through, :data:`SEGMENTS` =
             ("query", "passage", "special"); ``scores`` is its sum over dim 1.
             ``None`` otherwise.
+        error_estimate: with ``rule="richardson"``, module name -> float32
+            ``[num_pairs, out_features]``: |T_N - T_{N/2}| / 3 per neuron
+            (:func:`fastnig.quadrature.error_estimate`), the estimated error of
+            the trapezoid sum T_N; R_N's own error is of higher order, so it is
+            a conservative bound for ``scores``.  ``None`` for other rules.
     """
 
     scores: Dict[str, torch.Tensor]
@@ -79,6 +83,7 @@ class Attributions:
     settings: Dict[str, object] = field(default_factory=dict)
     steps_used: Optional[torch.Tensor] = None
     segment_scores: Optional[Dict[str, torch.Tensor]] = None
+    error_estimate: Optional[Dict[str, torch.Tensor]] = None
 
     @property
     def num_pairs(self) -> int:
@@ -91,38 +96,6 @@ class Attributions:
     def relative_delta(self) -> torch.Tensor:
         """``[num_pairs]`` |delta| / |F(x) - F(x')| (inf where F did not move)."""
         return relative_delta(self.delta, self.f_input, self.f_baseline)
-
-
-def relative_delta(delta: torch.Tensor, f_input: torch.Tensor, f_baseline: torch.Tensor,
-                   floor: float = 0.0) -> torch.Tensor:
-    """|delta| / max(|F(x) - F(x')|, floor): the integration error relative to what is attributed."""
-    return delta.abs() / (f_input - f_baseline).abs().clamp_min(floor)
-
-
-def path_nodes(steps: int, nodes: str = "uniform") -> torch.Tensor:
-    """The N + 1 path positions 0 = α_0 < ... < α_N = 1, float64 ``[steps + 1]``.
-
-    ``uniform``: α_k = k / N.  ``chebyshev``: Chebyshev–Lobatto nodes
-    α_k = (1 - cos(π k / N)) / 2, denser near both ends of the path, where
-    the baseline's and the input's saturated regions meet the transition.
-    """
-    k = torch.arange(steps + 1, dtype=torch.float64)
-    if nodes == "uniform":
-        alphas = k / steps
-    elif nodes == "chebyshev":
-        alphas = (1 - torch.cos(math.pi * k / steps)) / 2
-    else:
-        raise ValueError(f"nodes must be one of {NODES}, got {nodes!r}")
-    alphas[0], alphas[-1] = 0.0, 1.0
-    return alphas
-
-
-def auto_step_levels(max_steps: int) -> List[int]:
-    """Refinement levels of ``steps="auto"``: 16, 32, ... doubling, ending at ``max_steps``."""
-    levels = [min(AUTO_START_STEPS, max_steps)]
-    while levels[-1] < max_steps:
-        levels.append(min(levels[-1] * 2, max_steps))
-    return levels
 
 
 # --------------------------------------------------------------------------- F
@@ -232,13 +205,15 @@ class _HookState:
     ``out[name]``: ``[P, features]`` accumulators (``[P, 3, features]`` with
     ``segments``, the ``[P, T]`` ids of :attr:`EncodedPairs.segments`),
     ``carries[name]``: the previous chunk's last point; both live on the module's device.
+    ``coarse[name]``: accumulators of ``out``'s shape for the half-step trapezoid
+    sum (``rule="richardson"``), else ``None``; ``rule`` is the op's rule (:func:`kernel_rule`).
     """
 
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
                  out: Dict[str, torch.Tensor], carries: Dict[str, Carry],
-                 segments: Optional[torch.Tensor] = None):
+                 segments: Optional[torch.Tensor] = None, coarse: Optional[Dict[str, torch.Tensor]] = None):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
-        self.segments = segments
+        self.segments, self.coarse = segments, coarse
         # segment ids of outputs of T tokens: the first T tokens' (T = 1: the first token, [CLS])
         self.segments_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         # real tokens per pair for outputs of T tokens on a device (T = 1 past the first-token cut
@@ -266,7 +241,7 @@ class _HookState:
         g4 = grad.unflatten(0, (self.pairs, self.steps))
         carry = self.carries.get(name)
         if carry is None:
-            carry = self.carries[name] = Carry.like(a4)
+            carry = self.carries[name] = Carry.like(a4, coarse=self.coarse is not None)
         tokens = a4.shape[2]
         key = (tokens, a4.device)
         lengths = self.lengths_for.get(key)
@@ -278,7 +253,7 @@ class _HookState:
             if segments is None:
                 segments = self.segments_for[key] = self.segments[:, :tokens].to(a4.device).contiguous()
         accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS,
-                               segments=segments)
+                               segments=segments, coarse_out=self.coarse[name] if self.coarse is not None else None)
 
     def clear(self) -> None:
         """Drop the activations of a failed pass (each holds a hook that refers back to this state)."""
@@ -305,13 +280,12 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
     if steps == "auto":
         check_int("max_steps", max_steps, 1)
         check_number("tolerance", tolerance, positive=True, hint=" (relative convergence delta)")
-        steps = max_steps
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    check_rule(rule, steps, nodes, max_steps)
+    steps = max_steps if steps == "auto" else steps
     check_int("steps", steps, 1, " (path intervals) or 'auto'")
     if step_batch not in (None, "auto") and not (isinstance(step_batch, int) and not isinstance(step_batch, bool)
                                                  and step_batch >= 1):
@@ -346,10 +320,17 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         steps: N, the number of path intervals (N + 1 points are evaluated),
             or ``"auto"``: per pair, N = 16, 32, ... doubling up to
             ``max_steps`` until |delta| <= ``tolerance`` · max(|F(x) - F(x')|,
-            0.01); each level is a fresh run, so a pair's result equals a
-            fixed-``steps`` run at its final N (``Attributions.steps_used``).
-        rule: ``"trapezoid"`` (default) or ``"left"`` (= Captum LayerConductance,
-            ``riemann_trapezoid``).
+            0.01) and, with ``rule="richardson"``, also the sum of the error
+            estimates of the pair's top 1 % neurons (by |NIG|) is within the same
+            bound (:func:`fastnig.quadrature.auto_converged`); each level is a
+            fresh run, so a pair's result equals a fixed-``steps`` run at its
+            final N (``Attributions.steps_used``).
+        rule: ``"trapezoid"`` (default), ``"left"`` (= Captum LayerConductance,
+            ``riemann_trapezoid``) or ``"richardson"``: R_N = (4 T_N - T_{N/2}) / 3
+            from the trapezoid sums over all N + 1 points and over the even ones,
+            both accumulated in the same pass (same cost; needs uniform nodes and
+            an even N, or an even ``max_steps`` with ``steps="auto"``); also fills
+            ``Attributions.error_estimate`` (docs/method.md §5).
         layers: Linear module names to attribute; ``None`` = every encoder Linear.
             A Linear with ``[batch, features]`` outputs (the pooler) counts as one token per pair.
         include_pooler: with ``layers=None``, also attribute the pooler.
@@ -419,6 +400,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     f_base = torch.zeros(P, dtype=torch.float64)
     num_tokens = torch.zeros(P, dtype=torch.long)
     steps_used = torch.zeros(P, dtype=torch.long)
+    errors = ({n: torch.zeros(P, m.out_features, dtype=torch.float32) for n, m in modules.items()}
+              if uses_coarse(rule) else None)
 
     # Pairs of similar length share a batch: less padding, same results.
     lengths_hint = [len(q) + len(p) for q, p in pairs]
@@ -438,18 +421,23 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                     chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype,
                                             first_token_cut=first_token_cut)
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
-                out, nig_in, f_in, f_b = _attribute_batch(model, embeddings, modules, enc, relevant,
-                                                          tokenizer.pad_token_id, baseline, alphas,
-                                                          min(chunk, level + 1), limit, rule, output, dtype,
-                                                          first_token_cut, segments)
+                out, nig_in, f_in, f_b, err = _attribute_batch(model, embeddings, modules, enc, relevant,
+                                                               tokenizer.pad_token_id, baseline, alphas,
+                                                               min(chunk, level + 1), limit, rule, output, dtype,
+                                                               first_token_cut, segments)
                 nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
+                err = {n: e.cpu() for n, e in err.items()} if err is not None else None
                 if level == levels[-1]:
                     done = torch.ones(len(pending), dtype=torch.bool)
                 else:
-                    done = relative_delta(nig_in - (f_in - f_b), f_in, f_b, floor=0.01) <= tolerance
+                    sums = {n: o.cpu().sum(dim=1) if segments else o.cpu() for n, o in out.items()}
+                    done = auto_converged(nig_in - (f_in - f_b), f_in, f_b, tolerance,
+                                          top_error(sums, err) if err is not None else None)
                 idx = torch.tensor(pending)[done]
                 for n in scores:
                     scores[n][idx] = out[n].cpu()[done]
+                    if err is not None:
+                        errors[n][idx] = err[n][done]
                 input_nig[idx] = nig_in[done]
                 f_input[idx] = f_in[done]
                 f_base[idx] = f_b[done]
@@ -475,7 +463,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                                     rule=rule, max_length=max_length, dtype=dtype, nodes=nodes,
                                     tolerance=tolerance, max_steps=max_steps, segments=segments)
     return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings,
-                        steps_used, segment_scores)
+                        steps_used, segment_scores, errors)
 
 
 def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
@@ -531,10 +519,13 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
     """Attribute one batch of P pairs over all path points, ``chunk`` points per forward at most.
 
     A chunk that runs out of memory is undone (accumulators restored from a
-    copy taken before it, the carries rebuilt from the previous point) and
+    copy taken before it, the carries rebuilt from the previous points) and
     redone in halves (``limit``).  Returns ``(scores {name: [P, features]},
-    input NIG [P], F at the input [P], F at the baseline [P])``; with
+    input NIG [P], F at the input [P], F at the baseline [P], errors)``; with
     ``segments``, scores are ``[P, 3, features]`` per :data:`SEGMENTS`.
+    With ``rule="richardson"`` scores and input NIG are R_N, and ``errors``
+    ``{name: [P, features]}`` is :func:`error_estimate` of each neuron's
+    token sum; otherwise ``errors`` is ``None``.
     """
     device = embeddings.weight.device
     P = enc.input_ids.shape[0]
@@ -552,8 +543,11 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
     shape = (P, len(SEGMENTS)) if segments else (P,)
     out = {n: torch.zeros(*shape, m.out_features, dtype=torch.float32, device=m.weight.device)
            for n, m in modules.items()}
+    coarse = {n: torch.zeros_like(o) for n, o in out.items()} if uses_coarse(rule) else None
+    op_rule = kernel_rule(rule)
     carries: Dict[str, Carry] = {}
     input_out = torch.zeros(P, x_in.shape[-1], dtype=torch.float64, device=device)
+    input_coarse = torch.zeros_like(input_out) if coarse is not None else None
     input_carry: Optional[Carry] = None
     f_in = torch.zeros(P, device=device)
     f_b = torch.zeros(P, device=device)
@@ -570,8 +564,9 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         stop = start + path_chunks(total - start, size)[0][1]
         S = stop - start
         before = {n: o.clone() for n, o in out.items()}
+        coarse_before = {n: o.clone() for n, o in coarse.items()} if coarse is not None else None
         path = path_at(start, stop)
-        state = _HookState(P, S, lengths, rule, out, carries, token_segments)
+        state = _HookState(P, S, lengths, op_rule, out, carries, token_segments, coarse)
         failure = None
         try:
             f = _forward_backward(model, modules, state, path, mask, types, relevant, output, dtype, cut)
@@ -584,11 +579,14 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
             del path, state
             for n, o in out.items():
                 o.copy_(before[n])
+                if coarse is not None:
+                    coarse[n].copy_(coarse_before[n])
             release_memory(device)
             size = limit.halve(S, P, enc.input_ids.shape[1], device, failure)
-            if start > 0:
-                _refill_carries(model, modules, path_at(start - 1, start), P, lengths, rule, carries, mask,
-                                types, relevant, output, dtype, cut)
+            if start > 0:  # from the last even point on with a half-step sum (its carry holds that one too)
+                first = start - 1 - ((start - 1) % 2 if coarse is not None else 0)
+                _refill_carries(model, modules, path_at(first, start), first, P, lengths, op_rule, carries, mask,
+                                types, relevant, output, dtype, cut, coarse is not None)
             continue
         f = f.view(P, S)
         if start == 0:
@@ -598,23 +596,33 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         path4 = path.detach().unflatten(0, (P, S))
         grad4 = path.grad.unflatten(0, (P, S))
         if input_carry is None:
-            input_carry = Carry.like(path4)
-        accumulate_conductance(path4, grad4, lengths, input_out, input_carry, rule, ENGINE_CPU_KERNEL_THREADS)
+            input_carry = Carry.like(path4, coarse=coarse is not None)
+        accumulate_conductance(path4, grad4, lengths, input_out, input_carry, op_rule, ENGINE_CPU_KERNEL_THREADS,
+                               coarse_out=input_coarse)
         start = stop
-    return out, input_out.sum(dim=1), f_in, f_b
+    if coarse is None:
+        return out, input_out.sum(dim=1), f_in, f_b, None
+    errors = {n: error_estimate(o.sum(dim=1) if segments else o, coarse[n].sum(dim=1) if segments else coarse[n])
+              for n, o in out.items()}
+    scores = {n: richardson(o, coarse[n]) for n, o in out.items()}
+    return scores, richardson(input_out, input_coarse).sum(dim=1), f_in, f_b, errors
 
 
-def _refill_carries(model, modules, point: torch.Tensor, P: int, lengths, rule, carries: Dict[str, Carry],
-                    mask, types, relevant, output, dtype, cut) -> None:
-    """Rewrite every layer's carry with path point ``point`` (``[P, T, D]``, the one before a failed chunk).
+def _refill_carries(model, modules, points: torch.Tensor, first: int, P: int, lengths, rule,
+                    carries: Dict[str, Carry], mask, types, relevant, output, dtype, cut, coarse: bool) -> None:
+    """Rewrite every layer's carry from path points ``points`` (``[P * S, T, D]``, global indices
+    ``first``, ..., the point before a failed chunk).
 
-    A failed chunk may have overwritten some carries with its own last point;
-    a one-point pass with the carries marked empty adds nothing to any score
-    (a single point has no step) and leaves that point in every carry.
+    A failed chunk may have overwritten some carries with its own points; a
+    pass over these points with the carries marked empty adds only to scratch
+    accumulators and leaves in every carry the last point (and, with
+    ``coarse``, the last even-indexed one: ``first`` is then even).
     """
     for carry in carries.values():
-        carry.filled = False
+        carry.filled = carry.even_filled = False
+        carry.next_point = first
     scratch = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=m.weight.device)
                for n, m in modules.items()}
-    _forward_backward(model, modules, _HookState(P, 1, lengths, rule, scratch, carries), point, mask, types,
-                      relevant, output, dtype, cut)
+    scratch_coarse = {n: torch.zeros_like(o) for n, o in scratch.items()} if coarse else None
+    state = _HookState(P, points.shape[0] // P, lengths, rule, scratch, carries, coarse=scratch_coarse)
+    _forward_backward(model, modules, state, points, mask, types, relevant, output, dtype, cut)

@@ -23,7 +23,7 @@ from .attribution import BASELINES, NODES
 from .common import is_int, optional_import
 from .cross_encoder import OUTPUTS, TARGETS
 from .data.sampling import NEGATIVES, known_grades, label_mapping
-from .kernels import RULES
+from .quadrature import RULES, check_rule
 from .set_expressions import check as check_expression
 from .stability import StopRule
 
@@ -277,6 +277,10 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
             raise ConfigError(f"attribution.{key} must be a positive integer, got {att[key]!r}")
     if att["steps"] != "auto" and (not is_int(att["steps"]) or att["steps"] < 1):
         raise ConfigError(f"attribution.steps must be a positive integer or 'auto', got {att['steps']!r}")
+    try:  # richardson: uniform nodes, even steps
+        check_rule(att["rule"], att["steps"], att["nodes"])
+    except ValueError as exc:
+        raise ConfigError(f"attribution.{exc}") from None
     unknown_id = [d for d in att["in_domain"] if d not in att["datasets"]]
     if unknown_id:
         raise ConfigError(f"attribution.in_domain names {unknown_id}, which are not attribution datasets "
