@@ -8,6 +8,8 @@ repeated (median):
   default settings: path chunks sized by ``auto_step_batch``, last layer cut
   to the first token by ``first_token_cut``);
 * ``fastnig_no_cut``: the same without the first-token cut (what the cut saves);
+* ``fastnig_segments``: the same with ``segments=True`` (per-segment sums:
+  query, passage, special; ``segments_over_fastnig`` = ratio of the medians);
 * ``bare``: one forward + input-gradient backward over the same N+1 path
   points in one batch, with the same frozen parameters;
 * ``bare_chunked``: the same over the same path chunks as ``fastnig``: the
@@ -22,6 +24,7 @@ PyTorch expression (``accumulate_conductance_ref``) on the same tensors.
 
     python bench/bench_attribute.py                 # MiniLM shape + BERT-large shape
     python bench/bench_attribute.py --shapes minilm --repeats 15 --captum-repeats 4
+    python bench/bench_attribute.py --shapes minilm --segments-only --repeats 7   # segments=True vs False only
 """
 from __future__ import annotations
 
@@ -195,6 +198,19 @@ def peak_memory(shape, step_batch):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def bench_segments(shape, repeats):
+    """``segments=True`` against ``False`` alone: interleaved, the order alternating every repetition."""
+    model, tok, tokens, steps = build(shape)
+    times = {"fastnig": [], "fastnig_segments": []}
+    run_fastnig(model, tok, tokens, steps, segments=True)  # warm-up
+    for r in range(repeats):
+        for key in (("fastnig", "fastnig_segments") if r % 2 == 0 else ("fastnig_segments", "fastnig")):
+            times[key].append(_timed(lambda: run_fastnig(model, tok, tokens, steps, segments=key != "fastnig")))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"shape": shape, "steps": steps, "repeats": repeats, "seconds_median": med, "seconds_all": times,
+            "segments_over_fastnig": med["fastnig_segments"] / med["fastnig"]}
+
+
 def bench_shape(shape, repeats, captum_sample, captum_repeats, peak=True):
     model, tok, tokens, steps = build(shape)
     names = list(linear_modules(model))
@@ -202,7 +218,8 @@ def bench_shape(shape, repeats, captum_sample, captum_repeats, peak=True):
     k = min(captum_sample, len(names)) if captum_sample else len(names)
     sample = [names[round(i * (len(names) - 1) / max(k - 1, 1))] for i in range(k)]
     chunks = fastnig_chunks(model, tok, tokens, steps)
-    times = {"fastnig": [], "fastnig_no_cut": [], "bare": [], "bare_chunked": [], "captum": []}
+    times = {"fastnig": [], "fastnig_no_cut": [], "fastnig_segments": [], "bare": [], "bare_chunked": [],
+             "captum": []}
     captum_at = {i * repeats // captum_repeats for i in range(min(captum_repeats, repeats))}
     run_fastnig(model, tok, tokens, steps)  # warm-up
     for r in range(repeats):
@@ -210,6 +227,7 @@ def bench_shape(shape, repeats, captum_sample, captum_repeats, peak=True):
         times["bare_chunked"].append(_timed(lambda: bare_forward_backward(model, tok, tokens, steps, chunks)))
         times["fastnig"].append(_timed(lambda: run_fastnig(model, tok, tokens, steps)))
         times["fastnig_no_cut"].append(_timed(lambda: run_fastnig_without_cut(model, tok, tokens, steps)))
+        times["fastnig_segments"].append(_timed(lambda: run_fastnig(model, tok, tokens, steps, segments=True)))
         if r in captum_at:  # Captum is slow: fewer repetitions, spread over the run
             times["captum"].append(_timed(lambda: captum_layers(model, tok, tokens, steps, sample))
                                    * len(names) / len(sample))
@@ -223,6 +241,7 @@ def bench_shape(shape, repeats, captum_sample, captum_repeats, peak=True):
         "fastnig_vs_captum_speedup": med["captum"] / med["fastnig"] if times["captum"] else None,
         "fastnig_over_bare": med["fastnig"] / min(med["bare"], med["bare_chunked"]),
         "fastnig_no_cut_over_bare": med["fastnig_no_cut"] / min(med["bare"], med["bare_chunked"]),
+        "segments_over_fastnig": med["fastnig_segments"] / med["fastnig"],
         "fused_op": bench_op(model, tok, tokens, steps, max(repeats, 5)),
     }
     chunk = max((steps + 1) // 4, 1)
@@ -244,15 +263,21 @@ def main():
                         help="time Captum on this many Linear modules spread over depth and extrapolate "
                              "(0 = all of them for the MiniLM shape, 8 for BERT-large)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--segments-only", action="store_true",
+                        help="time only attribute with segments=True against False (interleaved)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.segments_only:
+        results = [bench_segments(s, args.repeats) for s in args.shapes]
+    else:
+        results = [bench_shape(s, args.repeats if s == "minilm" else max(1, args.repeats // 3),
+                               args.captum_sample or (0 if s == "minilm" else 8),
+                               args.captum_repeats if s == "minilm" else min(1, args.captum_repeats),
+                               peak=not args.no_peak_memory)
+                   for s in args.shapes]
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
-              "results": [bench_shape(s, args.repeats if s == "minilm" else max(1, args.repeats // 3),
-                                      args.captum_sample or (0 if s == "minilm" else 8),
-                                      args.captum_repeats if s == "minilm" else min(1, args.captum_repeats),
-                                      peak=not args.no_peak_memory)
-                          for s in args.shapes]}
+              "results": results}
     print(json.dumps(report, indent=2))
 
 

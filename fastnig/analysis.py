@@ -18,6 +18,8 @@ figure(s) there:
 - Table 1 lives in :mod:`fastnig.baselines`; CSV and figure plumbing in
   :mod:`fastnig.figures`.
 - :func:`scheme_summary` — pairs, dropped pairs, convergence delta per scheme.
+- the segment analysis (``segments.csv`` + figure, when the schemes kept
+  per-segment sums) lives in :mod:`fastnig.segment_analysis`.
 - :func:`analyze` — all of the above from a list of schemes (what
   ``fastnig analyze`` runs).
 
@@ -31,6 +33,7 @@ canvas directly, so the caller's pyplot backend is left alone.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from itertools import combinations
@@ -44,6 +47,7 @@ from .figures import level_axis, new_figure, save_figure, write_csv
 from .neurons import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection, short_name
 from .fusion import fuse, fuse_all
 from .schemes import LABELS, RANK_BY, Scheme
+from .segment_analysis import segment_table
 from .stability import stability_estimates
 from .set_expressions import ExpressionError, evaluate
 
@@ -58,6 +62,7 @@ _COMPONENT_COLOR = {"query": "tab:blue", "key": "tab:orange", "value": "tab:gree
 
 PathLike = Union[str, os.PathLike]
 Rows = List[Dict[str, object]]
+log = logging.getLogger("fastnig.analysis")
 
 
 # ------------------------------------------------------------------- helpers
@@ -449,18 +454,17 @@ def scheme_summary(schemes: Iterable[Scheme], out_dir: Optional[PathLike] = None
 
 
 # ----------------------------------------------------------------- all of it
-def standard_sets(schemes: Iterable[Scheme], percent: float = 1.0, *, in_domain: str = "ms",
-                  by: str = "value") -> List[NeuronSet]:
-    """The top ``percent`` % sets the paper looks at per layer: every P_x and N_x,
-    F_x = P_x ⊕ N_x for each dataset with both labels, and F_A."""
+def standard_schemes(schemes: Iterable[Scheme], *, in_domain: str = "ms") -> List[Scheme]:
+    """The schemes the paper looks at per layer: every P_x and N_x (:func:`index_schemes` order),
+    F_x = P_x ⊕ N_x for each dataset with both labels, and F_A (with several schemes)."""
     index = index_schemes(schemes, in_domain)
-    sets = [s.top(percent, by=by) for s in index.values()]
+    out = list(index.values())
     for (dataset, label), pos in index.items():
         if label == "relevant" and (dataset, "non-relevant") in index:
-            sets.append(fuse(pos, index[(dataset, "non-relevant")]).top(percent, by=by))
+            out.append(fuse(pos, index[(dataset, "non-relevant")]))
     if len(index) > 1:
-        sets.append(fuse_all(index.values()).top(percent, by=by))
-    return sets
+        out.append(fuse_all(index.values()))
+    return out
 
 
 def profile_sets(schemes: Iterable[Scheme], expressions: Optional[Sequence[str]] = None, percent: float = 1.0, *,
@@ -490,10 +494,12 @@ def analyze(schemes: Iterable[Scheme], out_dir: PathLike, *, levels: Sequence[fl
     Writes ``schemes.csv``; ``pairwise_overlap.csv`` + Figures 2a/2c and
     ``intersections.csv`` + Figure 3 over all datasets, and again with the
     ``_without_<...>`` suffix (Figures 2b/2d, Figure 3 without) when
-    ``exclude`` is given; ``layers_components.csv`` + one chart per set of
-    :func:`standard_sets` at ``layer_percent`` (Figures 4a/4b for N and F of
-    ``in_domain``); and ``layer_profile.csv`` + Figure 5 for the sets
-    ``profile`` (set expressions, default :func:`profile_sets`'s).
+    ``exclude`` is given; ``layers_components.csv`` + one chart per top
+    ``layer_percent`` % set of :func:`standard_schemes` (Figures 4a/4b for N
+    and F of ``in_domain``); ``layer_profile.csv`` + Figure 5 for the sets
+    ``profile`` (set expressions, default :func:`profile_sets`'s); and, when
+    the schemes kept per-segment sums, ``segments.csv`` + the segment figure
+    (:func:`fastnig.segment_analysis.segment_table`, at ``layer_percent``).
     """
     schemes = list(schemes)
     index = index_schemes(schemes, in_domain)
@@ -508,8 +514,13 @@ def analyze(schemes: Iterable[Scheme], out_dir: PathLike, *, levels: Sequence[fl
                                                                 in_domain=in_domain, exclude=ex, by=by)
         tables[f"intersections{suffix}"] = intersection_summary(merged, out_dir, levels=levels,
                                                                 in_domain=in_domain, exclude=ex, by=by)
+    standard = standard_schemes(merged, in_domain=in_domain)
     tables["layers_components"] = layer_component_counts(
-        standard_sets(merged, layer_percent, in_domain=in_domain, by=by), out_dir, in_domain=in_domain)
+        [s.top(layer_percent, by=by) for s in standard], out_dir, in_domain=in_domain)
+    if any(s.has_segments for s in standard):
+        tables["segments"] = segment_table(standard, out_dir, percent=layer_percent, by=by)
+    else:
+        log.info("no per-segment sums in the schemes (attribution.segments / --segments): no segments.csv")
     tables["layer_profile"] = layer_profile(
         profile_sets(merged, profile, layer_percent, in_domain=in_domain, by=by), out_dir)
     return tables

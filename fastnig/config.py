@@ -36,7 +36,7 @@ SECTIONS: Dict[str, Dict[str, Any]] = {
                     "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
                     "steps": 100, "rule": "trapezoid", "nodes": "uniform", "baseline": "pad",
                     "output": "probability", "max_length": 512, "step_batch": None, "pair_batch": 1,
-                    "chunk_pairs": 8},
+                    "chunk_pairs": 8, "segments": False},
     "analysis": {"levels": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10], "exclude": [], "layer_percent": 1.0,
                  "baseline_pairs": 0, "by": "value"},
     "pruning": {"levels": [0.01, 0.1, 1], "sets": [], "validation": {}, "queries": 100, "depth": 20,
@@ -277,6 +277,9 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
             raise ConfigError(f"attribution.{key} must be a positive integer, got {att[key]!r}")
     if att["steps"] != "auto" and (not is_int(att["steps"]) or att["steps"] < 1):
         raise ConfigError(f"attribution.steps must be a positive integer or 'auto', got {att['steps']!r}")
+    if not isinstance(att["segments"], bool):
+        raise ConfigError(f"attribution.segments must be true or false (split each neuron's conductance by "
+                          f"query, passage and special tokens), got {att['segments']!r}")
     try:  # richardson: uniform nodes, even steps
         check_rule(att["rule"], att["steps"], att["nodes"])
     except ValueError as exc:

@@ -1,12 +1,13 @@
 """Fusion ⊕ of schemes: the paper's F_x (P_x ⊕ N_x) and F_A (every scheme).
 
 Owns: :func:`fuse` (the mean of the schemes' per-neuron means, an unweighted
-average of already-averaged schemes) and :func:`fuse_all`.  Must not: read
-or write files, or aggregate pairs (:class:`fastnig.schemes.Scheme`).
+average of already-averaged schemes, and likewise of their per-segment means)
+and :func:`fuse_all`.  Must not: read or write files, or aggregate pairs
+(:class:`fastnig.schemes.Scheme`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -23,7 +24,8 @@ def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
 
     Returns:
         a fused :class:`Scheme` (label ``"fused"``): it has ``mean`` and
-        ``top`` but no pairs.
+        ``top`` but no pairs; and ``segment_means()`` (the average of the
+        parts' ``[3, n]`` segment means) when every part has them.
     """
     if len(schemes) == 1 and not isinstance(schemes[0], Scheme):
         schemes = tuple(schemes[0])
@@ -40,13 +42,7 @@ def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
         if key in seen:
             raise ValueError(f"fuse: {s.name} is given twice (same dataset and label); each scheme counts once")
         seen[key] = s
-    means = [s.mean for s in schemes]
-    fused_mean = {}
-    for m in first.sizes:
-        total = torch.zeros(first.sizes[m], dtype=torch.float64)
-        for mean in means:
-            total = total + mean[m]
-        fused_mean[m] = total / len(schemes)
+    segment_means = [s.segment_means() for s in schemes]
     datasets = list(dict.fromkeys(s.dataset for s in schemes))
     if name is None:
         labels = sorted(s.label for s in schemes)
@@ -54,10 +50,23 @@ def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
             name = f"F_{short_name(datasets[0])}"
     out = Scheme(first.sizes, model=first.model, dataset="+".join(datasets), label=FUSED_LABEL,
                  settings=settings_without_target(first.settings), name=name)
-    out._fused_mean = fused_mean
+    out._fused_mean = _average([s.mean for s in schemes])
+    if all(means is not None for means in segment_means):
+        out._fused_segment_mean = _average(segment_means)
     out._half_bins = None
     out.parts = [{"name": s.name, "dataset": s.dataset, "label": s.label, "num_pairs": s.count,
                   "num_dropped": s.num_dropped} for s in schemes]
+    return out
+
+
+def _average(means: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """module -> the element-wise average of the ``means[i][module]`` (float64, any shape)."""
+    out = {}
+    for m in means[0]:
+        total = torch.zeros_like(means[0][m])
+        for mean in means:
+            total = total + mean[m]
+        out[m] = total / len(means)
     return out
 
 

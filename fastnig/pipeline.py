@@ -86,7 +86,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                       output: str = "probability",
                       max_length: Optional[int] = None, step_batch: Optional[int] = None, pair_batch: int = 1,
                       layers: Optional[Sequence[str]] = None, include_pooler: bool = False, dtype=None,
-                      device=None, progress: bool = True, dataset_name: Optional[str] = None,
+                      segments: bool = False, device=None, progress: bool = True, dataset_name: Optional[str] = None,
                       shard: Tuple[int, int] = (0, 1), stop_when=None,
                       combine: Optional[Callable[[Scheme], Scheme]] = None) -> Scheme:
     """Attribute ``num_pairs`` pairs of one label of a dataset into a scheme file.
@@ -106,7 +106,8 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         agreement_filter: keep only pairs whose prediction agrees (docs/method.md §6).
         chunk_pairs: pairs attributed between two saves (what a kill can lose).
         steps, rule, nodes, baseline, output, max_length, step_batch, pair_batch,
-        layers, include_pooler, dtype, device: as in :func:`fastnig.attribute`.
+        layers, include_pooler, dtype, segments, device: as in :func:`fastnig.attribute`
+            (``segments=True``: the scheme keeps per-segment sums, :mod:`fastnig.segments`).
         progress: a progress bar (pairs done, pairs/s, ETA).
         dataset_name: the scheme's dataset name (default: the collection's name).
         shard: ``(rank, world)``: attribute only the pairs ``rank::world`` of
@@ -145,7 +146,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     drawn = pairs
     move_model(model, device)
     settings = attribution_settings(model, target=target, output=output, baseline=baseline, steps=steps,
-                                    rule=rule, max_length=max_length, dtype=dtype, nodes=nodes)
+                                    rule=rule, max_length=max_length, dtype=dtype, nodes=nodes, segments=segments)
     sampling = _sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant,
                                 nonrelevant)
     if stop_rule is not None:
@@ -189,7 +190,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                                baseline=baseline, steps=steps, rule=rule, nodes=nodes, layers=layers,
                                include_pooler=include_pooler,
                                step_batch=step_batch, pair_batch=pair_batch, max_length=max_length, output=output,
-                               dtype=dtype, progress=False)
+                               dtype=dtype, segments=segments, progress=False)
             scheme.add(result, [pair_id(p) for p in chunk])
             scheme.save(out)
             attributed += len(chunk)
@@ -336,7 +337,8 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
                           agreement_filter=att["agreement_filter"],
                           chunk_pairs=att["chunk_pairs"], steps=att["steps"], rule=att["rule"], nodes=att["nodes"],
                           baseline=att["baseline"], output=att["output"], max_length=att["max_length"],
-                          step_batch=att["step_batch"], pair_batch=att["pair_batch"], dataset_name=name,
+                          step_batch=att["step_batch"], pair_batch=att["pair_batch"], segments=att["segments"],
+                          dataset_name=name,
                           progress=progress and ranks.is_main, stop_when=att.get("stop_when"))
             before = Scheme.load(path).count if Scheme.exists(path) else 0
             if ranks.world == 1:

@@ -97,8 +97,8 @@ class Scheme:
         has_halves: whether the two interleaved half sums are kept
             (:meth:`half_means`); False for fusions and for schemes saved
             before halves existed.
-        has_segments: whether exact per-segment sums (query, passage, special;
-            ``attribute(..., segments=True)``) are kept (:meth:`segment_means`).
+        has_segments: whether per-segment sums (query, passage, special;
+            ``attribute(..., segments=True)``; fusions: averaged means) are kept (:meth:`segment_means`).
     """
 
     def __init__(self, sizes: Mapping[str, int], *, model: str, dataset: str, label: str,
@@ -121,6 +121,7 @@ class Scheme:
         # [3, B, n] exact sums per segment (fastnig.attribution.SEGMENTS); None when the attributions had none.
         self._segment_bins: Optional[Dict[str, torch.Tensor]] = None
         self._fused_mean: Optional[Dict[str, torch.Tensor]] = None
+        self._fused_segment_mean: Optional[Dict[str, torch.Tensor]] = None  # fusions: [3, n] (fastnig.fusion)
         self.parts: List[Dict[str, object]] = []  # fused schemes: what was averaged
         self.pair_ids: List[str] = []
         self.dropped_ids: List[str] = []
@@ -240,15 +241,21 @@ class Scheme:
 
     @property
     def has_segments(self) -> bool:
-        """True when exact per-segment sums are kept (attributions with ``segments=True``; not for fusions)."""
-        return self._fused_mean is None and self._segment_bins is not None
+        """True when per-segment means are kept: exact sums (attributions with ``segments=True``) or, for
+        a fusion, the average of its parts' segment means (when every part had them)."""
+        if self._fused_mean is not None:
+            return self._fused_segment_mean is not None
+        return self._segment_bins is not None
 
     def segment_means(self) -> Optional[Dict[str, torch.Tensor]]:
         """module -> ``[3, n]`` float64 mean NIG per segment (query, passage, special), or None.
 
         None without segment sums (:attr:`has_segments`) or pairs.  The three
-        sum to :attr:`mean` up to float64 rounding (each is an exact sum).
+        sum to :attr:`mean` up to float64 rounding (each is an exact sum; a
+        fusion's are the average of its parts').
         """
+        if self._fused_segment_mean is not None:
+            return {m: v.clone() for m, v in self._fused_segment_mean.items()}
         if not self.has_segments or not self.pair_ids:
             return None
         return {m: torch.stack([bins_value(b[s]) for s in range(b.shape[0])]) / self.count
@@ -528,6 +535,8 @@ class Scheme:
         if self._fused_mean is not None:
             for m, v in self._fused_mean.items():
                 tensors[f"mean/{m}"] = v
+            for m, v in (self._fused_segment_mean or {}).items():
+                tensors[f"segment_mean/{m}"] = v
         else:
             for m, b in self._bins.items():
                 tensors[f"sum_bins/{m}"] = b
@@ -544,7 +553,7 @@ class Scheme:
                 "bin_exponents": list(BIN_EXPONENTS),
                 "halves": HALVES_RULE if (self._fused_mean is None and self._half_bins is not None) else None,
                 "pair_ids": self.pair_ids, "dropped_ids": self.dropped_ids}
-        if self._fused_mean is None and self._segment_bins is not None:  # absent in older files: no segments
+        if self.has_segments:  # absent in older files: no segments
             meta["segments"] = list(SEGMENTS)
         return write_scheme(path, meta, tensors)
 
@@ -555,8 +564,13 @@ class Scheme:
         sizes = {m: int(n) for m, n in meta["sizes"]}
         scheme = cls(sizes, model=meta["model"], dataset=meta["dataset"], label=meta["label"],
                      settings=meta.get("settings"), name=meta.get("name"), extra=meta.get("extra"))
+        if meta.get("segments") and list(meta["segments"]) != list(SEGMENTS):
+            raise ValueError(f"scheme {json_path} has segments {meta['segments']!r}, not {list(SEGMENTS)}")
         if meta.get("kind") == "fusion":
             scheme._fused_mean = {m: expect_tensor(tensors, f"mean/{m}", (n,), json_path) for m, n in sizes.items()}
+            if meta.get("segments"):
+                scheme._fused_segment_mean = {m: expect_tensor(tensors, f"segment_mean/{m}", (len(SEGMENTS), n),
+                                                               json_path) for m, n in sizes.items()}
             scheme._half_bins = None
             scheme.parts = list(meta.get("parts", []))
             return scheme
@@ -573,8 +587,6 @@ class Scheme:
             scheme._half_bins = {m: expect_tensor(tensors, f"half_bins/{m}", (2, len(BIN_EXPONENTS), n), json_path)
                                  for m, n in sizes.items()}
         if meta.get("segments"):
-            if list(meta["segments"]) != list(SEGMENTS):
-                raise ValueError(f"scheme {json_path} has segments {meta['segments']!r}, not {list(SEGMENTS)}")
             scheme._segment_bins = {m: expect_tensor(tensors, f"segment_bins/{m}",
                                                      (len(SEGMENTS), len(BIN_EXPONENTS), n), json_path)
                                     for m, n in sizes.items()}

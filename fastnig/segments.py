@@ -40,9 +40,13 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
     members of their mean NIG through that segment (signed, in units of F), and
     ``<segment>_share`` = Σ|mean through the segment| / Σ over the three
     segments of Σ|mean| (in [0, 1], summing to 1; 0 where the members have no
-    conductance).  ``neurons=None``: every neuron of the scheme.
+    conductance), ``magnitude`` = that denominator (units of F: weighs rows
+    when shares are pooled, e.g. over components) and ``<segment>_dominant``
+    = members whose dominant segment (:func:`dominant_segment`) it is.
+    ``neurons=None``: every neuron of the scheme.
     """
     means = _segment_means(scheme)
+    dominant = dominant_segment(scheme)
     if neurons is None:
         neurons = NeuronSet(scheme.sizes, torch.ones(scheme.total_neurons, dtype=torch.bool), "all")
     if list(neurons.sizes.items()) != list(scheme.sizes.items()):
@@ -53,7 +57,8 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
         key = (layer_index(module), component(module))
         row = sums.setdefault(key, {"layer": key[0], "component": key[1], "neurons": 0,
                                     "signed": torch.zeros(len(SEGMENTS), dtype=torch.float64),
-                                    "magnitude": torch.zeros(len(SEGMENTS), dtype=torch.float64)})
+                                    "magnitude": torch.zeros(len(SEGMENTS), dtype=torch.float64),
+                                    "dominant": torch.zeros(len(SEGMENTS), dtype=torch.long)})
         units = members.get(module)
         if units is None:
             continue
@@ -61,6 +66,7 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
         row["neurons"] += int(units.numel())
         row["signed"] += values.sum(dim=1)
         row["magnitude"] += values.abs().sum(dim=1)
+        row["dominant"] += torch.bincount(dominant[module][units], minlength=len(SEGMENTS))
     order = COMPONENTS + OTHER_COMPONENTS
     rows = []
     for key in sorted(sums, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order))):
@@ -71,6 +77,9 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
             out[name] = float(row["signed"][s])
         for s, name in enumerate(SEGMENTS):
             out[f"{name}_share"] = float(row["magnitude"][s]) / total if total > 0 else 0.0
+        out["magnitude"] = total
+        for s, name in enumerate(SEGMENTS):
+            out[f"{name}_dominant"] = int(row["dominant"][s])
         rows.append(out)
     return rows
 

@@ -239,7 +239,7 @@ def test_schemes_without_segments_still_work_and_mixing_is_refused(tmp_path):
     with pytest.raises(ValueError, match="per-segment"):
         segment_shares(plain)
     with_segments = _scheme().add(_attributions(3, 4), ["x", "y", "z"])
-    assert not fuse(with_segments).has_segments
+    assert fuse(with_segments).has_segments and not fuse(plain).has_segments  # averages: test_segment_analysis
 
 
 def test_segment_shares_and_dominant_segment_filter():

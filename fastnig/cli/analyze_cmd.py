@@ -44,6 +44,11 @@ OUTPUTS (in --out)
   layers_<set>.png                 Fig. 4b = its F = P ⊕ N; every other P_x, N_x, F_x, F_A
   layer_profile.csv, figure5_layers.png
                                    neurons per layer of P, N, F of --in-domain and F_A (Fig. 5)
+  segments.csv,                    schemes attributed with --segments only: per layer and
+  segments_<x>_at_<X>pct.png       component, the share of each top --layer-percent set's
+                                   conductance through the query, the passage and the special
+                                   tokens, and its neurons by dominant segment; the figure:
+                                   per layer for P, N and F of the first dataset
   baselines.csv, table1_baselines.png
                                    with --baseline-model: Table 1, mean P(rel) - P(non-rel)
                                    over the pairs the model judges relevant (the pairs
@@ -163,6 +168,8 @@ def run(args) -> int:
         for row in tables["schemes"]:
             print(f"  {row['name']}: {row['pairs']} pairs, {row['dropped']} dropped by the agreement filter, "
                   f"mean |delta| {row['mean_abs_delta']:.3g}")
+        if "segments" not in tables:
+            print("no segments.csv: the schemes have no per-segment sums (attribute with --segments)")
 
     if args.baseline_model:
         pairs = read_pairs(args.baseline_pairs, args.baseline_max_pairs)

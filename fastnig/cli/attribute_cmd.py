@@ -88,6 +88,9 @@ def register(sub) -> None:
     p.add_argument("--step-batch", type=int, default=None, help="path points per forward (default: sized from free memory, ~2048 token rows on CPU)")
     p.add_argument("--pair-batch", type=int, default=1, help="pairs per forward (default 1)")
     p.add_argument("--chunk-pairs", type=int, default=8, help="pairs between two saves (default 8)")
+    p.add_argument("--segments", action="store_true",
+                   help="also keep each neuron's conductance split by query, passage and special tokens "
+                        "(fastnig analyze then writes segments.csv and the segment figure)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -128,7 +131,7 @@ def run(args) -> int:
         nonrelevant=nonrelevant, bm25_cache_dir=bm25_dir,
         agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, steps=args.steps, rule=args.rule, nodes=args.nodes,
         baseline=args.baseline, output=args.output, max_length=args.max_length, step_batch=args.step_batch,
-        pair_batch=args.pair_batch, progress=not args.quiet, stop_when=stop_when)
+        pair_batch=args.pair_batch, segments=args.segments, progress=not args.quiet, stop_when=stop_when)
     if not args.quiet:
         print(f"{scheme.name}: {scheme.count} pairs attributed, {scheme.num_dropped} dropped by the agreement "
               f"filter -> {args.out}")

@@ -26,6 +26,7 @@ from ..common import write_atomic
 from ..run_comparison import compare_runs
 from ..run_results import NotARunFolder, table4_summary
 from ..scorecard import scorecard
+from ..segments import SEGMENTS
 
 FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows the figure number in the name
     ("figure2a_*.png", "Figure 2a — relevant neurons: overlap of P_x and P_y for every two datasets "
@@ -41,6 +42,8 @@ FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows th
     ("figure5_*.png", "Figure 5 — number of important neurons at each layer (the pruned sets)"),
     ("table1_*.png", "Table 1 (chart) — mean P(rel) − P(non-rel) at the input and at each baseline"),
     ("layers_*.png", "Per layer and component (not a figure of the paper) — {set}"),
+    ("segments_*.png", "Segments (not in the paper) — per layer, the share of the top sets' |conductance| "
+                       "through the query, the passage and the special tokens"),
 )
 
 
@@ -105,7 +108,8 @@ def _num(text: Any) -> float:
 
 def key_numbers(output: Path, settings: Mapping[str, Any]) -> List[str]:
     """Bullet lines of the headline numbers: P_x ∩ N_x, the strongest pruning drops against random,
-    the layer peak of N / F of the in-domain dataset, and Table 1's input and PAD values."""
+    the layer peak of N / F of the in-domain dataset, the segments (:func:`segment_lines`), and Table
+    1's input and PAD values."""
     analysis, lines = output / "analysis", []
     in_domain = _in_domain(settings)
     layer_percent = _num(settings.get("analysis", {}).get("layer_percent", 1))
@@ -144,6 +148,7 @@ def key_numbers(output: Path, settings: Mapping[str, Any]) -> List[str]:
             last = sum(c for l, c in per_layer.items() if l >= n - 2) / sum(per_layer.values()) * 100
             lines.append(f"**Layer peak** of {rows[0]['set']}: layer {peak} of 0–{n - 1} ({per_layer[peak]} neurons); "
                          f"{last:.0f} % of the set in the last two layers.")
+    lines += segment_lines(output, settings)
     t1 = {r["baseline"]: r for r in _read_csv(analysis / "baselines.csv")}
     if "original" in t1:
         pad = f", PAD {_num(t1['pad']['mean_difference']):.2f}" if "pad" in t1 else ""
@@ -152,6 +157,27 @@ def key_numbers(output: Path, settings: Mapping[str, Any]) -> List[str]:
         lines.append(f"**Table 1**: mean P(rel) − P(non-rel){over} = {_num(t1['original']['mean_difference']):.2f} "
                      f"at the input{pad}{zero} (the paper: 1, 0.21, 0.67).")
     return lines
+
+
+def segment_lines(output: Path, settings: Mapping[str, Any]) -> List[str]:
+    """The bullet line of the segment analysis (``analysis/segments.csv``, runs with
+    ``attribution.segments``): of the top sets P and N of the in-domain dataset, the share of neurons
+    that act mainly through the query, the passage and the special tokens; none without the CSV."""
+    in_domain = _in_domain(settings)
+    rows = _read_csv(output / "analysis" / "segments.csv")
+    parts = []
+    for prefix in ("P_", "N_"):
+        chosen = [r for r in rows if in_domain and r["set"].startswith(f"{prefix}{in_domain}@")]
+        counts = {s: sum(int(_num(r[f"{s}_dominant"])) for r in chosen) for s in SEGMENTS}
+        total = sum(counts.values())
+        if total:
+            shares = ", ".join(f"{counts[s] / total * 100:.0f} % through the {s}"
+                               for s in sorted(SEGMENTS, key=lambda s: -counts[s]))
+            parts.append(f"of the {total} neurons of {chosen[0]['set']}, {shares}")
+    if not parts:
+        return []
+    return ["**Segments** (which part of the input the top neurons act through mainly, by their largest "
+            "|mean NIG| per segment): " + "; ".join(parts) + "."]
 
 
 def evidence_lines(output: Path) -> List[str]:
