@@ -98,12 +98,14 @@ def _plot_segments(rows: Rows, schemes: Sequence[str], percent: float, path: Pat
             heights = [shares[layer][i] for layer in layers]
             ax.bar(positions, heights, bottom=bottom, color=_SEGMENT_COLOR[name], label=name)
             bottom = [b + h for b, h in zip(bottom, heights)]
+        members = {layer: sum(int(r["neurons"]) for r in rows if r["scheme"] == scheme and r["layer"] == layer)
+                   for layer in layers}
         ax.set_xticks(positions)
-        ax.set_xticklabels(["other" if layer < 0 else str(layer) for layer in layers])
+        ax.set_xticklabels([f"{'other' if layer < 0 else layer}\n{members[layer]}" for layer in layers])
         ax.set_ylim(0, 1)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (neurons of the set there)")
         if k == 0:
             ax.set_ylabel("share of the set's |conductance|")
         ax.set_title(f"{scheme}: top {float(percent):g} %")
-    fig.axes[-1].legend(fontsize="small", loc="lower right")
+    fig.axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)

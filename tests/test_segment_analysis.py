@@ -148,3 +148,16 @@ def test_attribute_dataset_with_segments_keeps_segment_sums(graded, tmp_path, sa
         torch.testing.assert_close(v.sum(0), loaded.mean[m], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="segments"):  # resuming without segments is refused
         attribute_dataset(model, tokenizer, graded, **kwargs)
+
+
+def test_the_run_analysis_stage_writes_the_segment_table(tmp_path):
+    from fastnig.distributed import Ranks
+    from fastnig.pipeline import Study, stage_analysis
+
+    cfg = load_config({"model": "m", "output": str(tmp_path / "run"),
+                       "analysis": {"levels": [10], "layer_percent": 40},
+                       "attribution": {"datasets": {"ms": "ms", "nf": "nf"}, "in_domain": ["ms"], "segments": True}})
+    schemes = {(s.dataset, s.label): s for s in _four()}
+    study = Study(config=cfg, model=None, tokenizer=None, collections={}, validation={}, ranks=Ranks())
+    folder = stage_analysis(study, schemes)
+    assert (folder / "segments.csv").exists() and (folder / "segments_ms_at_40pct.png").exists()
