@@ -24,7 +24,7 @@ def _scheme(dataset, label, seed, num=4, segments=True):
     att.targets = [label] * num
     att.settings["target"] = label
     scheme = Scheme.empty(SIZES, {"model": "tiny", "dataset": dataset, "label": label})
-    return scheme.add(att, [f"{dataset}-{label}-{i}" for i in range(num)])
+    return scheme.add(att, [f"{dataset}-{label}-{seed}-{i}" for i in range(num)])
 
 
 def _four(segments=True):
@@ -161,3 +161,29 @@ def test_the_run_analysis_stage_writes_the_segment_table(tmp_path):
     study = Study(config=cfg, model=None, tokenizer=None, collections={}, validation={}, ranks=Ranks())
     folder = stage_analysis(study, schemes)
     assert (folder / "segments.csv").exists() and (folder / "segments_ms_at_40pct.png").exists()
+
+
+def test_fastnig_analyze_writes_segments_only_for_schemes_with_segment_sums(tmp_path, capsys):
+    from fastnig.cli import main
+
+    for kind, segments in (("with", True), ("without", False)):
+        for s in _four(segments=segments):
+            s.save(tmp_path / kind / s.name)
+        out = tmp_path / f"out_{kind}"
+        assert main(["analyze", str(tmp_path / kind), "--out", str(out), "--levels", "10", "--in-domain", "ms",
+                     "--layer-percent", "40"]) == 0
+        printed = capsys.readouterr().out
+        assert ("segments.csv" in printed.split("wrote")[-1]) is segments
+        assert ("no segments.csv" in printed) is not segments
+        assert (out / "segments.csv").exists() is segments
+
+
+def test_merging_keeps_segment_sums_and_refuses_mixing():
+    empty = Scheme.empty(SIZES, {"model": "tiny", "dataset": "ms", "label": "relevant"})
+    with_segments = _scheme("ms", "relevant", 7)
+    merged = empty.merge(with_segments)
+    assert merged.has_segments
+    for m, v in with_segments.segment_means().items():
+        assert torch.equal(merged.segment_means()[m], v)
+    with pytest.raises(ValueError, match="segments"):
+        with_segments.merge(_scheme("ms", "relevant", 8, segments=False))
