@@ -6,8 +6,9 @@ per (layer, component), the share of the set's conductance that flows
 through the query, the passage and the special tokens, and how many members
 act mainly through each (``segments.csv``); and per layer, stacked bars of
 those shares for P_x, N_x and F_x of one dataset (``segments_<x>_at_<X>pct.png``).
-Must not: compute the shares (:mod:`fastnig.segments`), fuse or merge
-schemes (:mod:`fastnig.analysis` hands over P_x, N_x, F_x, F_A), or attribute.
+Must not: compute the shares per (layer, component) (:mod:`fastnig.segments`;
+here they are only pooled per layer for the figure), fuse or merge schemes
+(:mod:`fastnig.analysis` hands over P_x, N_x, F_x, F_A), or attribute.
 """
 from __future__ import annotations
 
