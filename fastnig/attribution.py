@@ -419,7 +419,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                 chunk = step_batch
                 if step_batch in (None, "auto"):
                     chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype,
-                                            first_token_cut=first_token_cut)
+                                            first_token_cut=first_token_cut, coarse=uses_coarse(rule))
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
                 out, nig_in, f_in, f_b, err = _attribute_batch(model, embeddings, modules, enc, relevant,
                                                                tokenizer.pad_token_id, baseline, alphas,

@@ -62,7 +62,8 @@ def _encoder_shape(model: nn.Module) -> Tuple[int, int, int, int]:
 
 
 def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
-                 dtype: Optional[torch.dtype] = None, first_token_cut: bool = True) -> ChunkMemory:
+                 dtype: Optional[torch.dtype] = None, first_token_cut: bool = True,
+                 coarse: bool = False) -> ChunkMemory:
     """The memory model of a path chunk: what one forward + backward of ``points`` path
     points of ``pairs`` pairs of ``tokens`` tokens holds at its peak (the start of backward).
 
@@ -82,8 +83,9 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     Past the first-token cut (``first_token_cut``) the last layer's rows are
     one per path point instead of ``tokens``; a ``[batch, features]`` output
     (the pooler) has one row.  Fixed: the carries (two points of every
-    attributed output, c), the input's carry, input and baseline embeddings
-    and their difference (f); under autocast, every Linear's weight cast to c.
+    attributed output, c; four with ``coarse``, the Richardson rule's last even
+    point), the input's carry, input and baseline embeddings and their
+    difference (f); under autocast, every Linear's weight cast to c.
     Calibrated on CPU against the allocator's peak (tests/test_engine_robustness.py):
     within 10 % on the MiniLM shape, SDPA or eager, float32 or bfloat16.
     """
@@ -142,9 +144,10 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     per_point["backward transients"] = full * c * (2 * intermediate + (3 * heads * tokens if eager else hidden))
 
     carry_rows = {n: (1 if n in single else tokens) for n in modules}
+    carry_points = 4 if coarse else 2
     fixed = {
-        "carries": sum(2 * pairs * carry_rows[n] * m.out_features * c for n, m in modules.items()),
-        "input carry and embeddings": pairs * tokens * embedding * f * 5,
+        "carries": sum(carry_points * pairs * carry_rows[n] * m.out_features * c for n, m in modules.items()),
+        "input carry and embeddings": pairs * tokens * embedding * f * (3 + carry_points),
     }
     if autocast:  # each Linear's weight cast to the compute dtype, kept for its input gradient
         fixed["weights cast by autocast"] = sum(m.weight.numel() * c for m in model.modules()
@@ -169,12 +172,12 @@ def free_memory(device: torch.device) -> int:
 
 def auto_step_batch(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
                     device: torch.device, dtype: Optional[torch.dtype] = None, fraction: float = 0.5,
-                    first_token_cut: bool = True) -> int:
+                    first_token_cut: bool = True, coarse: bool = False) -> int:
     """Path points per pair in one forward: as many as ``fraction`` of the free memory
     (:func:`free_memory`) holds by the memory model (:func:`chunk_memory`), and on CPU
     at most :data:`CPU_ROWS_PER_FORWARD` token rows.  At least 1."""
     device = torch.device(device)
-    estimate = chunk_memory(model, modules, tokens, pairs, dtype, first_token_cut)
+    estimate = chunk_memory(model, modules, tokens, pairs, dtype, first_token_cut, coarse)
     budget = free_memory(device) * fraction - sum(estimate.fixed.values())
     points = int(budget // max(sum(estimate.per_point.values()), 1))
     if device.type == "cpu":

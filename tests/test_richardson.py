@@ -198,3 +198,14 @@ def test_top_error_sums_the_estimates_of_the_largest_neurons():
     errors = {"a": torch.tensor([[1.0, 2.0, 100.0]]), "b": torch.tensor([[100.0, 4.0]])}
     assert quadrature.top_error(scores, errors, percent=40).tolist() == [6.0]   # 2 of 5: -5.0 and 4.0
     assert quadrature.top_error(scores, errors, percent=1).tolist() == [2.0]    # at least one neuron
+
+
+def test_memory_model_counts_the_even_point_carries(tiny_bert):
+    from fastnig.cross_encoder import linear_modules
+    from fastnig.memory import chunk_memory
+
+    modules = linear_modules(tiny_bert)
+    plain = chunk_memory(tiny_bert, modules, tokens=16, pairs=2)
+    coarse = chunk_memory(tiny_bert, modules, tokens=16, pairs=2, coarse=True)
+    assert coarse.fixed["carries"] == 2 * plain.fixed["carries"] and coarse.per_point == plain.per_point
+    assert coarse.fixed["input carry and embeddings"] == plain.fixed["input carry and embeddings"] * 7 // 5
