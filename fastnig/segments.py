@@ -27,7 +27,7 @@ def _segment_means(scheme: "Scheme") -> Dict[str, torch.Tensor]:
     means = scheme.segment_means()
     if means is None:
         raise ValueError(f"scheme {scheme.name} has no per-segment sums (attribute with segments=True; "
-                         f"fusions and schemes without pairs have none)")
+                         f"schemes without pairs, and fusions of schemes without segment sums, have none)")
     return means
 
 
@@ -46,7 +46,7 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
     ``neurons=None``: every neuron of the scheme.
     """
     means = _segment_means(scheme)
-    dominant = dominant_segment(scheme)
+    dominant = _dominant(means)
     if neurons is None:
         neurons = NeuronSet(scheme.sizes, torch.ones(scheme.total_neurons, dtype=torch.bool), "all")
     if list(neurons.sizes.items()) != list(scheme.sizes.items()):
@@ -87,7 +87,11 @@ def segment_shares(scheme: "Scheme", neurons: Optional["NeuronSet"] = None) -> L
 def dominant_segment(scheme: "Scheme") -> Dict[str, torch.Tensor]:
     """module -> ``[n]`` int64 index into :data:`SEGMENTS` of the segment with the largest |mean NIG|
     (ties: the first of query, passage, special)."""
-    return {m: v.abs().argmax(dim=0) for m, v in _segment_means(scheme).items()}
+    return _dominant(_segment_means(scheme))
+
+
+def _dominant(means: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {m: v.abs().argmax(dim=0) for m, v in means.items()}
 
 
 def filter_by_segment(scheme: "Scheme", neurons: "NeuronSet", segment: str) -> "NeuronSet":
