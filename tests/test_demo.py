@@ -81,6 +81,9 @@ def test_demo_writes_its_report_from_a_folder_outside_the_checkout(demo_run):
     assert all(int(r["num_queries"]) == 34 for r in rows)  # pruning.queries of the 68 held-out Cranfield queries
     report = (out / "report.md").read_text()
     assert "Table 4" in report and "**Evidence**: agreeing pairs per scheme" in report
+    # The demo attributes with segments: the segment table, figure and report line (issue 14).
+    assert (out / "analysis" / "segments.csv").is_file() and (out / "analysis" / "segments_cran_at_1pct.png").is_file()
+    assert "**Segments**" in report and "segments_cran_at_1pct.png" in report
     assert not (out / "model_quality.json").exists()  # only the demo's own model is evaluated that way
 
 
