@@ -171,13 +171,14 @@ def segment_lines(output: Path, settings: Mapping[str, Any]) -> List[str]:
         counts = {s: sum(int(_num(r[f"{s}_dominant"])) for r in chosen) for s in SEGMENTS}
         total = sum(counts.values())
         if total:
-            shares = ", ".join(f"{counts[s] / total * 100:.0f} % through the {s}"
-                               for s in sorted(SEGMENTS, key=lambda s: -counts[s]))
+            ranked = sorted(SEGMENTS, key=lambda s: -counts[s])
+            shares = ", ".join(f"{counts[s] / total * 100:.0f} %" + (" act mainly" if i == 0 else "")
+                               + f" through the {s}{' tokens' if s == 'special' else ''}"
+                               for i, s in enumerate(ranked))
             parts.append(f"of the {total} neurons of {chosen[0]['set']}, {shares}")
     if not parts:
         return []
-    return ["**Segments** (which part of the input the top neurons act through mainly, by their largest "
-            "|mean NIG| per segment): " + "; ".join(parts) + "."]
+    return ["**Segments**: " + "; ".join(parts) + " (a neuron's segment: the one of its largest |mean NIG|)."]
 
 
 def evidence_lines(output: Path) -> List[str]:
