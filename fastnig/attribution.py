@@ -297,7 +297,7 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
 
 
 def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target: TargetSpec = "relevant",
-              baseline: str = "pad", steps: int = 100, rule: str = "trapezoid",
+              baseline: str = "pad", steps: int = 32, rule: str = "richardson",
               layers: Optional[Sequence[str]] = None, include_pooler: bool = False,
               step_batch: Optional[int] = None, pair_batch: int = 1, max_length: Optional[int] = None,
               output: str = "probability", nodes: str = "uniform", tolerance: float = 0.01,
@@ -317,16 +317,18 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         tokenizer: its fast tokenizer; ``None`` loads ``model.config.name_or_path``'s.
         target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair.
         baseline: ``"pad"`` (default), ``"pad-query"``, ``"zero"`` or ``"zero-query"`` (docs/method.md §3).
-        steps: N, the number of path intervals (N + 1 points are evaluated),
+        steps: N, the number of path intervals (N + 1 points are evaluated;
+            default 32: with ``richardson`` as accurate as the trapezoid rule at
+            N = 100 on the demo model, bench/results/steps_accuracy.md),
             or ``"auto"``: per pair, N = 16, 32, ... doubling up to
             ``max_steps`` until |delta| <= ``tolerance`` · max(|F(x) - F(x')|,
-            0.01) and, with ``rule="richardson"``, also the sum of the error
-            estimates of the pair's top 1 % neurons (by |NIG|) is within the same
-            bound (:func:`fastnig.quadrature.auto_converged`); each level is a
+            0.01) and, with ``rule="richardson"``, also the estimated relative
+            L1 error of the pair's top 1 % neurons (by |NIG|) is <= ``tolerance``
+            (:func:`fastnig.quadrature.auto_converged`); each level is a
             fresh run, so a pair's result equals a fixed-``steps`` run at its
             final N (``Attributions.steps_used``).
-        rule: ``"trapezoid"`` (default), ``"left"`` (= Captum LayerConductance,
-            ``riemann_trapezoid``) or ``"richardson"``: R_N = (4 T_N - T_{N/2}) / 3
+        rule: ``"richardson"`` (default), ``"trapezoid"``, ``"left"`` (= Captum
+            LayerConductance, ``riemann_trapezoid``).  ``"richardson"``: R_N = (4 T_N - T_{N/2}) / 3
             from the trapezoid sums over all N + 1 points and over the even ones,
             both accumulated in the same pass (same cost; needs uniform nodes and
             an even N, or an even ``max_steps`` with ``steps="auto"``); also fills
@@ -467,7 +469,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
 
 
 def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
-                         steps: Union[int, str] = 100, rule: str = "trapezoid", max_length: int = 512,
+                         steps: Union[int, str] = 32, rule: str = "richardson", max_length: int = 512,
                          dtype: Optional[torch.dtype] = None, nodes: str = "uniform", tolerance: float = 0.01,
                          max_steps: int = 256, segments: bool = False) -> Dict[str, object]:
     """The ``settings`` dict :func:`attribute` records for these arguments.

@@ -27,8 +27,8 @@ import torch
 RULES = ("left", "trapezoid", "richardson")
 NODES = ("uniform", "chebyshev")
 AUTO_START_STEPS = 16
-# steps="auto" with rule="richardson": the neurons whose estimated errors are
-# summed per pair are its AUTO_TOP_PERCENT % largest |NIG| (of all attributed neurons)
+# steps="auto" with rule="richardson": the neurons whose relative error is
+# estimated per pair are its AUTO_TOP_PERCENT % largest |NIG| (of all attributed neurons)
 AUTO_TOP_PERCENT = 1.0
 # floor of |F(x) - F(x')| in the tolerances of steps="auto" (pairs where F hardly moves)
 AUTO_MOVED_FLOOR = 0.01
@@ -113,29 +113,31 @@ def relative_delta(delta: torch.Tensor, f_input: torch.Tensor, f_baseline: torch
 
 def top_error(scores: Dict[str, torch.Tensor], errors: Dict[str, torch.Tensor],
               percent: float = AUTO_TOP_PERCENT) -> torch.Tensor:
-    """``[P]``: per pair, the sum of the estimated errors of its ``percent`` % neurons of largest |score|.
+    """``[P]``: per pair, the estimated relative L1 error of its ``percent`` % neurons of largest |score|,
+    Σ_top errors / Σ_top |scores|.
 
     ``scores`` and ``errors``: module name -> ``[P, features]``; the top set is
-    taken over all modules together (at least one neuron).
+    taken over all modules together (at least one neuron); 0 where the top scores are all 0.
     """
     names = list(scores)
-    values = torch.cat([scores[n].float() for n in names], dim=1).abs()
-    errs = torch.cat([errors[n].float() for n in names], dim=1)
+    values = torch.cat([scores[n].double() for n in names], dim=1).abs()
+    errs = torch.cat([errors[n].double() for n in names], dim=1)
     k = max(1, round(percent / 100 * values.shape[1]))
-    top = values.topk(k, dim=1).indices
-    return errs.gather(1, top).double().sum(dim=1)
+    top, index = values.topk(k, dim=1)
+    return errs.gather(1, index).sum(dim=1) / top.sum(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def auto_converged(delta: torch.Tensor, f_input: torch.Tensor, f_baseline: torch.Tensor, tolerance: float,
                    neuron_error: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[P]`` bool: the stopping test of ``steps="auto"`` at one level.
 
-    With moved = max(|F(x) - F(x')|, 0.01): |delta| <= tolerance · moved
-    (the input side) and, when ``neuron_error`` (``[P]``, :func:`top_error` of
-    the level) is given, also neuron_error <= tolerance · moved.
+    One tolerance, two relative errors: |delta| <= tolerance · max(|F(x) - F(x')|, 0.01)
+    (the input side) and, when ``neuron_error`` (``[P]``, :func:`top_error` of the
+    level: the top neurons' estimated relative L1 error) is given, also
+    neuron_error <= tolerance.
     """
     moved = (f_input - f_baseline).abs().clamp_min(AUTO_MOVED_FLOOR)
     done = delta.abs() <= tolerance * moved
     if neuron_error is not None:
-        done &= neuron_error.to(moved.dtype) <= tolerance * moved
+        done &= neuron_error.to(moved.dtype) <= tolerance
     return done
