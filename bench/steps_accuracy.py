@@ -2,17 +2,22 @@
 
 On the offline demo cross-encoder (MiniLM-L6 fine-tuned on Cranfield's
 training queries, :func:`fastnig.models.offline_demo_model`) and relevant
-pairs of held-out Cranfield queries (optionally some NFCorpus pairs), for the
-rules ``left`` / ``trapezoid`` and the nodes ``uniform`` / ``chebyshev``, at
-N = 4, 8, ..., 128 path intervals, it measures
+pairs of held-out Cranfield queries and of MEDLINE (``med``, packaged too;
+optionally some NFCorpus pairs), for the rules ``left`` / ``trapezoid`` /
+``richardson`` and the nodes ``uniform`` / ``chebyshev``, at N = 4, 8, ...,
+128 path intervals, it measures, per collection,
 
 * the median (and 90th percentile) over pairs of |delta| / |F(x) - F(x')|;
 * the overlap of the top 0.1 % and 1 % neuron sets (neurons ranked by mean
-  NIG over the pairs, as :meth:`fastnig.schemes.Scheme.top` does) with those
-  of a 512-step reference (trapezoid, uniform);
+  NIG over the collection's pairs, as :meth:`fastnig.schemes.Scheme.top`
+  does) with those of a 512-step reference (trapezoid, uniform);
+* the accuracy of the per-neuron error estimate |T_N - T_{N/2}| / 3
+  (:func:`fastnig.quadrature.error_estimate`) against T_N's error from the reference;
 
-and simulates ``steps="auto"`` (per pair: N = 16, 32, ... until
-|delta| <= tolerance · max(|F(x) - F(x')|, 0.01)) for several tolerances.
+and simulates ``steps="auto"`` for several tolerances: per pair N = 16, 32,
+... until |delta| <= tolerance · max(|F(x) - F(x')|, 0.01) ("delta"), and,
+for ``richardson``, also until the top 1 % neurons' estimated relative L1
+error is <= tolerance (:func:`fastnig.quadrature.auto_converged`, "delta+neurons").
 
 Cost: every node set is nested (uniform and Chebyshev-Lobatto nodes of N
 are the nodes of 2N taken every other one), so each pair is evaluated once on
@@ -20,21 +25,27 @@ the 513 uniform points of the reference and once on the 129 Chebyshev points
 of N = 128; every coarser N and both rules are accumulated from the same
 forward + backward passes by the engine's own fused op
 (:func:`fastnig.kernels.accumulate_conductance`), with one carry per (N,
-rule).  The results equal separate ``fastnig.attribute(steps=N, rule=...,
-nodes=...)`` calls (same node positions, same op, same order of summation);
-the script checks that on its first pair and writes the difference.
+rule); R_N = (4 T_N - T_{N/2}) / 3 combines two of them
+(:func:`fastnig.quadrature.richardson`).  The results equal separate
+``fastnig.attribute(steps=N, rule=..., nodes=...)`` calls (same node
+positions, same op, same order of summation); the script checks that on its
+first pair (every rule) and writes the difference.
 
-    python bench/steps_accuracy.py --out bench/results           # ~15-20 min on 2 CPU cores
-    python bench/steps_accuracy.py --out /tmp/quick --quick      # ~2 min: 3 pairs, N <= 32, reference 128
+    python bench/steps_accuracy.py --out bench/results           # ~35 min on 2 CPU cores
+    python bench/steps_accuracy.py --out bench/results --nodes uniform --reference 256 --max-length 64 \
+        --pairs 8 --med-pairs 8                                  # ~10 min: what bench/results holds
+    python bench/steps_accuracy.py --out /tmp/quick --quick      # ~2 min: 2 + 2 pairs, N <= 32, reference 128
 
-Outputs in ``--out``: ``steps_accuracy.csv`` (one row per rule x nodes x N),
-``steps_accuracy_auto.csv`` (the steps="auto" simulation),
+Outputs in ``--out``: ``steps_accuracy.csv`` (one row per collection x rule x nodes x N),
+``steps_accuracy_auto.csv`` (the steps="auto" simulation), ``steps_accuracy_estimate.csv``
+(the error estimate against the true error),
 ``steps_accuracy.png`` (the figure), ``steps_accuracy.md`` (tables and the
 conclusions, written from the numbers) and ``steps_accuracy.json`` (settings,
 per-pair values, timings).
 
 Data: Cranfield through ir_datasets, from the ``cran.tar.gz`` packaged with
-fastnig (placed in ``IR_DATASETS_HOME`` when it is not there); the optional
+fastnig (placed in ``IR_DATASETS_HOME`` when it is not there), MEDLINE from
+its packaged SMART files (model never trained on it: all 30 queries); the optional
 NFCorpus pairs read its TREC-style files from ``--data`` / ``$FASTNIG_DATA``
 (``nfcorpus/test.docs``, ...).  Caches (model, BM25 index,
 ir_datasets) go to ``--cache-dir`` (default ``$FASTNIG_CACHE`` or
@@ -53,18 +64,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RULES = ("left", "trapezoid")
+RULES = ("left", "trapezoid", "richardson")
+SUMMED = ("left", "trapezoid")   # accumulated by the op; richardson combines two trapezoid levels
 NODES = ("uniform", "chebyshev")
 PERCENTS = (0.1, 1.0)
-AUTO_TOLERANCES = (0.1, 0.05, 0.02, 0.01, 0.005)
+AUTO_TOLERANCES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder (default bench/results)")
-    p.add_argument("--quick", action="store_true", help="3 pairs, N = 4..32, reference N = 128 (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="2 + 2 pairs, N = 4..32, reference N = 128 (a smoke run)")
     p.add_argument("--pairs", type=int, default=16, help="relevant pairs of held-out Cranfield queries")
+    p.add_argument("--med-pairs", type=int, default=16, help="relevant MEDLINE pairs (packaged, out of domain)")
+    p.add_argument("--nodes", default="uniform,chebyshev", help="node sets compared (uniform always)")
     p.add_argument("--nfcorpus-pairs", type=int, default=0, help="relevant NFCorpus pairs to add (out of domain)")
     p.add_argument("--steps", default="4,8,16,32,64,128", help="N values compared (powers of 2)")
     p.add_argument("--reference", type=int, default=512, help="N of the trapezoid/uniform reference (power of 2)")
@@ -81,8 +95,9 @@ def parse_args(argv=None):
                    help="keep pairs the model does not score relevant (P(rel) <= 0.5)")
     args = p.parse_args(argv)
     if args.quick:
-        args.pairs, args.nfcorpus_pairs, args.steps, args.reference = 3, 0, "4,8,16,32", 128
+        args.pairs, args.med_pairs, args.nfcorpus_pairs, args.steps, args.reference = 2, 2, 0, "4,8,16,32", 128
     args.steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
+    args.nodes = [n for n in NODES if n == "uniform" or n in str(args.nodes).split(",")]
     for n in args.steps + [args.reference]:
         if n < 1 or n & (n - 1):
             p.error(f"steps and --reference must be powers of 2 (nested node sets), got {n}")
@@ -157,7 +172,7 @@ def nested_nig(model, tokenizer, pair, family, n_max, levels, step_batch, max_le
     lengths = enc.lengths
     mask = enc.attention_mask
     types = enc.token_type_ids
-    keys = [(n, r) for n in levels for r in RULES]
+    keys = [(n, r) for n in levels for r in SUMMED]
     out = {k: {name: torch.zeros(1, m.out_features, dtype=torch.float32) for name, m in modules.items()}
            for k in keys}
     carries = {k: {} for k in keys}
@@ -173,7 +188,7 @@ def nested_nig(model, tokenizer, pair, family, n_max, levels, step_batch, max_le
                 continue
             index = torch.tensor(idx)
             a_sub, g_sub = a4.index_select(1, index), g4.index_select(1, index)
-            for rule in RULES:
+            for rule in SUMMED:
                 key = (n, rule)
                 carry = carry_store[key].get(name) if name is not None else input_carry[key]
                 if carry is None:
@@ -227,12 +242,10 @@ def nested_nig(model, tokenizer, pair, family, n_max, levels, step_batch, max_le
 
 def engine_check(model, tokenizer, pair, nested, family, n, max_length):
     """Max |difference| between the nested accumulation and fastnig.attribute at N = n, relative to max |NIG|."""
-    import torch
-
     import fastnig
 
     worst = 0.0
-    for rule in RULES:
+    for rule in (RULES if family == "uniform" else SUMMED):
         att = fastnig.attribute(model, [pair], tokenizer=tokenizer, steps=n, rule=rule, nodes=family,
                                 max_length=max_length, progress=False)
         ours = nested[(n, rule)]["scores"]
@@ -267,9 +280,27 @@ def mean_scores(per_pair, pick):
     return {m: v / len(per_pair) for m, v in total.items()}
 
 
-def steps_to_reach(rows, rule, nodes, column, target):
+def add_richardson(nested, levels):
+    """Adds ``(N, "richardson")`` = (4 T_N - T_{N/2}) / 3 to a uniform ``nested_nig`` result wherever
+    N / 2 is a level too; returns ``{N: {module: |T_N - T_{N/2}| / 3}}``, the per-neuron error estimates."""
+    from fastnig.quadrature import error_estimate, richardson
+
+    estimates = {}
+    for n in levels:
+        if n % 2 or n // 2 not in levels:
+            continue
+        fine, coarse = nested[(n, "trapezoid")], nested[(n // 2, "trapezoid")]
+        nested[(n, "richardson")] = {
+            "scores": {m: richardson(v, coarse["scores"][m]) for m, v in fine["scores"].items()},
+            "input": richardson(fine["input"], coarse["input"])}
+        estimates[n] = {m: error_estimate(v, coarse["scores"][m]) for m, v in fine["scores"].items()}
+    return estimates
+
+
+def steps_to_reach(rows, dataset, rule, nodes, column, target):
     """Smallest N whose value reaches ``target`` and stays there for every larger N."""
-    mine = sorted((r for r in rows if r["rule"] == rule and r["nodes"] == nodes), key=lambda r: r["steps"])
+    mine = sorted((r for r in rows if r["dataset"] == dataset and r["rule"] == rule and r["nodes"] == nodes),
+                  key=lambda r: r["steps"])
     best = None
     for r in reversed(mine):
         if r[column] >= target:
@@ -277,6 +308,112 @@ def steps_to_reach(rows, rule, nodes, column, target):
         else:
             break
     return best
+
+
+def quantile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def accuracy_rows(results, info, members, dataset, sizes, ref_key, levels_of, nodes_list):
+    """One row per (rule, nodes, N) for the pairs ``members`` of one collection."""
+    ref_sets = top_sets(mean_scores(members, lambda i: results[members[i]][ref_key]["scores"]), sizes, PERCENTS)
+    rows = []
+    for rule in RULES:
+        for nodes in nodes_list:
+            for n in levels_of[nodes]:
+                key = (nodes, n, rule)
+                if key not in results[members[0]]:
+                    continue
+                sets = top_sets(mean_scores(members, lambda i: results[members[i]][key]["scores"]), sizes, PERCENTS)
+                rels = [rel_delta(results[i][key]["input"], info[i]) for i in members]
+                rows.append({"dataset": dataset, "rule": rule, "nodes": nodes, "steps": n, "points": n + 1,
+                             "median_rel_delta": statistics.median(rels), "p90_rel_delta": quantile(rels, 0.9),
+                             "max_rel_delta": max(rels),
+                             "median_rel_l1": statistics.median(rel_l1(results[i][key], results[i][ref_key])
+                                                                for i in members),
+                             "overlap_top0.1": sets[0.1].overlap(ref_sets[0.1]),
+                             "overlap_top1": sets[1.0].overlap(ref_sets[1.0])})
+    return rows
+
+
+def rel_l1(result, reference):
+    """Σ_neurons |NIG - NIG_ref| / Σ_neurons |NIG_ref| of one pair (all modules)."""
+    diff = sum(float((v - reference["scores"][m]).abs().sum()) for m, v in result["scores"].items())
+    return diff / sum(float(v.abs().sum()) for v in reference["scores"].values())
+
+
+def rel_delta(input_nig, info):
+    moved = info["f_input"] - info["f_baseline"]
+    return abs(input_nig - moved) / abs(moved)
+
+
+def estimate_rows(results, estimates, members, dataset, reference_n):
+    """How well |T_N - T_{N/2}| / 3 estimates T_N's error |T_N - T_ref| (N <= reference / 4, so that the
+    reference's own error is at most 1/16 of it); medians over the collection's pairs."""
+    import torch
+
+    rows = []
+    for n in sorted(estimates[members[0]]):
+        if 4 * n > reference_n:
+            continue
+        ratio_all, ratio_top, within2, conservative = [], [], [], []
+        for i in members:
+            ref = torch.cat([v for v in results[i][("uniform", reference_n, "trapezoid")]["scores"].values()])
+            fine = torch.cat([v for v in results[i][("uniform", n, "trapezoid")]["scores"].values()])
+            rich = torch.cat([v for v in results[i][("uniform", n, "richardson")]["scores"].values()])
+            est = torch.cat([v for v in estimates[i][n].values()]).double()
+            true = (fine - ref).abs().double()
+            top = ref.abs().topk(max(1, round(0.01 * ref.numel()))).indices
+            ratio_all.append(float(est.sum() / true.sum().clamp_min(1e-30)))
+            ratio_top.append(float(est[top].sum() / true[top].sum().clamp_min(1e-30)))
+            q = est[top] / true[top].clamp_min(1e-30)
+            within2.append(float(((q >= 0.5) & (q <= 2)).double().mean()))
+            conservative.append(float(est[top].sum() / (rich - ref).abs().double()[top].sum().clamp_min(1e-30)))
+        rows.append({"dataset": dataset, "steps": n, "est_over_true_l1_all": statistics.median(ratio_all),
+                     "est_over_true_l1_top1": statistics.median(ratio_top),
+                     "within_2x_top1": 100 * statistics.median(within2),
+                     "est_over_richardson_error_top1": statistics.median(conservative)})
+    return rows
+
+
+def auto_rows_for(results, estimates, info, members, dataset, sizes, ref_sets, levels):
+    """The steps="auto" simulation for one collection: per rule, stopping test and tolerance."""
+    import torch
+
+    from fastnig.quadrature import auto_converged, top_error
+
+    cost = {n: sum(m + 1 for m in levels if m <= n) for n in levels}  # every level is a fresh run
+    rows = []
+    for rule in RULES:
+        for stop in (("delta", "delta+neurons") if rule == "richardson" else ("delta",)):
+            for tol in AUTO_TOLERANCES:
+                chosen = []
+                for i in members:
+                    f_in, f_b = torch.tensor([info[i]["f_input"]]), torch.tensor([info[i]["f_baseline"]])
+
+                    def done(n):
+                        r = results[i][("uniform", n, rule)]
+                        err = None
+                        if stop == "delta+neurons":
+                            err = top_error({m: v.unsqueeze(0) for m, v in r["scores"].items()},
+                                            {m: v.unsqueeze(0) for m, v in estimates[i][n].items()})
+                        delta = torch.tensor([r["input"] - (info[i]["f_input"] - info[i]["f_baseline"])])
+                        return bool(auto_converged(delta, f_in, f_b, tol, err)[0])
+
+                    chosen.append(next((n for n in levels if done(n)), levels[-1]))
+                pick = dict(zip(members, chosen))
+                sets = top_sets(mean_scores(members, lambda j: results[members[j]][("uniform", pick[members[j]],
+                                                                                     rule)]["scores"]),
+                                sizes, PERCENTS)
+                rows.append({"dataset": dataset, "rule": rule, "stop": stop, "tolerance": tol,
+                             "max_steps": levels[-1], "mean_steps": statistics.mean(chosen),
+                             "mean_points": statistics.mean(cost[n] for n in chosen), "max_steps_used": max(chosen),
+                             "median_rel_delta": statistics.median(
+                                 rel_delta(results[i][("uniform", pick[i], rule)]["input"], info[i]) for i in members),
+                             "overlap_top0.1": sets[0.1].overlap(ref_sets[0.1]),
+                             "overlap_top1": sets[1.0].overlap(ref_sets[1.0])})
+    return rows
 
 
 # ------------------------------------------------------------------ output
@@ -289,7 +426,15 @@ def _write_csv(path, rows, cols):
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
 
 
-def write_outputs(out, args, rows, auto_rows, per_pair_info, timings, check, model_info, reference_n):
+ROW_COLUMNS = ["dataset", "rule", "nodes", "steps", "points", "median_rel_delta", "p90_rel_delta", "max_rel_delta",
+               "median_rel_l1", "overlap_top0.1", "overlap_top1"]
+AUTO_COLUMNS = ["dataset", "rule", "stop", "tolerance", "max_steps", "mean_steps", "mean_points", "max_steps_used",
+                "median_rel_delta", "overlap_top0.1", "overlap_top1"]
+ESTIMATE_COLUMNS = ["dataset", "steps", "est_over_true_l1_all", "est_over_true_l1_top1", "within_2x_top1",
+                    "est_over_richardson_error_top1"]
+
+
+def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, check, model_info, reference_n):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,37 +442,47 @@ def write_outputs(out, args, rows, auto_rows, per_pair_info, timings, check, mod
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "steps_accuracy.csv", rows,
-               ["rule", "nodes", "steps", "points", "median_rel_delta", "p90_rel_delta", "max_rel_delta",
-                "overlap_top0.1", "overlap_top1"])
-    _write_csv(out / "steps_accuracy_auto.csv", auto_rows,
-               ["rule", "nodes", "tolerance", "max_steps", "mean_steps", "max_steps_used", "median_rel_delta",
-                "overlap_top0.1", "overlap_top1"])
+    _write_csv(out / "steps_accuracy.csv", rows, ROW_COLUMNS)
+    _write_csv(out / "steps_accuracy_auto.csv", auto_rows, AUTO_COLUMNS)
+    _write_csv(out / "steps_accuracy_estimate.csv", estimate, ESTIMATE_COLUMNS)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = {("left", "uniform"): ("tab:blue", "-o"), ("left", "chebyshev"): ("tab:blue", "--s"),
-              ("trapezoid", "uniform"): ("tab:red", "-o"), ("trapezoid", "chebyshev"): ("tab:red", "--s")}
-    for (rule, nodes), (color, style) in styles.items():
-        mine = [r for r in rows if r["rule"] == rule and r["nodes"] == nodes and r["steps"] < reference_n]
-        xs = [r["steps"] for r in mine]
-        label = f"{rule}, {nodes}"
-        axes[0].loglog(xs, [max(r["median_rel_delta"], 1e-9) for r in mine], style, color=color, label=label)
-        axes[1].semilogx(xs, [r["overlap_top0.1"] for r in mine], style, color=color, label=label)
-        axes[2].semilogx(xs, [r["overlap_top1"] for r in mine], style, color=color, label=label)
-    axes[0].set_title("median |delta| / |F(x) - F(x')|")
-    axes[1].set_title(f"top 0.1 % overlap with N={reference_n} trapezoid (%)")
-    axes[2].set_title(f"top 1 % overlap with N={reference_n} trapezoid (%)")
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    colors = {"left": "tab:blue", "trapezoid": "tab:red", "richardson": "tab:green"}
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    markers = ["o", "s", "^", "D"]
+    for d, dataset in enumerate(datasets):
+        for rule, color in colors.items():
+            for nodes in NODES:
+                mine = [r for r in rows if r["dataset"] == dataset and r["rule"] == rule and r["nodes"] == nodes
+                        and r["steps"] < reference_n]
+                if not mine:
+                    continue
+                xs = [r["points"] for r in mine]
+                style = ("-" if nodes == "uniform" else ":") + markers[d % len(markers)]
+                label = f"{rule}{'' if nodes == 'uniform' else ', ' + nodes}, {dataset}"
+                axes[0].loglog(xs, [max(r["median_rel_delta"], 1e-9) for r in mine], style, color=color,
+                               label=label, alpha=1 if d == 0 else 0.6)
+                axes[1].loglog(xs, [max(r["median_rel_l1"], 1e-9) for r in mine], style, color=color, label=label,
+                               alpha=1 if d == 0 else 0.6)
+                axes[2].semilogx(xs, [r["overlap_top0.1"] for r in mine], style, color=color, label=label,
+                                 alpha=1 if d == 0 else 0.6)
+                axes[3].semilogx(xs, [r["overlap_top1"] for r in mine], style, color=color, label=label,
+                                 alpha=1 if d == 0 else 0.6)
+    axes[0].set_title("input side: median |delta| / |F(x) - F(x')|")
+    axes[1].set_title(f"neurons: median rel. L1 error vs N={reference_n}")
+    axes[2].set_title(f"top 0.1 % overlap with N={reference_n} trapezoid (%)")
+    axes[3].set_title(f"top 1 % overlap with N={reference_n} trapezoid (%)")
     for ax in axes:
-        ax.set_xlabel("steps N (N + 1 path points)")
+        ax.set_xlabel("path points (N + 1 forward + backward passes)")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[1:]:
+    for ax in axes[2:]:
         ax.axhline(99, color="gray", lw=0.8, ls=":")
         ax.set_ylim(min(50, ax.get_ylim()[0]), 101)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"NIG accuracy vs steps — {model_info['name']}, {len(per_pair_info)} pairs, "
-                 f"max_length {args.max_length}", fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"NIG accuracy vs path points — {model_info['name']}, {len(per_pair_info)} pairs "
+                 f"({', '.join(datasets)}), max_length {args.max_length}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "steps_accuracy.png", dpi=120)
     plt.close(fig)
@@ -335,71 +490,10 @@ def write_outputs(out, args, rows, auto_rows, per_pair_info, timings, check, mod
     (out / "steps_accuracy.json").write_text(json.dumps({
         "settings": {k: v for k, v in vars(args).items()}, "model": model_info, "pairs": per_pair_info,
         "timings_s": timings, "engine_check_max_rel_diff": check, "rows": rows, "auto": auto_rows,
+        "estimate": estimate,
     }, indent=1))
-    (out / "steps_accuracy.md").write_text(markdown(args, rows, auto_rows, per_pair_info, timings, check,
+    (out / "steps_accuracy.md").write_text(markdown(args, rows, auto_rows, estimate, per_pair_info, timings, check,
                                                     model_info, reference_n))
-
-
-def _pct(v):
-    return "—" if v is None else f"{v:.1f}"
-
-
-def markdown(args, rows, auto_rows, pairs, timings, check, model_info, reference_n):
-    lines = [
-        "# NIG accuracy against the number of path steps",
-        "",
-        f"Produced by `python bench/steps_accuracy.py --out {args.out}{' --quick' if args.quick else ''}` "
-        f"({timings['total']:.0f} s on this machine, {args.threads} torch threads"
-        + (f"; 1-min load average {timings['load_start']:.1f} at the start, {timings['load_end']:.1f} at the end: "
-           "the 2 cores were shared with other jobs" if "load_start" in timings else "") + ").",
-        "",
-        f"- Model: {model_info['name']} (fine-tuned on {model_info['train_queries']} Cranfield training "
-        f"queries; held-out nDCG@10 {model_info.get('ndcg', '—')}).",
-        f"- Pairs: {len(pairs)} relevant pairs "
-        f"({', '.join(f'{n} {d}' for d, n in _count(pairs).items())}), held-out queries, "
-        f"{'all' if args.no_agreement_filter else 'model agrees (P(rel) > 0.5)'}; target relevant, F = P(rel), "
-        f"baseline pad, max_length {args.max_length}; median tokens "
-        f"{statistics.median(p['num_tokens'] for p in pairs):.0f}; median F(x) - F(x') "
-        f"{statistics.median(p['f_input'] - p['f_baseline'] for p in pairs):.3f}.",
-        f"- Reference: trapezoid, uniform, N = {reference_n}. Neurons: {model_info['neurons']} "
-        f"(top 0.1 % = {model_info['top0.1']} neurons, top 1 % = {model_info['top1']}), ranked by the mean NIG "
-        "over the pairs, signed, as `Scheme.top` does.",
-        f"- Every N is accumulated from nested nodes of one pass by the engine's fused op; on the first pair it "
-        f"matches `fastnig.attribute(steps=16)` for all four (rule, nodes) to {check:.1e} of max |NIG|.",
-        "",
-        "## Accuracy per (rule, nodes, N)",
-        "",
-        "| rule | nodes | N | median rel. delta | p90 rel. delta | top 0.1 % overlap | top 1 % overlap |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['rule']} | {r['nodes']} | {r['steps']} | {r['median_rel_delta']:.2e} | "
-                     f"{r['p90_rel_delta']:.2e} | {r['overlap_top0.1']:.1f} | {r['overlap_top1']:.1f} |")
-    lines += ["", "## Steps needed for 99 % overlap with the reference", "",
-              "Smallest N from which the overlap stays ≥ 99 % for every larger N computed "
-              f"(— = not reached; uniform nodes go up to N = {reference_n}, Chebyshev up to N = {max(args.steps)}).", "",
-              "| rule | nodes | top 0.1 % | top 1 % | median rel. delta ≤ 1 % from N |", "|---|---|---:|---:|---:|"]
-    need = {}
-    for rule in RULES:
-        for nodes in NODES:
-            a = steps_to_reach(rows, rule, nodes, "overlap_top0.1", 99.0)
-            b = steps_to_reach(rows, rule, nodes, "overlap_top1", 99.0)
-            mine = sorted((r for r in rows if r["rule"] == rule and r["nodes"] == nodes), key=lambda r: r["steps"])
-            c = next((r["steps"] for r in mine if r["median_rel_delta"] <= 0.01), None)
-            need[(rule, nodes)] = (a, b)
-            lines.append(f"| {rule} | {nodes} | {a or '—'} | {b or '—'} | {c or '—'} |")
-    lines += ["", "## steps=\"auto\" (simulated from the same passes)", "",
-              "Per pair: N = 16, 32, ... until |delta| ≤ tolerance · max(|F(x) − F(x')|, 0.01), as "
-              "`fastnig.attribute(steps=\"auto\")` does, capped at max_steps.", "",
-              "| rule | nodes | tolerance | max_steps | mean N | max N | median rel. delta | top 0.1 % | top 1 % |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in auto_rows:
-        lines.append(f"| {r['rule']} | {r['nodes']} | {r['tolerance']:g} | {r['max_steps']} | {r['mean_steps']:.1f} | "
-                     f"{r['max_steps_used']} | {r['median_rel_delta']:.2e} | {r['overlap_top0.1']:.1f} | "
-                     f"{r['overlap_top1']:.1f} |")
-    lines += ["", "## Conclusions", ""] + conclusions(rows, auto_rows, need, reference_n, args.steps)
-    lines += ["", "![steps accuracy](steps_accuracy.png)", ""]
-    return "\n".join(lines)
 
 
 def _count(pairs):
@@ -409,56 +503,147 @@ def _count(pairs):
     return counts
 
 
-def conclusions(rows, auto_rows, need, reference_n, steps):
-    """Recommendations written from the measured numbers (rules of thumb stated explicitly)."""
-    def cost(key):
-        a, b = need[key]
-        return (max(a or 10 ** 9, b or 10 ** 9), a or 10 ** 9)
+def points_needed(rows, datasets, nodes_list):
+    """{(rule, nodes): {dataset: (N for 99 % of the top 0.1 %, of the top 1 %)}}."""
+    need = {}
+    for rule in RULES:
+        for nodes in nodes_list:
+            if not any(r["rule"] == rule and r["nodes"] == nodes for r in rows):
+                continue
+            need[(rule, nodes)] = {d: (steps_to_reach(rows, d, rule, nodes, "overlap_top0.1", 99.0),
+                                       steps_to_reach(rows, d, rule, nodes, "overlap_top1", 99.0))
+                                   for d in datasets}
+    return need
 
-    ranked = sorted(need, key=cost)
-    best = ranked[0]
+
+def markdown(args, rows, auto_rows, estimate, pairs, timings, check, model_info, reference_n):
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    nodes_list = list(dict.fromkeys(r["nodes"] for r in rows))
+    command = (f"python bench/steps_accuracy.py --out {args.out} --pairs {args.pairs} --med-pairs {args.med_pairs} "
+               f"--nodes {','.join(args.nodes)} --reference {reference_n} --max-length {args.max_length}"
+               + (" --quick" if args.quick else ""))
+    lines = [
+        "# NIG accuracy against the number of path points",
+        "",
+        f"Produced by `{command}` ({timings['total']:.0f} s on this machine, {args.threads} torch threads"
+        + (f"; 1-min load average {timings['load_start']:.1f} at the start, {timings['load_end']:.1f} at the end: "
+           "the 2 cores were shared with other jobs" if "load_start" in timings else "") + ").",
+        "",
+        f"- Model: {model_info['name']} (fine-tuned on {model_info['train_queries']} Cranfield training "
+        f"queries; held-out nDCG@10 {model_info.get('ndcg', '—')}).",
+        f"- Pairs: {len(pairs)} relevant pairs "
+        f"({', '.join(f'{n} {d}' for d, n in _count(pairs).items())}; Cranfield: held-out queries), "
+        f"{'all' if args.no_agreement_filter else 'model agrees (P(rel) > 0.5)'}; target relevant, F = P(rel), "
+        f"baseline pad, max_length {args.max_length}; median tokens "
+        f"{statistics.median(p['num_tokens'] for p in pairs):.0f}; median F(x) - F(x') "
+        f"{statistics.median(p['f_input'] - p['f_baseline'] for p in pairs):.3f}.",
+        f"- Reference: trapezoid, uniform, N = {reference_n}. Neurons: {model_info['neurons']} "
+        f"(top 0.1 % = {model_info['top0.1']} neurons, top 1 % = {model_info['top1']}), ranked by the mean NIG "
+        "over each collection's pairs, signed, as `Scheme.top` does.",
+        f"- Every N is accumulated from nested nodes of one pass by the engine's fused op, and R_N = "
+        f"(4 T_N − T_N/2) / 3 from two of them; on the first pair this matches `fastnig.attribute(steps=16)` "
+        f"for every rule and node set to {check:.1e} of max |NIG|.",
+        "",
+        "## Path points needed for 99 % overlap with the reference",
+        "",
+        "Smallest N from which the overlap of the top set stays ≥ 99 % for every larger N computed "
+        f"(— = not reached; uniform nodes up to N = {reference_n}); cost = N + 1 path points (forward + backward) "
+        "for every rule.",
+        "",
+        "| rule | nodes | " + " | ".join(f"{d}: top 0.1 % | {d}: top 1 %" for d in datasets) + " |",
+        "|---|---|" + "---:|---:|" * len(datasets),
+    ]
+    need = points_needed(rows, datasets, nodes_list)
+    for (rule, nodes), per in need.items():
+        lines.append(f"| {rule} | {nodes} | " + " | ".join(
+            f"{a or '—'} | {b or '—'}" for a, b in (per[d] for d in datasets)) + " |")
+    lines += ["", "## Accuracy per (collection, rule, nodes, N)", "",
+              "Rel. L1 = Σ over all neurons |NIG − NIG_ref| / Σ |NIG_ref| per pair (median over pairs).", "",
+              "| collection | rule | nodes | N | median rel. delta | p90 rel. delta | median rel. L1 | "
+              "top 0.1 % overlap | top 1 % overlap |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['rule']} | {r['nodes']} | {r['steps']} | {r['median_rel_delta']:.2e} | "
+                     f"{r['p90_rel_delta']:.2e} | {r['median_rel_l1']:.2e} | {r['overlap_top0.1']:.1f} | "
+                     f"{r['overlap_top1']:.1f} |")
+    lines += ["", "## The per-neuron error estimate |T_N − T_N/2| / 3", "",
+              "Against T_N's true error |T_N − T_ref| (medians over pairs): the ratio of the L1 sums over all "
+              "neurons and over each pair's top 1 % (by |NIG| of the reference; 1 = exact), the % of those top "
+              "neurons whose estimate is within a factor 2 of the truth, and the estimate over R_N's own error "
+              "(> 1: conservative for R_N).", "",
+              "| collection | N | est / true, all | est / true, top 1 % | within 2×, top 1 % | "
+              "est / R_N error, top 1 % |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in estimate:
+        lines.append(f"| {r['dataset']} | {r['steps']} | {r['est_over_true_l1_all']:.2f} | "
+                     f"{r['est_over_true_l1_top1']:.2f} | {r['within_2x_top1']:.0f} | "
+                     f"{r['est_over_richardson_error_top1']:.1f} |")
+    lines += ["", "## steps=\"auto\" (simulated from the same passes)", "",
+              "Per pair: N = 16, 32, ... capped at max_steps, until "
+              "|delta| ≤ tolerance · max(|F(x) − F(x')|, 0.01) (stop = delta) and, for delta+neurons, also the "
+              "estimated relative L1 error of the pair's top 1 % neurons ≤ tolerance — "
+              "`fastnig.attribute(steps=\"auto\", rule=\"richardson\")`. Each level is a fresh run: a pair "
+              "stopping at N costs 17 + 33 + ... + (N + 1) points (mean points).", "",
+              "| collection | rule | stop | tolerance | mean N | max N | mean points | median rel. delta | top 0.1 % | "
+              "top 1 % |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in auto_rows:
+        lines.append(f"| {r['dataset']} | {r['rule']} | {r['stop']} | {r['tolerance']:g} | {r['mean_steps']:.1f} | "
+                     f"{r['max_steps_used']} | {r['mean_points']:.1f} | {r['median_rel_delta']:.2e} | "
+                     f"{r['overlap_top0.1']:.1f} | {r['overlap_top1']:.1f} |")
+    lines += ["", "## Conclusions", ""] + conclusions(rows, auto_rows, need, datasets)
+    lines += ["", "![steps accuracy](steps_accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+AUTO_BEFORE = ("trapezoid", "delta", 0.01)       # steps="auto" before issue 16: rule, stopping test, tolerance
+AUTO_NOW = ("richardson", "delta+neurons", 0.05)  # and now (fastnig.attribute's defaults)
+
+
+def equivalent_trapezoid_n(rows, dataset, error):
+    """The trapezoid N whose median rel. L1 error would be ``error``: log-log interpolation between the
+    measured levels that bracket it (None outside them; the reference level itself is left out)."""
+    trap = sorted(((r["steps"], r["median_rel_l1"]) for r in rows if r["dataset"] == dataset
+                   and r["rule"] == "trapezoid" and r["nodes"] == "uniform" and r["median_rel_l1"] > 0))
+    for (n1, e1), (n2, e2) in zip(trap, trap[1:]):
+        if e1 >= error >= e2 and e1 > e2:
+            return n1 * math.exp(math.log(error / e1) / math.log(e2 / e1) * math.log(n2 / n1))
+    return None
+
+
+def conclusions(rows, auto_rows, need, datasets):
+    """Recommendations written from the measured numbers (rules of thumb stated explicitly)."""
+    def worst(key):  # N needed for both sets on every collection (10**9 = not reached)
+        return max((n or 10 ** 9) for pair in need[key].values() for n in pair)
+
     out = []
-    for key in ranked:
-        a, b = need[key]
-        top = reference_n if key[1] == "uniform" else max(steps)
-        out.append(f"- {key[0]} + {key[1]}: 99 % overlap of the top 0.1 % set from N = "
-                   f"{a or f'(not reached up to {top})'}, of the top 1 % set from N = {b or f'(not reached up to {top})'}.")
-    at = {(r["rule"], r["nodes"], r["steps"]): r for r in rows}
-    ratios = [(n, at[("left", "uniform", n)]["median_rel_delta"] / max(at[("trapezoid", "uniform", n)]["median_rel_delta"], 1e-12))
-              for n in (32, max(steps)) if ("left", "uniform", n) in at and ("trapezoid", "uniform", n) in at]
-    if ratios:
-        out.append("- Median relative delta of left / trapezoid (uniform nodes): "
-                   + ", ".join(f"{r:.0f}× at N = {n}" for n, r in dict(ratios).items())
-                   + ". Trapezoid costs nothing more: the same N + 1 evaluations.")
-    cheb = [(n, at[("trapezoid", "chebyshev", n)], at[("trapezoid", "uniform", n)]) for n in steps
-            if ("trapezoid", "chebyshev", n) in at and ("trapezoid", "uniform", n) in at]
-    worse = [n for n, c, u in cheb if c["median_rel_delta"] > u["median_rel_delta"]]
-    if cheb:
-        verdict = "do not pay here" if 2 * len(worse) > len(cheb) else "pay here"
-        out.append(f"- Chebyshev–Lobatto nodes (denser at both ends of the path) {verdict}: with the trapezoid "
-                   f"rule their median relative delta is larger than uniform nodes' at {len(worse)} of {len(cheb)} "
-                   f"N values; 99 % overlap (top 0.1 % / 1 %) from N = {need[('trapezoid', 'chebyshev')][0] or '—'} / "
-                   f"{need[('trapezoid', 'chebyshev')][1] or '—'} against {need[('trapezoid', 'uniform')][0] or '—'} / "
-                   f"{need[('trapezoid', 'uniform')][1] or '—'} with uniform nodes.")
-    out.append(f"- **Recommended default: rule=\"{best[0]}\", nodes=\"{best[1]}\"** (fewest steps to 99 % overlap "
-               "of both sets; ties broken by the top 0.1 % set).")
-    mine = sorted((r for r in auto_rows if r["rule"] == best[0] and r["nodes"] == best[1]),
-                  key=lambda r: r["tolerance"])
-    if mine:
-        tightest = mine[0]
-        target = (tightest["overlap_top0.1"], tightest["overlap_top1"])
-        same = [r for r in mine if (r["overlap_top0.1"], r["overlap_top1"]) >= target]
-        pick = max(same, key=lambda r: r["tolerance"])
-        current = next((r for r in mine if r["tolerance"] == 0.01), None)
-        note = "" if current is None or current is pick else (
-            f"; the engine's current default 0.01 gives {current['overlap_top0.1']:.1f} / "
-            f"{current['overlap_top1']:.1f} % at mean N = {current['mean_steps']:.1f}")
-        ok = pick["overlap_top0.1"] >= 99 and pick["overlap_top1"] >= 99
-        out.append(f"- **Recommended steps=\"auto\" tolerance: {pick['tolerance']:g}** with {best[0]} + {best[1]}: "
-                   f"the loosest tolerance that keeps the overlap of the tightest one tried "
-                   f"({tightest['tolerance']:g}): {pick['overlap_top0.1']:.1f} % (top 0.1 %) and "
-                   f"{pick['overlap_top1']:.1f} % (top 1 %) at mean N = {pick['mean_steps']:.1f}, at most "
-                   f"{pick['max_steps_used']}{note}." + ("" if ok else " It stays below 99 %: prefer fixed steps."))
+    for key in sorted(need, key=lambda k: (worst(k), RULES.index(k[0]))):
+        n = worst(key)
+        out.append(f"- {key[0]} + {key[1]}: 99 % overlap of both top sets on every collection from N = "
+                   + (f"{n} ({n + 1} points)." if n < 10 ** 9 else "(not reached)."))
+    rich = sorted({r["steps"] for r in rows if r["rule"] == "richardson" and r["steps"] >= 8})
+    equivalent = {}
+    for n in rich:
+        found = [equivalent_trapezoid_n(rows, d, next(r["median_rel_l1"] for r in rows if r["dataset"] == d
+                                                      and r["rule"] == "richardson" and r["steps"] == n))
+                 for d in datasets]
+        if all(found):
+            equivalent[n] = min(found)
+            out.append(f"- Neuron accuracy: R_{n} ({n + 1} points) has the median rel. L1 error of the trapezoid "
+                       f"rule at N ≈ " + " / ".join(f"{f:.0f}" for f in found) + f" ({' / '.join(datasets)}; "
+                       "log-log interpolation between measured N).")
+    default = next((n for n in rich if equivalent.get(n, 0) >= 90), None)
+    if default is not None:
+        excess = max((100 / equivalent[default]) ** 2 - 1, 0)  # the trapezoid's error goes as 1/N²
+        out.append(f"- **Recommended default: rule=\"richardson\", steps={default}** ({default + 1} points): "
+                   f"as accurate on the neurons as the trapezoid rule at N ≈ {equivalent[default]:.0f} (the least "
+                   f"over the collections: an error at most {100 * excess:.0f} % above that of the previous default, "
+                   f"trapezoid N = 100, 101 points), {101 / (default + 1):.1f}× cheaper for the same answer.")
+    for label, (rule, stop, tol) in (("before", AUTO_BEFORE), ("now", AUTO_NOW)):
+        mine = [r for r in auto_rows if r["rule"] == rule and r["stop"] == stop and r["tolerance"] == tol]
+        if mine:
+            out.append(f"- steps=\"auto\" {label} ({rule}, stop on {stop}, tolerance {tol:g}): mean points "
+                       + " / ".join(f"{r['mean_points']:.1f}" for r in mine) + ", top 0.1 % / 1 % overlap "
+                       + ", ".join(f"{r['overlap_top0.1']:.1f} / {r['overlap_top1']:.1f}" for r in mine)
+                       + f" ({' / '.join(r['dataset'] for r in mine)}).")
     return out
 
 
@@ -468,8 +653,8 @@ def replot(path: Path, args) -> None:
     saved = json.loads(path.read_text())
     settings = argparse.Namespace(**saved["settings"])
     settings.out = args.out
-    write_outputs(Path(args.out), settings, saved["rows"], saved["auto"], saved["pairs"], saved["timings_s"],
-                  saved["engine_check_max_rel_diff"], saved["model"], settings.reference)
+    write_outputs(Path(args.out), settings, saved["rows"], saved["auto"], saved["estimate"], saved["pairs"],
+                  saved["timings_s"], saved["engine_check_max_rel_diff"], saved["model"], settings.reference)
     print((Path(args.out) / "steps_accuracy.md").read_text())
 
 
@@ -513,6 +698,10 @@ def main(argv=None):
     agree = not args.no_agreement_filter
     pairs = [("cranfield", p) for p in select_pairs(model, tokenizer, cranfield, test_ids, args.pairs, args.seed,
                                                      args.max_length, agree, "cranfield")]
+    if args.med_pairs:
+        med = load_collection("med")
+        pairs += [("med", p) for p in select_pairs(model, tokenizer, med, list(med.queries()), args.med_pairs,
+                                                   args.seed, args.max_length, agree, "med")]
     if args.nfcorpus_pairs:
         nf = data / "nfcorpus"
         nfc = load_collection("trec", docs_tsv=str(nf / "test.docs"), queries_tsv=str(nf / "test.all.queries"),
@@ -520,13 +709,16 @@ def main(argv=None):
         pairs += [("nfcorpus", p) for p in select_pairs(model, tokenizer, nfc, list(nfc.queries()),
                                                          args.nfcorpus_pairs, args.seed, args.max_length, agree,
                                                          "nfcorpus")]
-    print(f"[steps_accuracy] {len(pairs)} pairs; reference N={args.reference}; N={args.steps}", flush=True)
+    print(f"[steps_accuracy] {len(pairs)} pairs; reference N={args.reference}; N={args.steps}; "
+          f"nodes {args.nodes}", flush=True)
 
-    uniform_levels = sorted(set(args.steps) | {16 * 2 ** i for i in range(10) if 16 * 2 ** i <= args.reference}
-                            | {args.reference})
+    uniform_levels = sorted(set(args.steps) | {n // 2 for n in args.steps if n > 1}
+                            | {16 * 2 ** i for i in range(10) if 16 * 2 ** i <= args.reference} | {args.reference})
     cheb_max = max(args.steps)
     cheb_levels = sorted(set(args.steps) | {16 * 2 ** i for i in range(10) if 16 * 2 ** i <= cheb_max})
+    levels_of = {"uniform": [n for n in uniform_levels if n in args.steps or n >= 16], "chebyshev": cheb_levels}
     results = []  # per pair: {(nodes, N, rule): {"scores", "input"}}
+    estimates = []  # per pair: {N: {module: |T_N - T_N/2| / 3}}
     per_pair_info = []
     check = float("nan")
     t0 = time.perf_counter()
@@ -534,73 +726,40 @@ def main(argv=None):
         t_pair = time.perf_counter()
         uni, f_in, f_b, ntok = nested_nig(model, tokenizer, p.text_pair, "uniform", args.reference, uniform_levels,
                                           args.step_batch, args.max_length)
-        cheb, f_in2, f_b2, _ = nested_nig(model, tokenizer, p.text_pair, "chebyshev", cheb_max, cheb_levels,
-                                          args.step_batch, args.max_length)
-        assert abs(f_in - f_in2) < 1e-5 and abs(f_b - f_b2) < 1e-5
+        estimates.append(add_richardson(uni, uniform_levels))
         merged = {("uniform",) + k: v for k, v in uni.items()}
-        merged.update({("chebyshev",) + k: v for k, v in cheb.items()})
+        if "chebyshev" in args.nodes:
+            cheb, f_in2, f_b2, _ = nested_nig(model, tokenizer, p.text_pair, "chebyshev", cheb_max, cheb_levels,
+                                              args.step_batch, args.max_length)
+            assert abs(f_in - f_in2) < 1e-5 and abs(f_b - f_b2) < 1e-5
+            merged.update({("chebyshev",) + k: v for k, v in cheb.items()})
         if i == 0:
-            check = max(engine_check(model, tokenizer, p.text_pair, uni, "uniform", 16, args.max_length),
-                        engine_check(model, tokenizer, p.text_pair, cheb, "chebyshev", 16, args.max_length))
+            check = engine_check(model, tokenizer, p.text_pair, uni, "uniform", 16, args.max_length)
+            if "chebyshev" in args.nodes:
+                check = max(check, engine_check(model, tokenizer, p.text_pair, cheb, "chebyshev", 16, args.max_length))
             print(f"[steps_accuracy] engine check: max rel diff {check:.2e}", flush=True)
         results.append(merged)
-        per_pair_info.append({"dataset": dataset, "query_id": p.query_id, "doc_id": p.doc_id,
-                              "num_tokens": ntok, "f_input": f_in, "f_baseline": f_b,
-                              "rel_delta": {f"{k[1]}/{k[0]}/{k[2]}": abs(v["input"] - (f_in - f_b)) / abs(f_in - f_b)
-                                            for k, v in merged.items()}})
-        print(f"[steps_accuracy] pair {i + 1}/{len(pairs)} ({ntok} tokens) in {time.perf_counter() - t_pair:.0f} s; "
-              f"F(x) - F(x') = {f_in - f_b:.3f}", flush=True)
+        info = {"dataset": dataset, "query_id": p.query_id, "doc_id": p.doc_id, "num_tokens": ntok,
+                "f_input": f_in, "f_baseline": f_b}
+        info["rel_delta"] = {f"{k[1]}/{k[0]}/{k[2]}": rel_delta(v["input"], info) for k, v in merged.items()}
+        per_pair_info.append(info)
+        print(f"[steps_accuracy] pair {i + 1}/{len(pairs)} ({dataset}, {ntok} tokens) in "
+              f"{time.perf_counter() - t_pair:.0f} s; F(x) - F(x') = {f_in - f_b:.3f}", flush=True)
     timings["attribution"] = time.perf_counter() - t0
 
-    def rel(i, key):
-        info = per_pair_info[i]
-        return abs(results[i][key]["input"] - (info["f_input"] - info["f_baseline"])) / \
-            abs(info["f_input"] - info["f_baseline"])
-
     ref_key = ("uniform", args.reference, "trapezoid")
-    ref_sets = top_sets(mean_scores(results, lambda i: results[i][ref_key]["scores"]), sizes, PERCENTS)
-    rows = []
-    for rule in RULES:
-        for nodes in NODES:
-            levels = uniform_levels if nodes == "uniform" else cheb_levels
-            for n in levels:
-                key = (nodes, n, rule)
-                sets = top_sets(mean_scores(results, lambda i: results[i][key]["scores"]), sizes, PERCENTS)
-                rels = sorted(rel(i, key) for i in range(len(results)))
-                rows.append({"rule": rule, "nodes": nodes, "steps": n, "points": n + 1,
-                             "median_rel_delta": statistics.median(rels),
-                             "p90_rel_delta": rels[min(len(rels) - 1, math.ceil(0.9 * len(rels)) - 1)],
-                             "max_rel_delta": rels[-1],
-                             "overlap_top0.1": sets[0.1].overlap(ref_sets[0.1]),
-                             "overlap_top1": sets[1.0].overlap(ref_sets[1.0])})
-
-    auto_rows = []
-    for rule in RULES:
-        for nodes in NODES:
-            max_steps = args.reference // 2 if nodes == "uniform" else cheb_max
-            levels = [n for n in (uniform_levels if nodes == "uniform" else cheb_levels) if 16 <= n <= max_steps]
-            if not levels:
-                continue
-            for tol in AUTO_TOLERANCES:
-                chosen = []
-                for i, info in enumerate(per_pair_info):
-                    moved = max(abs(info["f_input"] - info["f_baseline"]), 0.01)
-                    pick = next((n for n in levels
-                                 if abs(results[i][(nodes, n, rule)]["input"] - (info["f_input"] - info["f_baseline"]))
-                                 <= tol * moved), levels[-1])
-                    chosen.append(pick)
-                sets = top_sets(mean_scores(results, lambda i: results[i][(nodes, chosen[i], rule)]["scores"]),
-                                sizes, PERCENTS)
-                rels = [rel(i, (nodes, chosen[i], rule)) for i in range(len(results))]
-                auto_rows.append({"rule": rule, "nodes": nodes, "tolerance": tol, "max_steps": max_steps,
-                                  "mean_steps": statistics.mean(chosen), "max_steps_used": max(chosen),
-                                  "median_rel_delta": statistics.median(rels),
-                                  "overlap_top0.1": sets[0.1].overlap(ref_sets[0.1]),
-                                  "overlap_top1": sets[1.0].overlap(ref_sets[1.0])})
+    auto_levels = [n for n in uniform_levels if 16 <= n <= args.reference // 2]
+    rows, auto_rows, estimate = [], [], []
+    for dataset in dict.fromkeys(d for d, _ in pairs):
+        members = [i for i, (d, _) in enumerate(pairs) if d == dataset]
+        rows += accuracy_rows(results, per_pair_info, members, dataset, sizes, ref_key, levels_of, args.nodes)
+        estimate += estimate_rows(results, estimates, members, dataset, args.reference)
+        ref_sets = top_sets(mean_scores(members, lambda j: results[members[j]][ref_key]["scores"]), sizes, PERCENTS)
+        auto_rows += auto_rows_for(results, estimates, per_pair_info, members, dataset, sizes, ref_sets, auto_levels)
     timings["total"] = time.perf_counter() - t_start
     timings["load_start"], timings["load_end"] = load_start, os.getloadavg()[0]
     out = Path(args.out)
-    write_outputs(out, args, rows, auto_rows, per_pair_info, timings, check, model_info, args.reference)
+    write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, check, model_info, args.reference)
     print((out / "steps_accuracy.md").read_text())
 
 
