@@ -117,7 +117,7 @@ def top_error(scores: Dict[str, torch.Tensor], errors: Dict[str, torch.Tensor],
     Σ_top errors / Σ_top |scores|.
 
     ``scores`` and ``errors``: module name -> ``[P, features]``; the top set is
-    taken over all modules together (at least one neuron); 0 where the top scores are all 0.
+    taken over all modules together (at least one neuron); the denominator is kept above 0.
     """
     names = list(scores)
     values = torch.cat([scores[n].double() for n in names], dim=1).abs()
@@ -136,8 +136,7 @@ def auto_converged(delta: torch.Tensor, f_input: torch.Tensor, f_baseline: torch
     level: the top neurons' estimated relative L1 error) is given, also
     neuron_error <= tolerance.
     """
-    moved = (f_input - f_baseline).abs().clamp_min(AUTO_MOVED_FLOOR)
-    done = delta.abs() <= tolerance * moved
+    done = relative_delta(delta, f_input, f_baseline, floor=AUTO_MOVED_FLOOR) <= tolerance
     if neuron_error is not None:
-        done &= neuron_error.to(moved.dtype) <= tolerance
+        done &= neuron_error <= tolerance
     return done

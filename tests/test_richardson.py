@@ -15,7 +15,7 @@ from tiny_models import PAIRS
 
 
 def _two_runs(model, tokenizer, steps, **kwargs):
-    """(4 T_N - T_{N/2}) / 3 from two trapezoid runs: scores (and segment scores) and the input-side NIG."""
+    """T_N and T_{N/2}: two separate trapezoid runs with the same options."""
     fine = fastnig.attribute(model, PAIRS, tokenizer=tokenizer, steps=steps, rule="trapezoid", progress=False,
                              **kwargs)
     coarse = fastnig.attribute(model, PAIRS, tokenizer=tokenizer, steps=steps // 2, rule="trapezoid",
@@ -30,8 +30,8 @@ def _input_nig(att):
 @pytest.mark.parametrize("kwargs, rtol", [
     ({}, 1e-5),
     ({"step_batch": 6}, 1e-5),                      # 17 points -> chunks 0-5, 6-10, 11-16: one starts on odd 11
-    ({"step_batch": 4, "pair_batch": 3}, 1e-5),     # 0-3, 4-7, 8-12 (odd 13? no: 4 chunks), padded batches
-    ({"segments": True, "step_batch": 5}, 1e-5),    # 0-3, 4-7, 8-12, 13-16: starts on odd 13
+    ({"step_batch": 4, "pair_batch": 3}, 1e-5),     # chunks start at 0, 3, 7, 10, 14; padded pair batches
+    ({"segments": True, "step_batch": 5}, 1e-5),    # 0-3, 4-7, 8-12, 13-16: one starts on odd 13
     ({"dtype": torch.bfloat16, "step_batch": 6}, 2e-2),
 ], ids=["one-chunk", "odd-chunk", "pair-batch", "segments", "bf16"])
 def test_one_pass_equals_two_trapezoid_runs(tiny_bert, tokenizer, kwargs, rtol):
