@@ -36,7 +36,7 @@ from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, chec
 from .first_token import first_token_only
 from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
-from .quadrature import (NODES, auto_converged, auto_step_levels, check_rule, error_estimate, kernel_rule,
+from .quadrature import (DEFAULT_RULE, DEFAULT_STEPS, NODES, auto_converged, auto_step_levels, check_rule, error_estimate, kernel_rule,
                          path_nodes, relative_delta, richardson, top_error, uses_coarse)
 from .segments import SEGMENTS  # Attributions.segment_scores' dim 1, EncodedPairs.segments' ids
 
@@ -297,7 +297,7 @@ def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, o
 
 
 def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target: TargetSpec = "relevant",
-              baseline: str = "pad", steps: int = 32, rule: str = "richardson",
+              baseline: str = "pad", steps: int = DEFAULT_STEPS, rule: str = DEFAULT_RULE,
               layers: Optional[Sequence[str]] = None, include_pooler: bool = False,
               step_batch: Optional[int] = None, pair_batch: int = 1, max_length: Optional[int] = None,
               output: str = "probability", nodes: str = "uniform", tolerance: float = 0.05,

@@ -23,7 +23,7 @@ from .attribution import BASELINES, NODES
 from .common import is_int, optional_import
 from .cross_encoder import OUTPUTS, TARGETS
 from .data.sampling import NEGATIVES, known_grades, label_mapping
-from .quadrature import RULES, check_rule
+from .quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES, check_rule
 from .set_expressions import check as check_expression
 from .stability import StopRule
 
@@ -34,7 +34,7 @@ SECTIONS: Dict[str, Dict[str, Any]] = {
             "ir_datasets_files": {}, "compare_with": None, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
     "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
                     "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
-                    "steps": 100, "rule": "trapezoid", "nodes": "uniform", "baseline": "pad",
+                    "steps": DEFAULT_STEPS, "rule": DEFAULT_RULE, "nodes": "uniform", "baseline": "pad",
                     "output": "probability", "max_length": 512, "step_batch": None, "pair_batch": 1,
                     "chunk_pairs": 8, "segments": False},
     "analysis": {"levels": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10], "exclude": [], "layer_percent": 1.0,

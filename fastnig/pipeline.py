@@ -46,6 +46,7 @@ from .data import count_labels, filter_agreeing, label_mapping, load_collection,
 from .distributed import Ranks, init_ranks
 from .models import OFFLINE_DEMO, ModelUnavailable, demo_model_quality, load_cross_encoder, offline_demo_model
 from .pruning import PruningBenchmark, module_counts, table_row
+from .quadrature import DEFAULT_RULE, DEFAULT_STEPS
 from .report import PruningTable, write_report
 from .reranking import EncodedCandidates, bm25_run, build_candidates, score_candidates
 from .schemes import Scheme, neuron_universe
@@ -81,8 +82,8 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                       seed: int = 0, negatives: str = "judged", relevance_threshold: int = 1,
                       relevant: Optional[Sequence[int]] = None, nonrelevant: Optional[Sequence[int]] = None,
                       bm25_cache_dir: Optional[Union[str, Path]] = None, agreement_filter: bool = True,
-                      chunk_pairs: int = 8, steps: int = 100,
-                      rule: str = "trapezoid", nodes: str = "uniform", baseline: str = "pad",
+                      chunk_pairs: int = 8, steps: int = DEFAULT_STEPS,
+                      rule: str = DEFAULT_RULE, nodes: str = "uniform", baseline: str = "pad",
                       output: str = "probability",
                       max_length: Optional[int] = None, step_batch: Optional[int] = None, pair_batch: int = 1,
                       layers: Optional[Sequence[str]] = None, include_pooler: bool = False, dtype=None,

@@ -63,7 +63,7 @@ def test_attribute_writes_a_scheme_of_cranfield_pairs(full_run, model_dir):
     s = full_run
     assert s.label == "relevant" and s.dataset == "cranfield"
     assert s.count + s.num_dropped == 12 and s.count > 0
-    assert s.settings["steps"] == 6 and s.settings["rule"] == "trapezoid"
+    assert s.settings["steps"] == 6 and s.settings["rule"] == "richardson"  # the CLI default
     assert all("\t" in pid for pid in s.pair_ids)
     qrels_pairs = {tuple(pid.split("\t")) for pid in s.pair_ids}
     assert all(q.isdigit() and d.isdigit() for q, d in qrels_pairs)

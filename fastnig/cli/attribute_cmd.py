@@ -9,6 +9,7 @@ import torch
 from ..data import NEGATIVES, label_mapping
 from ..models import load_cross_encoder
 from ..pipeline import attribute_dataset
+from ..quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
 from ..stability import StopRule
 from .usage import UsageError
 
@@ -76,9 +77,10 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where --negatives bm25 keeps its BM25 index (default: ~/.cache/fastnig/bm25)")
     p.add_argument("--no-filter", action="store_true", help="keep pairs the model gets wrong")
-    p.add_argument("--steps", type=int, default=100, help="path intervals N (default 100)")
-    p.add_argument("--rule", choices=["trapezoid", "left"], default="trapezoid",
-                   help="integration rule (default trapezoid; left = Captum's LayerConductance)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"path intervals N (default {DEFAULT_STEPS})")
+    p.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
+                   help=f"integration rule (default {DEFAULT_RULE}: (4 T_N - T_N/2) / 3 from the same N + 1 points, "
+                        "needs even N; trapezoid; left = Captum's LayerConductance)")
     p.add_argument("--nodes", choices=["uniform", "chebyshev"], default="uniform", help="path positions")
     p.add_argument("--baseline", choices=["pad", "pad-query", "zero", "zero-query"], default="pad")
     p.add_argument("--output", choices=["probability", "logit"], default="probability",
