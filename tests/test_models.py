@@ -111,6 +111,18 @@ def test_finetune_lowers_the_loss_and_is_deterministic(tiny, tmp_path, random_ne
         assert torch.equal(a, b), name
 
 
+def test_finetune_head_lr_moves_the_head_only_and_random_negatives_need_no_bm25(tiny, tmp_path):
+    collection, _, base = tiny
+    model, tokenizer = _fresh(base)
+    body = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    head = {n: p.detach().clone() for n, p in model.classifier.named_parameters()}
+    finetune_cross_encoder(model, tokenizer, collection, random_negatives=1.0, bm25_cache_dir=tmp_path / "bm25",
+                           **dict(FAST, steps=4, lr=1e-12, warmup=0.0), head_lr=1e-2)
+    assert max((p - body[n]).abs().max().item() for n, p in model.base_model.named_parameters()) < 1e-9
+    assert max((p - head[n]).abs().max().item() for n, p in model.classifier.named_parameters()) > 1e-4
+    assert not (tmp_path / "bm25").exists()  # only random negatives: no BM25 index built
+
+
 def test_finetune_freezes_embeddings_and_ranks_relevant_higher(tiny, tmp_path):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
@@ -171,7 +183,7 @@ def test_demo_model_quality_evaluates_the_held_out_queries(tiny, tmp_path):
 def test_finetune_rejects_bad_settings(tiny):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
-    for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(random_negatives=2.0), "random_"),
+    for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(head_lr=0.0), "head_lr"), (dict(random_negatives=2.0), "random_"),
                           (dict(query_ids=["nope"]), "query_ids")):
         with pytest.raises(ValueError, match=match):
             finetune_cross_encoder(model, tokenizer, collection, progress=False, **kwargs)
