@@ -36,8 +36,8 @@ from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, chec
 from .first_token import first_token_only
 from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
-from .quadrature import (DEFAULT_RULE, DEFAULT_STEPS, NODES, auto_converged, auto_step_levels, check_rule, error_estimate, kernel_rule,
-                         path_nodes, relative_delta, richardson, top_error, uses_coarse)
+from .quadrature import (DEFAULT_RULE, DEFAULT_STEPS, NODES, auto_converged, auto_step_levels, check_rule,
+                         error_estimate, kernel_rule, path_nodes, relative_delta, richardson, top_error, uses_coarse)
 from .segments import SEGMENTS  # Attributions.segment_scores' dim 1, EncodedPairs.segments' ids
 
 BASELINES = ("pad", "pad-query", "zero", "zero-query")
@@ -471,7 +471,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
 
 
 def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
-                         steps: Union[int, str] = 32, rule: str = "richardson", max_length: int = 512,
+                         steps: Union[int, str] = DEFAULT_STEPS, rule: str = DEFAULT_RULE, max_length: int = 512,
                          dtype: Optional[torch.dtype] = None, nodes: str = "uniform", tolerance: float = 0.05,
                          max_steps: int = 256, segments: bool = False) -> Dict[str, object]:
     """The ``settings`` dict :func:`attribute` records for these arguments.
