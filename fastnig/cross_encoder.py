@@ -212,7 +212,11 @@ def validate_pairs(pairs) -> List[Pair]:
 def tokenize_pair(tokenizer, query: str, passage: str, max_length: int, **kwargs):
     """One pair as the cross-encoder sees it: ``[CLS] query [SEP] passage [SEP]``,
     the passage truncated first (``only_second``); a query longer than
-    ``max_length`` on its own is truncated too (``longest_first``)."""
+    ``max_length`` on its own is truncated too (``longest_first``).
+
+    A fast tokenizer keeps its truncation setting as shared state, so threads
+    must not share one (each thread: ``copy.deepcopy(tokenizer)``); processes
+    (``torchrun``) are unaffected."""
     try:
         return tokenizer(query, passage, truncation="only_second", max_length=max_length, **kwargs)
     except Exception:  # the query alone is longer than max_length

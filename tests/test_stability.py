@@ -378,7 +378,10 @@ def test_sharded_early_stopping_equals_one_process(tmp_path, tiny, collection, m
 
     def run(rank):
         try:
-            results[rank] = _attribute(copy.deepcopy(tiny[0]), tiny[1], collection, tmp_path / f"shard{rank}",
+            # own model and tokenizer per thread: a fast tokenizer's truncation setting is shared state
+            # (one thread's only_second -> longest_first fallback can meet the other's only_second)
+            results[rank] = _attribute(copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1]), collection,
+                                       tmp_path / f"shard{rank}",
                                        num_pairs=60, stop_when=rule, shard=(rank, 2), combine=combine_for(rank))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
