@@ -530,7 +530,7 @@ def markdown(args, rows, auto_rows, estimate, pairs, timings, check, model_info,
            "the 2 cores were shared with other jobs" if "load_start" in timings else "") + ").",
         "",
         f"- Model: {model_info['name']} (fine-tuned on {model_info['train_queries']} Cranfield training "
-        f"queries; held-out nDCG@10 {model_info.get('ndcg', '—')}).",
+        f"queries: {model_info['training']}).",
         f"- Pairs: {len(pairs)} relevant pairs "
         f"({', '.join(f'{n} {d}' for d, n in _count(pairs).items())}; Cranfield: held-out queries), "
         f"{'all' if args.no_agreement_filter else 'model agrees (P(rel) > 0.5)'}; target relevant, F = P(rel), "
@@ -693,7 +693,8 @@ def main(argv=None):
     model_info = {"name": "MiniLM-L6 cross-encoder (offline demo)", "path": str(model.config.name_or_path),
                   "train_queries": len(train_ids), "neurons": total,
                   "top0.1": round(0.001 * total), "top1": round(0.01 * total),
-                  "ndcg": training.get("evaluation", {}).get("summary", "—")}
+                  "training": ", ".join(f"{k} {training.get('settings', {}).get(k)}"
+                                        for k in ("steps", "lr", "head_lr", "random_negatives", "max_length"))}
 
     agree = not args.no_agreement_filter
     pairs = [("cranfield", p) for p in select_pairs(model, tokenizer, cranfield, test_ids, args.pairs, args.seed,
