@@ -429,17 +429,18 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                                                                tokenizer.pad_token_id, baseline, alphas,
                                                                min(chunk, level + 1), limit, rule, output, dtype,
                                                                first_token_cut, segments)
+                out = {n: o.cpu() for n, o in out.items()}
                 nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
                 err = {n: e.cpu() for n, e in err.items()} if err is not None else None
                 if level == levels[-1]:
                     done = torch.ones(len(pending), dtype=torch.bool)
                 else:
-                    sums = {n: o.cpu().sum(dim=1) if segments else o.cpu() for n, o in out.items()}
+                    sums = {n: o.sum(dim=1) if segments else o for n, o in out.items()}
                     done = auto_converged(nig_in - (f_in - f_b), f_in, f_b, tolerance,
                                           top_error(sums, err) if err is not None else None)
                 idx = torch.tensor(pending)[done]
                 for n in scores:
-                    scores[n][idx] = out[n].cpu()[done]
+                    scores[n][idx] = out[n][done]
                     if err is not None:
                         errors[n][idx] = err[n][done]
                 input_nig[idx] = nig_in[done]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -162,14 +161,6 @@ def test_bm25_negatives_from_real_bm25_through_the_pipeline(graded, tmp_path, sa
 
 
 # ------------------------------------------------------------------ configs
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("tried to open a network connection")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
 def test_paper_yaml_label_mapping_and_nx_without_downloading(no_network):
     cfg = load_config("paper")
     datasets = cfg.attribution["datasets"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,6 @@ from fastnig.plan import (ACCELERATORS, KNOWN_SHAPES, ModelShape, accelerator_ra
                           model_shape, plan_config, render)
 
 PAPER_YAML = Path(fastnig.__file__).resolve().parent / "configs" / "paper.yaml"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the plan tried to open a network connection")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_paper_plan_counts_equal_hand_computed_numbers(no_network):
