@@ -123,6 +123,35 @@ def test_finetune_head_lr_moves_the_head_only_and_random_negatives_need_no_bm25(
     assert not (tmp_path / "bm25").exists()  # only random negatives: no BM25 index built
 
 
+def test_finetune_in_bf16_autocast_keeps_fp32_weights_and_learns(tiny, tmp_path):
+    collection, _, base = tiny
+    model, tokenizer = _fresh(base)
+    seen = set()
+    hook = model.base_model.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda module, args, out: seen.add(out.dtype))
+    log = finetune_cross_encoder(model, tokenizer, collection, random_negatives=0.5, dtype=torch.bfloat16,
+                                 bm25_cache_dir=tmp_path / "bm25", **FAST)
+    hook.remove()
+    assert seen == {torch.bfloat16}  # the matmuls ran in bf16 ...
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # ... the weights stayed fp32
+    assert log.settings["dtype"] == "bfloat16" and all(map(lambda x: x == x, log.losses))
+    fp32, _ = _fresh(base)
+    reference = finetune_cross_encoder(fp32, tokenizer, collection, random_negatives=0.5,
+                                       bm25_cache_dir=tmp_path / "bm25", **FAST)
+    first, last = statistics.mean(log.losses[:8]), statistics.mean(log.losses[-8:])
+    assert last < first - 0.05  # it learns ...
+    assert abs(last - statistics.mean(reference.losses[-8:])) < 0.05  # ... about as fast as in fp32
+
+
+def test_training_dtype_is_bf16_only_where_native(monkeypatch):
+    for capabilities, expected in (({"avx512_bf16": True, "amx_bf16": False}, torch.bfloat16),
+                                   ({"avx512_bf16": False, "amx_bf16": True}, torch.bfloat16),
+                                   ({"avx512_bf16": False, "amx_bf16": False}, None), ({}, None)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert models.training_dtype() is expected and models.training_dtype("cpu") is expected
+    assert models.training_dtype("meta") is None
+
+
 def test_finetune_freezes_embeddings_and_ranks_relevant_higher(tiny, tmp_path):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
@@ -184,7 +213,7 @@ def test_finetune_rejects_bad_settings(tiny):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
     for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(head_lr=0.0), "head_lr"), (dict(random_negatives=2.0), "random_"),
-                          (dict(query_ids=["nope"]), "query_ids")):
+                          (dict(dtype=torch.int8), "dtype"), (dict(query_ids=["nope"]), "query_ids")):
         with pytest.raises(ValueError, match=match):
             finetune_cross_encoder(model, tokenizer, collection, progress=False, **kwargs)
 
@@ -213,6 +242,8 @@ def test_offline_demo_model_caches_atomically_and_round_trips(tiny, tmp_path, mo
     record = json.loads((folders[0] / "fastnig_training.json").read_text())
     assert record["settings"]["steps"] == FAST["steps"] and len(record["training"]["losses"]) == FAST["steps"]
     assert record["evaluation"]["queries"] == 2  # the held-out queries
+    assert record["settings"]["dtype"] == record["training"]["settings"]["dtype"] == \
+        str(models.training_dtype() or torch.float32).replace("torch.", "")  # dtype="auto"
 
     def trained_is_forbidden(*a, **k):
         raise AssertionError("the cached model must be loaded, not trained again")
