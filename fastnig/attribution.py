@@ -21,7 +21,6 @@ model of everything a chunk holds (:func:`chunk_memory`).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,9 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .common import check_int, check_number
-from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, check_model, frozen_eval,
-                            input_embeddings, linear_modules, load_tokenizer, move_model, resolve_max_length,
-                            single_device, target_function, tokenize_pair, unwrap, validate_pairs)
+from .cross_encoder import (OUTPUTS, TARGETS, Pair, accepts_token_type_ids, check_model, compute_autocast,
+                            frozen_eval, input_embeddings, linear_modules, load_tokenizer, move_model,
+                            resolve_max_length, single_device, target_function, tokenize_pair, unwrap,
+                            validate_pairs)
 from .first_token import first_token_only
 from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
@@ -258,12 +258,6 @@ class _HookState:
     def clear(self) -> None:
         """Drop the activations of a failed pass (each holds a hook that refers back to this state)."""
         self.activations.clear()
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def path_chunks(total: int, size: int) -> List[Tuple[int, int]]:
@@ -504,7 +498,7 @@ def _forward_backward(model, modules, state: _HookState, path: torch.Tensor, mas
         kwargs = {"inputs_embeds": path, "attention_mask": mask.repeat_interleave(S, dim=0)}
         if types is not None:
             kwargs["token_type_ids"] = types.repeat_interleave(S, dim=0)
-        with _autocast(path.device, dtype), first_token_only(model, cut):
+        with compute_autocast(path.device, dtype), first_token_only(model, cut):
             logits = model(**kwargs).logits
         f = target_function(logits, relevant.to(logits.device).repeat_interleave(S), output)
         torch.autograd.backward(f.sum(), inputs=[path])

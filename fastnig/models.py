@@ -34,7 +34,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .common import check_int, check_number, sample_key
-from .cross_encoder import encode_batch, move_model, score_pairs
+from .cross_encoder import compute_autocast, encode_batch, move_model, score_pairs
 from .data import load_collection
 from .data.splits import split_queries  # noqa: F401  (re-exported: the demo model's train / held-out split)
 from .reranking import bm25_run, ndcg_at_k
@@ -358,7 +358,6 @@ def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     half = batch_size // 2
-    mixed = dtype not in (None, torch.float32)
     losses: List[float] = []
     model.train(dropout)  # no dropout by default: it costs ~40 % of a CPU step
     started = time.perf_counter()
@@ -368,7 +367,7 @@ def finetune_cross_encoder(model, tokenizer, collection, *, query_ids: Optional[
                      + [next(easy_iter) for _ in range(n_random)])
             labels = torch.tensor([1.0] * half + [0.0] * (batch_size - half), device=device)
             enc = {k: v.to(device) for k, v in encode_batch(tokenizer, batch, max_length).items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=mixed):
+            with compute_autocast(device, dtype):
                 logits = model(**enc).logits.float()
             if num_labels == 1:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels)

@@ -212,8 +212,9 @@ def test_demo_model_quality_evaluates_the_held_out_queries(tiny, tmp_path):
 def test_finetune_rejects_bad_settings(tiny):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
-    for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(head_lr=0.0), "head_lr"), (dict(random_negatives=2.0), "random_"),
-                          (dict(dtype=torch.float16), "dtype"), (dict(query_ids=["nope"]), "query_ids")):
+    for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(head_lr=0.0), "head_lr"),
+                          (dict(random_negatives=2.0), "random_"), (dict(dtype=torch.float16), "dtype"),
+                          (dict(query_ids=["nope"]), "query_ids")):
         with pytest.raises(ValueError, match=match):
             finetune_cross_encoder(model, tokenizer, collection, progress=False, **kwargs)
 
@@ -243,7 +244,7 @@ def test_offline_demo_model_caches_atomically_and_round_trips(tiny, tmp_path, mo
     assert record["settings"]["steps"] == FAST["steps"] and len(record["training"]["losses"]) == FAST["steps"]
     assert record["evaluation"]["queries"] == 2  # the held-out queries
     assert record["settings"]["dtype"] == record["training"]["settings"]["dtype"] == \
-        str(models.training_dtype() or torch.float32).replace("torch.", "")  # dtype="auto"
+        models._dtype_name(models.training_dtype())  # dtype="auto"
 
     def trained_is_forbidden(*a, **k):
         raise AssertionError("the cached model must be loaded, not trained again")
