@@ -17,16 +17,16 @@ sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuild
 import fastnig  # noqa: E402
 import fastnig._C  # noqa: E402,F401
 import torch  # noqa: E402
-from fastnig.kernels import accumulate_conductance, accumulate_conductance_ref, cpu_kernel_isa  # noqa: E402
+from fastnig.engine.kernels import accumulate_conductance, accumulate_conductance_ref, cpu_kernel_isa
 
 for module in (fastnig, fastnig._C):
     where = Path(module.__file__).resolve()
     assert target in where.parents, f"{module.__name__} was imported from {where}, not from {target}"
 package = resources.files("fastnig")
-for name in ("collections/cran.tar.gz", "collections/med.tar.gz", "collections/checksums.json",
-             "configs/demo.yaml", "configs/paper.yaml", "reference/paper.json"):
+for name in ("data/collections/cran.tar.gz", "data/collections/med.tar.gz", "data/collections/checksums.json",
+             "study/configs/demo.yaml", "study/configs/paper.yaml", "report/reference/paper.json"):
     assert package.joinpath(name).is_file(), f"{name} is missing from the wheel"
-from fastnig.data.packaged import packaged_archive  # noqa: E402
+from fastnig.data.packaged import packaged_archive
 
 packaged_archive("cranfield"), packaged_archive("med")  # sha256 against checksums.json
 

@@ -42,12 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fastnig  # noqa: E402
-from fastnig import first_token  # noqa: E402
-from fastnig.attribution import baseline_embeddings, encode_pairs, path_chunks  # noqa: E402
-from fastnig.cross_encoder import linear_modules  # noqa: E402
-from fastnig.memory import auto_step_batch  # noqa: E402
-from fastnig.cross_encoder import target_function  # noqa: E402
-from fastnig.kernels import Carry, accumulate_conductance, accumulate_conductance_ref  # noqa: E402
+from fastnig.engine import first_token
+from fastnig.engine.encoding import baseline_embeddings, encode_pairs
+from fastnig.engine.attribute import path_chunks
+from fastnig.engine.model import linear_modules
+from fastnig.engine.memory import auto_step_batch
+from fastnig.engine.scoring import target_function
+from fastnig.engine.kernels import Carry, accumulate_conductance, accumulate_conductance_ref
 from tiny_models import make_model, make_tokenizer  # noqa: E402
 
 SHAPES = {

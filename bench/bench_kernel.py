@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fastnig.kernels import Carry, accumulate_conductance, cpu_kernel_isa
+from fastnig.engine.kernels import Carry, accumulate_conductance, cpu_kernel_isa
 
 
 def main() -> None:

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 import fastnig
-from fastnig.attribution import linear_modules, path_chunks
+from fastnig.engine.model import linear_modules
+from fastnig.engine.attribute import path_chunks
 from fastnig.data import load_collection, sample_pairs
-from fastnig.kernels import Carry, accumulate_conductance, cpu_kernel_isa
-from fastnig.memory import auto_step_batch
-from fastnig.models import load_cross_encoder
+from fastnig.engine.kernels import Carry, accumulate_conductance, cpu_kernel_isa
+from fastnig.engine.memory import auto_step_batch
+from fastnig.training.demo_model import load_cross_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 

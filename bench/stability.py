@@ -2,7 +2,7 @@
 
 For each scheme (Cranfield and MEDLINE, relevant and non-relevant — random
 unjudged negatives), on the offline demo model (MiniLM-L6 fine-tuned on
-Cranfield, :func:`fastnig.models.offline_demo_model`):
+Cranfield, :func:`fastnig.training.demo_model.offline_demo_model`):
 
 1. draw pairs deterministically (seed 0), keep those the model agrees with
    (the agreement filter), in draw order, until the *pool* holds ``--pool``
@@ -13,7 +13,7 @@ Cranfield, :func:`fastnig.models.offline_demo_model`):
    :class:`fastnig.Scheme` (halves by the pair-id hash, as in a real run) and
    compare, at X = 0.1, 1, 5 %:
 
-   * the estimate for doubled pairs, :func:`fastnig.stability.stability`
+   * the estimate for doubled pairs, :func:`fastnig.neurons.stability.stability`
      (factor 2), with the true overlap of the top-X % set of the n pairs and
      that of the 2n pairs ``[j·2n, j·2n + 2n)``;
    * the estimate for the whole pool (factor pool / n) with the true overlap
@@ -46,12 +46,12 @@ import numpy as np
 import torch
 
 import fastnig
-from fastnig.attribution import Attributions
+from fastnig.engine.attribute import Attributions
 from fastnig.data import filter_agreeing, load_collection, sample_pairs
-from fastnig.neurons import neuron_universe, top_count
-from fastnig.pipeline import pair_id
-from fastnig.schemes import Scheme
-from fastnig.stability import StopRule, stability_estimates, top_overlap
+from fastnig.neurons.sets import neuron_universe, top_count
+from fastnig.study.pipeline import pair_id
+from fastnig.neurons.scheme import Scheme
+from fastnig.neurons.stability import StopRule, stability_estimates, top_overlap
 
 SCHEMES = [("cranfield", "relevant"), ("cranfield", "non-relevant"), ("med", "relevant"), ("med", "non-relevant")]
 
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    from fastnig.models import offline_demo_model
+    from fastnig.training.demo_model import offline_demo_model
 
     model, tokenizer = offline_demo_model(progress=True)
     sizes = neuron_universe(model)

@@ -1,7 +1,7 @@
 """How many path steps does NIG need?  Accuracy against the number of steps, per rule and node set.
 
 On the offline demo cross-encoder (MiniLM-L6 fine-tuned on Cranfield's
-training queries, :func:`fastnig.models.offline_demo_model`) and relevant
+training queries, :func:`fastnig.training.demo_model.offline_demo_model`) and relevant
 pairs of held-out Cranfield queries and of MEDLINE (``med``, packaged too;
 optionally some NFCorpus pairs), for the rules ``left`` / ``trapezoid`` /
 ``richardson`` and the nodes ``uniform`` / ``chebyshev``, at N = 4, 8, ...,
@@ -9,24 +9,24 @@ optionally some NFCorpus pairs), for the rules ``left`` / ``trapezoid`` /
 
 * the median (and 90th percentile) over pairs of |delta| / |F(x) - F(x')|;
 * the overlap of the top 0.1 % and 1 % neuron sets (neurons ranked by mean
-  NIG over the collection's pairs, as :meth:`fastnig.schemes.Scheme.top`
+  NIG over the collection's pairs, as :meth:`fastnig.neurons.scheme.Scheme.top`
   does) with those of a 512-step reference (trapezoid, uniform);
 * the accuracy of the per-neuron error estimate |T_N - T_{N/2}| / 3
-  (:func:`fastnig.quadrature.error_estimate`) against T_N's error from the reference;
+  (:func:`fastnig.engine.quadrature.error_estimate`) against T_N's error from the reference;
 
 and simulates ``steps="auto"`` for several tolerances: per pair N = 16, 32,
 ... until |delta| <= tolerance · max(|F(x) - F(x')|, 0.01) ("delta"), and,
 for ``richardson``, also until the top 1 % neurons' estimated relative L1
-error is <= tolerance (:func:`fastnig.quadrature.auto_converged`, "delta+neurons").
+error is <= tolerance (:func:`fastnig.engine.quadrature.auto_converged`, "delta+neurons").
 
 Cost: every node set is nested (uniform and Chebyshev-Lobatto nodes of N
 are the nodes of 2N taken every other one), so each pair is evaluated once on
 the 513 uniform points of the reference and once on the 129 Chebyshev points
 of N = 128; every coarser N and both rules are accumulated from the same
 forward + backward passes by the engine's own fused op
-(:func:`fastnig.kernels.accumulate_conductance`), with one carry per (N,
+(:func:`fastnig.engine.kernels.accumulate_conductance`), with one carry per (N,
 rule); R_N = (4 T_N - T_{N/2}) / 3 combines two of them
-(:func:`fastnig.quadrature.richardson`).  The results equal separate
+(:func:`fastnig.engine.quadrature.richardson`).  The results equal separate
 ``fastnig.attribute(steps=N, rule=..., nodes=...)`` calls (same node
 positions, same op, same order of summation); the script checks that on its
 first pair (every rule) and writes the difference.
@@ -157,10 +157,12 @@ def nested_nig(model, tokenizer, pair, family, n_max, levels, step_batch, max_le
     """
     import torch
 
-    from fastnig.attribution import baseline_embeddings, encode_pairs, path_nodes
-    from fastnig.cross_encoder import frozen_eval as _frozen_eval, input_embeddings as _input_embeddings
-    from fastnig.cross_encoder import linear_modules, target_function
-    from fastnig.kernels import Carry, accumulate_conductance
+    from fastnig.engine.encoding import baseline_embeddings, encode_pairs
+    from fastnig.engine.quadrature import path_nodes
+    from fastnig.engine.model import frozen_eval as _frozen_eval, input_embeddings as _input_embeddings
+    from fastnig.engine.model import linear_modules
+    from fastnig.engine.scoring import target_function
+    from fastnig.engine.kernels import Carry, accumulate_conductance
 
     modules = linear_modules(model)
     embeddings = _input_embeddings(model)
@@ -260,8 +262,8 @@ def top_sets(mean_by_module, sizes, percents):
     """Top-X % neuron sets of a mean-NIG vector, through fastnig's own Scheme ranking."""
     import torch
 
-    from fastnig.attribution import Attributions
-    from fastnig.schemes import Scheme
+    from fastnig.engine.attribute import Attributions
+    from fastnig.neurons.scheme import Scheme
 
     scores = {m: v.unsqueeze(0).float() for m, v in mean_by_module.items()}
     att = Attributions(scores, torch.zeros(1), torch.ones(1), torch.zeros(1), ["relevant"], torch.ones(1, dtype=torch.long),
@@ -283,7 +285,7 @@ def mean_scores(per_pair, pick):
 def add_richardson(nested, levels):
     """Adds ``(N, "richardson")`` = (4 T_N - T_{N/2}) / 3 to a uniform ``nested_nig`` result wherever
     N / 2 is a level too; returns ``{N: {module: |T_N - T_{N/2}| / 3}}``, the per-neuron error estimates."""
-    from fastnig.quadrature import error_estimate, richardson
+    from fastnig.engine.quadrature import error_estimate, richardson
 
     estimates = {}
     for n in levels:
@@ -381,7 +383,7 @@ def auto_rows_for(results, estimates, info, members, dataset, sizes, ref_sets, l
     """The steps="auto" simulation for one collection: per rule, stopping test and tolerance."""
     import torch
 
-    from fastnig.quadrature import auto_converged, top_error
+    from fastnig.engine.quadrature import auto_converged, top_error
 
     cost = {n: sum(m + 1 for m in levels if m <= n) for n in levels}  # every level is a fresh run
     rows = []
@@ -677,8 +679,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
     from fastnig.data import load_collection
-    from fastnig.models import offline_demo_model, split_queries
-    from fastnig.schemes import neuron_universe
+    from fastnig.training.demo_model import offline_demo_model
+    from fastnig.data.splits import split_queries
+    from fastnig.neurons.sets import neuron_universe
 
     cranfield = load_collection("cranfield")
     train_ids, test_ids = split_queries(cranfield, seed=args.seed)

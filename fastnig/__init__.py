@@ -1,31 +1,42 @@
 """fastnig: Neuron Integrated Gradients for the neurons of neural rankers.
 
-The pipeline, one module per stage (README "Layout"): engine
-(``kernels``, ``first_token``, ``cross_encoder``, ``attribution``) -> data
-(``models``, ``data``) -> schemes and neuron sets (``neurons``, ``schemes``,
-``set_expressions``, ``analysis``) -> pruning (``reranking``, ``pruning``) ->
-study (``report``, ``config``, ``distributed``, ``pipeline``) -> ``cli``.
-This module only re-exports the public API.
+The package is layered; each layer imports only the layers below it (a test
+checks it, docs/architecture.md has the map):
 
-Heavy optional dependencies (ir_datasets, ranx, bm25s, matplotlib,
-safetensors) are imported only when the stage that needs them runs; a
-missing one stops with the ``pip install "fastnig[ir]"`` that fixes it.
+- :mod:`fastnig.engine` — the one-pass attribution of every Linear neuron
+  (kernels, path, memory, pair encoding, scoring, model loading);
+- :mod:`fastnig.data` — IR collections, pairs, labels;
+- :mod:`fastnig.neurons` — neuron sets, schemes, fusion, stability, set expressions;
+- :mod:`fastnig.evaluation` — reranking, pruning, Tables 1 and 4 (what is measured);
+- :mod:`fastnig.analysis` — the paper's figures and numbers (CSV + PNG);
+- :mod:`fastnig.training` — fine-tuning, the offline demo model, :func:`load_cross_encoder`;
+- :mod:`fastnig.study` — configs, the cost plan, the staged study run;
+- :mod:`fastnig.report` — the run folder as report, scorecard and comparison;
+- :mod:`fastnig.cli` — the ``fastnig`` command.
+
+This module only re-exports the public API.  Heavy optional dependencies
+(ir_datasets, ranx, bm25s, matplotlib, safetensors) are imported only when the
+stage that needs them runs; a missing one stops with the
+``pip install "fastnig[ir]"`` that fixes it.
 """
-from .attribution import Attributions, attribute, linear_modules
-from .cross_encoder import relevance_probability, target_function
 from .data import (DATASETS, Collection, DatasetUnavailable, LabelledPair, MissingJudgments, filter_agreeing,
                    load_collection, sample_pairs)
-from .kernels import accumulate_conductance, accumulate_conductance_ref
-from .pruning import PruningBenchmark, evaluate_pruning, prune, pruned, random_like
-from .report import PruningTable
-from .reranking import Candidates, build_candidates, ndcg_at_k
-from .fusion import fuse, fuse_all
-from .schemes import (COMPONENTS, NeuronSet, Scheme, component, intersection, layer_index,
-                      neuron_universe, union)
+from .engine.attribute import Attributions, attribute
+from .engine.kernels import accumulate_conductance, accumulate_conductance_ref
+from .engine.loading import ModelUnavailable
+from .engine.model import linear_modules
+from .engine.scoring import relevance_probability, target_function
+from .evaluation.pruning import PruningBenchmark, evaluate_pruning, prune, pruned, random_like
+from .evaluation.reranking import Candidates, build_candidates, ndcg_at_k
+from .evaluation.table4 import PruningTable
+from .neurons.fusion import fuse, fuse_all
+from .neurons.scheme import Scheme
+from .neurons.sets import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
+from .training.demo_model import load_cross_encoder
 
 __all__ = [
     "Attributions", "attribute", "linear_modules", "relevance_probability", "target_function",
-    "accumulate_conductance", "accumulate_conductance_ref",
+    "accumulate_conductance", "accumulate_conductance_ref", "load_cross_encoder", "ModelUnavailable",
     "DATASETS", "Collection", "DatasetUnavailable", "LabelledPair", "MissingJudgments", "filter_agreeing",
     "load_collection", "sample_pairs",
     "COMPONENTS", "NeuronSet", "Scheme", "component", "fuse", "fuse_all", "intersection", "layer_index",

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastnig import analysis
-from fastnig import baselines
-from fastnig.attribution import Attributions
-from fastnig.fusion import fuse
-from fastnig.schemes import Scheme
+from fastnig.analysis import neuron_analyses as analysis
+from fastnig.evaluation import table1 as baselines
+from fastnig.engine.attribute import Attributions
+from fastnig.neurons.fusion import fuse
+from fastnig.neurons.scheme import Scheme
 
 L0Q, L0I = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.intermediate.dense"
 L1V, L1F = "bert.encoder.layer.1.attention.self.value", "bert.encoder.layer.1.output.dense"
@@ -328,7 +328,7 @@ def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     assert main(["analyze", "--baseline-model", str(model_dir), "--baseline-pairs", str(pairs_file),
                  "--baseline-max-pairs", "3", "--out", str(out), "--device", "cpu"]) == 0
     # Table 1's protocol: only the pairs the model judges relevant (P(rel) > 0.5), the first 3 of them.
-    from fastnig.cross_encoder import score_pairs
+    from fastnig.engine.scoring import score_pairs
 
     every = PAIRS + [("diet", "vitamin")]
     p_rel = score_pairs(tiny_bert, tokenizer, every, output="probability").tolist()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastnig
-from fastnig.cross_encoder import linear_modules
-from fastnig.cross_encoder import target_function
+from fastnig.engine.model import linear_modules
+from fastnig.engine.scoring import target_function
 from tiny_models import PAIRS, make_model, make_tokenizer
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -97,7 +97,7 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
     """The head reads the last layer at token 0 only: the cut runs its feed-forward block (and,
     for the BERT family, its queries) on that token alone, and every attribution equals the
     uncut run's, with batch padding (boolean or additive attention masks)."""
-    from fastnig import first_token
+    from fastnig.engine import first_token
 
     tok = make_tokenizer(tok_family)
     model = make_model(family, vocab_size=tok.vocab_size, seed=2)
@@ -126,7 +126,7 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
 
 
 def test_first_token_cut_only_for_heads_that_read_the_first_token(tiny_bert):
-    from fastnig.first_token import first_token_cut
+    from fastnig.engine.first_token import first_token_cut
     import transformers
 
     class MeanPoolingRanker(transformers.BertForSequenceClassification):
@@ -307,7 +307,7 @@ def test_parameters_get_no_gradients_and_state_is_restored(tokenizer):
 
 @pytest.mark.parametrize("nodes", ["uniform", "chebyshev"])
 def test_path_nodes_include_both_ends(nodes):
-    from fastnig.attribution import path_nodes
+    from fastnig.engine.quadrature import path_nodes
 
     a = path_nodes(8, nodes)
     assert a[0] == 0 and a[-1] == 1 and (a.diff() > 0).all() and a.shape == (9,)
@@ -328,14 +328,14 @@ def test_auto_steps_stop_at_the_tolerance_and_equal_fixed_runs(tiny_bert, tokeni
     used = auto.steps_used.tolist()
     assert all(s in (16, 32, 64) for s in used) and max(used) <= max_steps
     assert len(set(used)) > 1, "the pairs should need different numbers of steps"
-    rel = fastnig.attribution.relative_delta(auto.delta, auto.f_input, auto.f_baseline, floor=0.01)
+    rel = fastnig.engine.quadrature.relative_delta(auto.delta, auto.f_input, auto.f_baseline, floor=0.01)
     for i, s in enumerate(used):
         assert rel[i] <= tol or s == max_steps
         fixed = fastnig.attribute(tiny_bert, [PAIRS[i]], tokenizer=tokenizer, steps=s, rule="left", progress=False)
         if s > 16:  # it did not stop earlier: the previous level was above the tolerance
             coarse = fastnig.attribute(tiny_bert, [PAIRS[i]], tokenizer=tokenizer, steps=s // 2, rule="left",
                                        progress=False)
-            assert fastnig.attribution.relative_delta(coarse.delta, coarse.f_input, coarse.f_baseline,
+            assert fastnig.engine.quadrature.relative_delta(coarse.delta, coarse.f_input, coarse.f_baseline,
                                                       floor=0.01)[0] > tol
         for name, value in fixed.scores.items():
             torch.testing.assert_close(auto.scores[name][i], value[0], rtol=1e-4, atol=1e-6)
@@ -349,7 +349,7 @@ def test_auto_steps_never_exceed_the_maximum(tiny_bert, tokenizer):
 
 
 def test_auto_step_batch_fits_memory_and_changes_nothing(tiny_bert, tokenizer, reference_run):
-    from fastnig.memory import auto_step_batch
+    from fastnig.engine.memory import auto_step_batch
 
     modules = linear_modules(tiny_bert)
     n = auto_step_batch(tiny_bert, modules, tokens=128, pairs=1, device=torch.device("cpu"))
@@ -370,7 +370,8 @@ def test_bf16_error_within_twice_plain_pytorch_bf16(tiny_bert, tokenizer):
     ours = fastnig.attribute(tiny_bert, pairs, tokenizer=tokenizer, steps=steps, dtype=torch.bfloat16,
                              progress=False)
     # plain PyTorch bf16: same autocast path, the sum taken in bf16 from the captured tensors
-    from fastnig.attribution import baseline_embeddings, encode_pairs, path_nodes
+    from fastnig.engine.encoding import baseline_embeddings, encode_pairs
+    from fastnig.engine.quadrature import path_nodes
 
     modules = linear_modules(tiny_bert)
     plain = {n: [] for n in modules}

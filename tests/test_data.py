@@ -318,7 +318,7 @@ def read_trec_qrels_text(text: str) -> dict:
 
 
 def test_query_split_specs(med):
-    from fastnig.models import split_queries
+    from fastnig.data.splits import split_queries
 
     c, _, cache = med
     train, heldout = split_queries(c)

@@ -26,10 +26,10 @@ def centred_tiny_model(folder: Path) -> Path:
     import torch
     from tiny_models import make_model, make_tokenizer
 
-    from fastnig.cross_encoder import encode_batch
+    from fastnig.engine.encoding import encode_batch
     from fastnig.data import load_collection, sample_pairs
 
-    from fastnig.config import load_config
+    from fastnig.study.config import load_config
 
     max_length = load_config("demo").attribution["max_length"]  # the tokens the demo's agreement filter reads
     tokenizer = make_tokenizer("bert")
@@ -89,8 +89,8 @@ def test_demo_writes_its_report_from_a_folder_outside_the_checkout(demo_run):
 
 def test_demo_reranks_held_out_queries_only(demo_run):
     from fastnig.data import load_collection
-    from fastnig.models import split_queries
-    from fastnig.reranking import build_candidates
+    from fastnig.data.splits import split_queries
+    from fastnig.evaluation.reranking import build_candidates
 
     train, heldout = split_queries(load_collection("cranfield"))
     assert (len(train), len(heldout)) == (157, 68)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import fastnig
-from fastnig import attribution, cross_encoder, first_token
-from fastnig import memory
-from fastnig.cross_encoder import linear_modules
-from fastnig.memory import chunk_memory
+from fastnig.engine import attribute as attribution, model as cross_encoder, first_token
+from fastnig.engine import memory
+from fastnig.engine.model import linear_modules
+from fastnig.engine.memory import chunk_memory
 from tiny_models import PAIRS, make_model, make_tokenizer
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "

@@ -1,6 +1,6 @@
 """When the compiled extension cannot load, the error names the cause it detects and the one fix.
 
-``fastnig.kernels._extension()`` is called with the extension marked missing
+``fastnig.engine.kernels._extension()`` is called with the extension marked missing
 and the package pointed at a fake folder laid out for each cause: a checkout
 never built, a build for another Python, no compiler, an installed package
 whose build fails to load or is absent.
@@ -13,7 +13,7 @@ import sysconfig
 import pytest
 
 import fastnig
-from fastnig import kernels
+from fastnig.engine import kernels
 
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 OTHER = ".cpython-39-x86_64-linux-gnu.so" if "cpython-39" not in SUFFIX else ".cpython-312-x86_64-linux-gnu.so"

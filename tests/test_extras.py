@@ -23,7 +23,7 @@ def _one_line_naming(message: str, module: str) -> None:
 
 def test_bm25_without_bm25s(monkeypatch, tmp_path):
     from fastnig.data import load_collection
-    from fastnig.reranking import bm25_run
+    from fastnig.evaluation.reranking import bm25_run
 
     collection = load_collection("med", cache_dir=tmp_path / "cache")
     monkeypatch.setitem(sys.modules, "bm25s", None)
@@ -44,7 +44,7 @@ def test_datasets_without_ir_datasets(monkeypatch):
 
 
 def test_ndcg_without_ranx(monkeypatch):
-    from fastnig.reranking import ndcg_at_k
+    from fastnig.evaluation.reranking import ndcg_at_k
 
     monkeypatch.setitem(sys.modules, "ranx", None)
     monkeypatch.setitem(sys.modules, "ranx.metrics", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastnig.kernels import Carry, accumulate_conductance, accumulate_conductance_ref, cuda_kernels_built
+from fastnig.engine.kernels import Carry, accumulate_conductance, accumulate_conductance_ref, cuda_kernels_built
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and cuda_kernels_built() else [])
 SHAPES = [  # (pairs, steps, tokens, features), lengths
@@ -151,7 +151,7 @@ def test_baseline_cpu_build_too():
     import sys
     from pathlib import Path
 
-    from fastnig.kernels import cpu_kernel_isa
+    from fastnig.engine.kernels import cpu_kernel_isa
 
     assert cpu_kernel_isa() in ("avx2", "baseline")
     if os.environ.get("FASTNIG_CPU_ISA") == "baseline":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastnig.kernels import (Carry, accumulate_conductance_emulated, accumulate_conductance_ref)
+from fastnig.engine.kernels import Carry, accumulate_conductance_emulated, accumulate_conductance_ref
 
 SHAPES = [  # (pairs, steps, tokens, features), lengths
     ((1, 1, 1, 1), [1]),
@@ -103,7 +103,7 @@ def test_emulated_rejects_bad_arguments():
 # --- on a GPU: the real launch ---------------------------------------------
 
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and __import__("fastnig.kernels").kernels.cuda_kernels_built()),
+    not (torch.cuda.is_available() and __import__("fastnig.engine.kernels").engine.kernels.cuda_kernels_built()),
     reason="needs a GPU and the CUDA kernels")
 
 
@@ -111,7 +111,7 @@ needs_cuda = pytest.mark.skipif(
 def test_cuda_kernel_on_a_gpu(monkeypatch):
     """One test (one skip without a GPU): bit-identical run to run, close to the emulation, and,
     with two GPUs, the caller's current device restored."""
-    from fastnig.kernels import accumulate_conductance
+    from fastnig.engine.kernels import accumulate_conductance
     a, g, lens = _inputs((3, 6, 37, 300), [37, 20, 9], seed=1)
     seg = torch.randint(0, 3, (3, 37), generator=torch.Generator().manual_seed(2))
     emulated = accumulate_conductance_emulated(a, g, lens, torch.zeros(3, 3, 300), segments=seg)

@@ -11,8 +11,8 @@ import itertools
 import pytest
 import torch
 
-from fastnig.kernels import (Carry, accumulate_conductance, accumulate_conductance_emulated,
-                             accumulate_conductance_ref, cuda_kernels_built)
+from fastnig.engine.kernels import (Carry, accumulate_conductance, accumulate_conductance_emulated,
+                                    accumulate_conductance_ref, cuda_kernels_built)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and cuda_kernels_built() else [])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastnig.config import ConfigError, attributed_labels, dataset_entry, load_config
+from fastnig.study.config import ConfigError, attributed_labels, dataset_entry, load_config
 from fastnig.data import (DATASETS, MissingJudgments, count_labels, known_grades, label_mapping, load_collection,
                           sample_pairs)
 
@@ -136,8 +136,8 @@ def test_bm25_negatives_from_real_bm25_through_the_pipeline(graded, tmp_path, sa
     pytest.importorskip("bm25s")
     from transformers import AutoModelForSequenceClassification
 
-    from fastnig.pipeline import attribute_dataset, bm25_ranker
-    from fastnig.reranking import bm25_run
+    from fastnig.study.pipeline import attribute_dataset, bm25_ranker
+    from fastnig.evaluation.reranking import bm25_run
 
     ranker = bm25_ranker(graded, tmp_path / "bm25")
     pairs = sample_pairs(graded, label=0, num_pairs=6, seed=2, negatives="bm25", ranker=ranker, relevant=[3],

@@ -11,9 +11,11 @@ import statistics
 import pytest
 import torch
 
-from fastnig import models
+from fastnig.training import demo_model as models
 from fastnig.data import load_collection
-from fastnig.models import finetune_cross_encoder, offline_demo_model, split_queries
+from fastnig.training.finetune import finetune_cross_encoder
+from fastnig.training.demo_model import offline_demo_model
+from fastnig.data.splits import split_queries
 
 TOPICS = [
     ("heat transfer", "heat transfer heating theory flow"),
@@ -75,7 +77,7 @@ FAST = dict(steps=40, batch_size=8, lr=2e-3, max_length=32, negative_depth=6, wa
 
 
 def _fresh(base):
-    from fastnig.models import load_cross_encoder
+    from fastnig.training.demo_model import load_cross_encoder
 
     torch.manual_seed(0)
     return load_cross_encoder(str(base), num_labels=1)
@@ -172,7 +174,7 @@ def test_random_order_ndcg_is_the_mean_over_permutations(tiny, tmp_path):
     """The chance level equals its exact expectation: E[DCG@k] = mean gain x sum of discounts (linearity)."""
     import math
 
-    from fastnig.reranking import bm25_run
+    from fastnig.evaluation.reranking import bm25_run
 
     collection, _, base = tiny
     model, tokenizer = _fresh(base)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fastnig.schemes import Scheme
+from fastnig.neurons.scheme import Scheme
 
 
 @pytest.fixture(scope="module")

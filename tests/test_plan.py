@@ -13,8 +13,8 @@ import torch
 import yaml
 
 import fastnig
-from fastnig.plan import (ACCELERATORS, KNOWN_SHAPES, ModelShape, accelerator_rate, measure_cpu_flops,
-                          model_shape, plan_config, render)
+from fastnig.study.plan import (ACCELERATORS, KNOWN_SHAPES, ModelShape, accelerator_rate, measure_cpu_flops,
+                                model_shape, plan_config, render)
 
 PAPER_YAML = Path(fastnig.__file__).resolve().parent / "configs" / "paper.yaml"
 
@@ -95,7 +95,7 @@ def test_render_times_follow_the_stated_rates():
 
 
 def test_shape_from_a_local_model_folder_matches_the_model(saved_tiny_model, tmp_path):
-    from fastnig.schemes import neuron_universe
+    from fastnig.neurons.sets import neuron_universe
     from tiny_models import make_model
 
     folder = saved_tiny_model(seed=3)

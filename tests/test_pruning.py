@@ -1,4 +1,4 @@
-"""Pruning evaluation (docs/method.md §8, the paper's Table 4): fastnig.pruning and ``fastnig prune``."""
+"""Pruning evaluation (docs/method.md §8, the paper's Table 4): fastnig.evaluation.pruning and ``fastnig prune``."""
 from __future__ import annotations
 
 import copy
@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 import fastnig
-from fastnig.pruning import (CSV_COLUMNS, PruningBenchmark, PruningTable, bm25_run, build_candidates, compare_ndcg,
-                             module_counts, ndcg_at_k, prune, pruned, random_like)
-from fastnig.schemes import NeuronSet, Scheme, neuron_universe
+from fastnig.evaluation.table4 import CSV_COLUMNS, PruningTable
+from fastnig.evaluation.pruning import PruningBenchmark, module_counts, prune, pruned, random_like
+from fastnig.evaluation.reranking import bm25_run, build_candidates, compare_ndcg, ndcg_at_k
+from fastnig.neurons.sets import NeuronSet, neuron_universe
+from fastnig.neurons.scheme import Scheme
 from tiny_models import WORDS, make_model, write_vocab
 
 

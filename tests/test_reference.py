@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastnig.scorecard import check_reference, load_reference
+from fastnig.report.scorecard import check_reference, load_reference
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "shared" / "paper"
 PAPER_TEXT = PAPER_DIR / "which-neurons-matter-in-ir.txt"

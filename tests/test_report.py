@@ -7,11 +7,11 @@ import shutil
 import subprocess
 import sys
 
-from fastnig.analysis import FIGURE5, figure2_name, figure3_name, figure4_name
-from fastnig.baselines import TABLE1_FIGURE
-from fastnig.report import write_report
+from fastnig.analysis.neuron_analyses import FIGURE5, figure2_name, figure3_name, figure4_name
+from fastnig.analysis.table1 import TABLE1_FIGURE
+from fastnig.report.document import write_report
 from fastnig.report.document import figure_caption
-from fastnig.run_comparison import compare_runs
+from fastnig.report.comparison import compare_runs
 from test_scorecard import TABLE4_COLUMNS, _layers, _t4_row, _write_csv, fixture_run  # noqa: F401 (fixture)
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -59,7 +59,7 @@ def test_figure_names_and_captions_follow_the_paper():
 
 
 def test_report_reads_top_down(fixture_run):
-    from fastnig.report import PruningTable
+    from fastnig.evaluation.table4 import PruningTable
 
     PruningTable.from_csv(fixture_run / "pruning" / "table4.csv").write(fixture_run / "pruning")
     names = _figures(fixture_run)

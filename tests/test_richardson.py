@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fastnig
-from fastnig import quadrature
-from fastnig.config import ConfigError, load_config
+from fastnig.engine import quadrature
+from fastnig.study.config import ConfigError, load_config
 from tiny_models import PAIRS
 
 
@@ -56,7 +56,8 @@ def test_one_pass_equals_two_trapezoid_runs(tiny_bert, tokenizer, kwargs, rtol):
 
 
 def test_richardson_enters_a_scheme(tiny_bert, tokenizer):
-    from fastnig.schemes import Scheme, neuron_universe
+    from fastnig.neurons.scheme import Scheme
+    from fastnig.neurons.sets import neuron_universe
 
     att = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=8, rule="richardson", progress=False)
     scheme = Scheme(neuron_universe(tiny_bert), model=att.settings["model"] or "tiny", dataset="d", label="relevant",
@@ -73,7 +74,7 @@ def test_out_of_memory_redo_rebuilds_the_even_point_carry(tiny_bert, tokenizer, 
     """21 points in chunks of at most 5 (0-3, 4-7, ...): an OOM inside the second chunk (call 18 of the
     op: 12 layers + the input per chunk) redoes it from point 4, whose carries need point 3 and the even
     point 2; the result equals an unchunked run."""
-    from fastnig import attribution
+    from fastnig.engine import attribute as attribution
 
     unchunked = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, rule="richardson",
                                   step_batch=21, pair_batch=2, progress=False)
@@ -192,7 +193,7 @@ def test_auto_stops_on_the_neuron_estimate_too(tiny_bert, tokenizer, monkeypatch
                                          tolerance, err)
         assert bool(done[0]) or n == 64
     # the neuron test binds: with it switched off, no pair needs more steps and some need fewer
-    monkeypatch.setattr(fastnig.attribution, "top_error",
+    monkeypatch.setattr(fastnig.engine.attribute, "top_error",
                         lambda scores, errors: torch.zeros(len(next(iter(scores.values())))))
     delta_only = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps="auto", max_steps=64,
                                    rule="richardson", tolerance=tolerance, progress=False)
@@ -207,8 +208,8 @@ def test_top_error_sums_the_estimates_of_the_largest_neurons():
 
 
 def test_memory_model_counts_the_even_point_carries(tiny_bert):
-    from fastnig.cross_encoder import linear_modules
-    from fastnig.memory import chunk_memory
+    from fastnig.engine.model import linear_modules
+    from fastnig.engine.memory import chunk_memory
 
     modules = linear_modules(tiny_bert)
     plain = chunk_memory(tiny_bert, modules, tokens=16, pairs=2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from fastnig.schemes import Scheme
+from fastnig.neurons.scheme import Scheme
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastnig.attribution import Attributions
-from fastnig.exact_sums import MAX_PAIRS
-from fastnig.neurons import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
-from fastnig.scheme_files import scheme_json_path
-from fastnig.fusion import fuse, fuse_all
-from fastnig.schemes import Scheme
+from fastnig.engine.attribute import Attributions
+from fastnig.neurons.exact_sums import MAX_PAIRS
+from fastnig.neurons.sets import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
+from fastnig.neurons.scheme_storage import scheme_json_path
+from fastnig.neurons.fusion import fuse, fuse_all
+from fastnig.neurons.scheme import Scheme
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -393,7 +393,7 @@ CHILD = textwrap.dedent("""
     import sys, time, torch
     sys.path[:0] = [{repo!r}, {tests!r}]
     from test_schemes import chunk_attributions, SIZES, CHUNKS
-    from fastnig.schemes import Scheme
+    from fastnig.neurons.scheme import Scheme
     path = sys.argv[1]
     scheme = (Scheme.load(path) if Scheme.exists(path)
               else Scheme.empty(SIZES, {{"model": "tiny", "dataset": "ms", "label": "relevant"}}))

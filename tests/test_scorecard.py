@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fastnig.scorecard import FAIL, NA, PASS, NotARunFolder, load_reference, scorecard
+from fastnig.report.run_folder import NotARunFolder
+from fastnig.report.scorecard import FAIL, NA, PASS, load_reference, scorecard
 
 TABLE4_COLUMNS = (
     "set", "level_percent", "dataset", "group", "num_neurons", "num_queries", "num_candidates",

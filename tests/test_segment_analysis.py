@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastnig.analysis import analyze
-from fastnig.config import ConfigError, load_config
-from fastnig.fusion import fuse, fuse_all
+from fastnig.analysis.neuron_analyses import analyze
+from fastnig.study.config import ConfigError, load_config
+from fastnig.neurons.fusion import fuse, fuse_all
 from fastnig.report.document import figure_caption, segment_lines
-from fastnig.schemes import Scheme
-from fastnig.segment_analysis import SEGMENT_COLUMNS, layer_shares, segment_figure_name, segment_table
-from fastnig.segments import SEGMENTS, segment_shares
+from fastnig.neurons.scheme import Scheme
+from fastnig.analysis.segments import SEGMENT_COLUMNS, layer_shares, segment_figure_name, segment_table
+from fastnig.engine.encoding import SEGMENTS
+from fastnig.neurons.segment_shares import segment_shares
 from test_labels import graded  # noqa: F401  (fixture: a small graded local collection)
 from test_segments import SIZES, _attributions
 
@@ -135,7 +136,7 @@ def test_cli_segments_flag_reaches_attribute_dataset(monkeypatch):
 def test_attribute_dataset_with_segments_keeps_segment_sums(graded, tmp_path, saved_tiny_model, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
-    from fastnig.pipeline import attribute_dataset
+    from fastnig.study.pipeline import attribute_dataset
 
     model = AutoModelForSequenceClassification.from_pretrained(saved_tiny_model(seed=4))
     kwargs = dict(label="relevant", num_pairs=3, agreement_filter=False, steps=2, max_length=32,
@@ -151,8 +152,8 @@ def test_attribute_dataset_with_segments_keeps_segment_sums(graded, tmp_path, sa
 
 
 def test_the_run_analysis_stage_writes_the_segment_table(tmp_path):
-    from fastnig.distributed import Ranks
-    from fastnig.pipeline import Study, stage_analysis
+    from fastnig.study.distributed import Ranks
+    from fastnig.study.pipeline import Study, stage_analysis
 
     cfg = load_config({"model": "m", "output": str(tmp_path / "run"),
                        "analysis": {"levels": [10], "layer_percent": 40},

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fastnig
-from fastnig import attribution
-from fastnig.attribution import SEGMENTS, encode_pairs
-from fastnig.first_token import first_token_cut as cut_of
+from fastnig.engine import attribute as attribution
+from fastnig.engine.encoding import SEGMENTS, encode_pairs
+from fastnig.engine.first_token import first_token_cut as cut_of
 from test_attribution import _captum_conductance
 from tiny_models import PAIRS, make_model, make_tokenizer
 
@@ -193,7 +193,7 @@ def _attributions(num, seed, segments=True):
 
 
 def _scheme():
-    from fastnig.schemes import Scheme
+    from fastnig.neurons.scheme import Scheme
 
     return Scheme.empty(SIZES, {"model": "tiny", "dataset": "ms", "label": "relevant"})
 
@@ -205,7 +205,7 @@ def _same_segment_bins(a, b):
 
 
 def test_scheme_segment_sums_survive_merge_resume_and_save_load_bit_for_bit(tmp_path):
-    from fastnig.schemes import Scheme
+    from fastnig.neurons.scheme import Scheme
 
     first, second = _attributions(5, 0), _attributions(4, 1)
     ids1, ids2 = [f"p{i}" for i in range(5)], [f"q{i}" for i in range(4)]
@@ -226,9 +226,9 @@ def test_scheme_segment_sums_survive_merge_resume_and_save_load_bit_for_bit(tmp_
 
 
 def test_schemes_without_segments_still_work_and_mixing_is_refused(tmp_path):
-    from fastnig.fusion import fuse
-    from fastnig.schemes import Scheme
-    from fastnig.segments import segment_shares
+    from fastnig.neurons.fusion import fuse
+    from fastnig.neurons.scheme import Scheme
+    from fastnig.neurons.segment_shares import segment_shares
 
     plain = _scheme().add(_attributions(3, 2, segments=False), ["a", "b", "c"])
     assert not plain.has_segments and plain.segment_means() is None
@@ -243,8 +243,8 @@ def test_schemes_without_segments_still_work_and_mixing_is_refused(tmp_path):
 
 
 def test_segment_shares_and_dominant_segment_filter():
-    from fastnig.segments import SEGMENTS as NAMES
-    from fastnig.segments import dominant_segment, filter_by_segment, segment_shares
+    from fastnig.engine.encoding import SEGMENTS as NAMES
+    from fastnig.neurons.segment_shares import dominant_segment, filter_by_segment, segment_shares
 
     scheme = _scheme().add(_attributions(6, 5), [str(i) for i in range(6)])
     rows = segment_shares(scheme)

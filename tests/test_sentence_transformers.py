@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastnig
-from fastnig.cross_encoder import score_pairs
-from fastnig.models import load_cross_encoder
+from fastnig.engine.scoring import score_pairs
+from fastnig.training.demo_model import load_cross_encoder
 from tiny_models import make_model
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is a test dependency (.[test])")

@@ -4,15 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastnig.schemes import Scheme
-from fastnig.set_expressions import PAPER_SETS, ExpressionError, check, evaluate, parse
+from fastnig.neurons.scheme import Scheme
+from fastnig.neurons.expressions import PAPER_SETS, ExpressionError, check, evaluate, parse
 
 SIZES = {"m.layer.0.attention.self.query": 5, "m.layer.0.intermediate.dense": 5}
 
 
 def _scheme(dataset, label, values):
     s = Scheme.empty(SIZES, {"model": "toy", "dataset": dataset, "label": label})
-    from fastnig.attribution import Attributions
+    from fastnig.engine.attribute import Attributions
 
     v = torch.tensor(values, dtype=torch.float32).view(1, 10)
     att = Attributions({"m.layer.0.attention.self.query": v[:, :5], "m.layer.0.intermediate.dense": v[:, 5:]},

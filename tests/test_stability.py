@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastnig.fusion import fuse
-from fastnig.schemes import Scheme, pair_half
-from fastnig.stability import MIN_HALF_PAIRS, StopRule, stability, top_indices, top_overlap
+from fastnig.neurons.fusion import fuse
+from fastnig.neurons.scheme import Scheme, pair_half
+from fastnig.neurons.stability import MIN_HALF_PAIRS, StopRule, stability, top_indices, top_overlap
 from test_schemes import make_attributions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_stop_rule_checks_its_fields_and_rounds():
 
 
 def test_config_pairs_accepts_a_number_or_max_with_stop_when():
-    from fastnig.config import ConfigError, load_config
+    from fastnig.study.config import ConfigError, load_config
 
     base = {"model": "demo", "output": "runs/x", "attribution": {"datasets": {"cran": "cranfield"}}}
     cfg = load_config({**base, "attribution": {**base["attribution"], "pairs": 300}})
@@ -230,7 +230,7 @@ def tiny(model_dir):
 
 
 def _attribute(model, tokenizer, collection, out, **kw):
-    from fastnig.pipeline import attribute_dataset
+    from fastnig.study.pipeline import attribute_dataset
 
     kw = {"label": "relevant", "steps": 4, "max_length": 48, "chunk_pairs": 3, "progress": False, **kw}
     return attribute_dataset(model, tokenizer, collection, out=out, **kw)
@@ -253,7 +253,7 @@ def assert_bit_identical(a: Scheme, b: Scheme) -> None:
 
 def test_early_stopping_stops_at_the_rule_and_never_exceeds_max(tmp_path, tiny, collection,
                                                                 monkeypatch):
-    import fastnig.stability as stab
+    import fastnig.neurons.stability as stab
 
     monkeypatch.setattr(stab, "stability", _fake_estimate(6))
     rule = {"level": 1, "overlap": 0.9, "first_round": 4}
@@ -278,7 +278,7 @@ def test_early_stopping_stops_at_the_rule_and_never_exceeds_max(tmp_path, tiny, 
 
 
 def test_a_stopped_scheme_equals_a_fixed_run_with_its_pairs_bit_for_bit(tmp_path, tiny, collection, monkeypatch):
-    import fastnig.stability as stab
+    import fastnig.neurons.stability as stab
 
     monkeypatch.setattr(stab, "stability", _fake_estimate(5))
     stopped = _attribute(*tiny, collection, tmp_path / "stopped", num_pairs=60,
@@ -299,7 +299,7 @@ def test_a_stopped_scheme_equals_a_fixed_run_with_its_pairs_bit_for_bit(tmp_path
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path[:0] = [{tests!r}]  # fastnig itself: the installed package (with its compiled extension)
-    import fastnig.pipeline as pipeline, fastnig.stability as stab
+    import fastnig.study.pipeline as pipeline, fastnig.neurons.stability as stab
     from fastnig.data import load_collection
     from test_stability import _fake_estimate
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -319,7 +319,7 @@ CHILD = textwrap.dedent("""
 
 def test_resume_after_a_kill_in_the_middle_of_a_round_gives_the_same_scheme(tmp_path, tiny, model_dir, collection,
                                                                              monkeypatch):
-    import fastnig.stability as stab
+    import fastnig.neurons.stability as stab
 
     script = CHILD.format(tests=str(REPO / "tests"))
     out = tmp_path / "P"
@@ -358,7 +358,7 @@ def test_sharded_early_stopping_equals_one_process(tmp_path, tiny, collection, m
     import copy
     import threading
 
-    import fastnig.stability as stab
+    import fastnig.neurons.stability as stab
 
     monkeypatch.setattr(stab, "stability", _fake_estimate(5))
     rule = {"level": 1, "overlap": 0.9, "first_round": 4}
@@ -405,7 +405,7 @@ def test_sharded_early_stopping_equals_one_process(tmp_path, tiny, collection, m
 def test_schemes_csv_and_the_report_show_the_estimate_per_level(tmp_path):
     import csv
 
-    from fastnig.analysis import scheme_summary
+    from fastnig.analysis.neuron_analyses import scheme_summary
     from fastnig.report.document import write_report
 
     scheme = scheme_of(draws(smooth_means(), 1.0, 48, seed=31))

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from fastnig import baselines
-from fastnig.cross_encoder import score_pairs
+from fastnig.evaluation import table1 as baselines
+from fastnig.engine.scoring import score_pairs
 from fastnig.data import load_collection, sample_pairs
 
 TOPICS = [

@@ -9,11 +9,14 @@ from typing import List
 
 import torch
 
-from ..analysis import DEFAULT_LEVELS, analyze
-from ..baselines import baseline_differences, baseline_table
+from ..analysis.neuron_analyses import DEFAULT_LEVELS, analyze
+from ..evaluation.table1 import baseline_differences
+from ..analysis.table1 import baseline_table
 from ..data import LabelledPair, filter_agreeing
-from ..models import ModelUnavailable, load_cross_encoder
-from ..schemes import Scheme, is_scheme_file, scheme_json_path
+from ..engine.loading import ModelUnavailable
+from ..training.demo_model import load_cross_encoder
+from ..neurons.scheme import Scheme
+from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
 from .usage import UsageError
 
 

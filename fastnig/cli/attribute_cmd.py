@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from ..data import NEGATIVES, label_mapping
-from ..models import load_cross_encoder
-from ..pipeline import attribute_dataset
-from ..quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
-from ..stability import StopRule
+from ..training.demo_model import load_cross_encoder
+from ..study.pipeline import attribute_dataset
+from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
+from ..neurons.stability import StopRule
 from .usage import UsageError
 
 DESCRIPTION = """\

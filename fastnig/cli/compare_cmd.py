@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..run_comparison import compare_runs
-from ..run_results import NotARunFolder
-from ..scorecard import scorecard
+from ..report.comparison import compare_runs
+from ..report.run_folder import NotARunFolder
+from ..report.scorecard import scorecard
 from .usage import UsageError
 
 DESCRIPTION = """\

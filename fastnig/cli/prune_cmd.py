@@ -10,11 +10,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..data import DATASETS, load_collection
-from ..models import load_cross_encoder
-from ..pruning import evaluate_pruning
-from ..reranking import build_candidates
-from ..fusion import fuse
-from ..schemes import NeuronSet, Scheme, intersection, is_scheme_file, neuron_universe, scheme_json_path
+from ..training.demo_model import load_cross_encoder
+from ..evaluation.pruning import evaluate_pruning
+from ..evaluation.reranking import build_candidates
+from ..neurons.fusion import fuse
+from ..neurons.sets import NeuronSet, intersection, neuron_universe
+from ..neurons.scheme import Scheme
+from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
 from .usage import UsageError
 
 

@@ -5,8 +5,8 @@ import argparse
 import logging
 import sys
 
-from ..pipeline import run_study
-from ..plan import ACCELERATORS, measure_cpu_flops, plan_config, render
+from ..study.pipeline import run_study
+from ..study.plan import ACCELERATORS, measure_cpu_flops, plan_config, render
 from .usage import UsageError
 
 DESCRIPTION = """\

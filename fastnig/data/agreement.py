@@ -4,7 +4,7 @@ Owns: :func:`filter_agreeing`, i.e. the rule "P(relevant) > 0.5 for label 1,
 < 0.5 for label 0" and its report (counts per label, every P(relevant),
 the dropped pairs).
 
-Must not: tokenise or run the model itself (:func:`fastnig.cross_encoder.score_pairs`
+Must not: tokenise or run the model itself (:func:`fastnig.engine.scoring.score_pairs`
 does, as everywhere else), or load or sample data.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..common import check_int
-from ..cross_encoder import check_model, move_model, score_pairs
+from ..engine.model import check_model, move_model
+from ..engine.scoring import score_pairs
 from .records import LabelledPair
 
 
@@ -23,8 +24,8 @@ def filter_agreeing(model, tokenizer, pairs: Iterable[LabelledPair], *, batch_si
 
     A pair agrees when P(relevant) > 0.5 for label 1 and < 0.5 for label 0
     (exactly 0.5 agrees with neither).  P(relevant) comes from
-    :func:`fastnig.cross_encoder.relevance_probability` of the model's logits
-    (1 or 2), on the pair encoding of :mod:`fastnig.cross_encoder`
+    :func:`fastnig.engine.scoring.relevance_probability` of the model's logits
+    (1 or 2), on the pair encoding of :mod:`fastnig.engine.model`
     (``truncation="only_second"``), i.e. the input the attribution sees.
 
     Args:
@@ -33,7 +34,7 @@ def filter_agreeing(model, tokenizer, pairs: Iterable[LabelledPair], *, batch_si
         pairs: :class:`LabelledPair` objects, any labels.
         batch_size: pairs per forward pass.
         max_length: tokens of the pair encoding (``None``: the model's, see
-            :func:`fastnig.cross_encoder.resolve_max_length`).
+            :func:`fastnig.engine.model.resolve_max_length`).
         device: where to run; ``None`` = the model's device (the model is moved
             there otherwise, as :func:`fastnig.attribute` does).
         progress: show a tqdm bar.

@@ -31,7 +31,7 @@ _VERIFIED: Dict[str, Path] = {}
 
 
 def _collections_dir():
-    return resources.files("fastnig").joinpath("collections")
+    return resources.files("fastnig.data").joinpath("collections")
 
 
 def checksums() -> Dict[str, Dict[str, object]]:

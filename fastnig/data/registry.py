@@ -9,6 +9,7 @@ network; this is a table, nothing more.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Tuple
 
 #: Abbreviation -> source.  Attribution datasets of docs/method.md §7 (the paper's
@@ -51,3 +52,19 @@ WITHOUT_NONRELEVANT = frozenset({"f", "b"})
 #: Grades of datasets that ir_datasets' metadata does not list (see :func:`fastnig.data.known_grades`):
 #: BEIR's BioASQ qrels judge relevant passages only (grade 1).
 GRADES_WITHOUT_METADATA = {"bioasq": (1,)}
+#: Other ids of the attribution datasets, for :func:`short_name` (the one table is :data:`DATASETS`).
+ALIASES: Dict[str, str] = {"msmarco-passage/trec-dl-2019": "ms", "beir/bioasq": "b"}
+
+
+def short_name(dataset: str) -> str:
+    """Short dataset name for labels such as ``P_ms``: the abbreviation of :data:`DATASETS`
+    (docs/method.md §7; also for :data:`ALIASES`), else the last part of the id or path."""
+    if dataset in DATASETS:
+        return dataset
+    for abbreviation, source in DATASETS.items():
+        if source == dataset:
+            return abbreviation
+    if dataset in ALIASES:
+        return ALIASES[dataset]
+    stripped = dataset.rstrip("/\\")
+    return os.path.basename(stripped) or stripped

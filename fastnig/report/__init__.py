@@ -1,11 +1,10 @@
-"""What a run hands to a reader: the report document and the paper's Table 4.
+"""What a run folder hands to a reader (the top layer below the CLI).
 
-Owns: rendering only — :mod:`.document` (``report.md`` / ``report.html``) and
-:mod:`.table4` (:class:`PruningTable`: CSV, Markdown, LaTeX).  Must not:
-run models or compute results; depends on the standard library and NumPy only,
-so every stage may import it.
+- :mod:`.run_folder` — reading a run folder's files (config, CSVs, Table 4 groups);
+- :mod:`.scorecard` — the paper's claims checked against a run, with the
+  paper's reference numbers (``reference/paper.json``);
+- :mod:`.comparison` — two runs side by side;
+- :mod:`.document` — ``report.md`` / ``report.html``.
+
+Must not: run models or compute results.
 """
-from .document import write_report
-from .table4 import CSV_COLUMNS, PruningTable
-
-__all__ = ["write_report", "CSV_COLUMNS", "PruningTable"]

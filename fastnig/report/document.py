@@ -10,7 +10,7 @@ file can be mailed or archived.
 
 Owns: the layout of ``report.md`` / ``report.html`` and the figure captions.
 Must not: run models or compute results (it reads and summarises what the
-stages wrote; the scorecard is :mod:`fastnig.scorecard`'s).
+stages wrote; the scorecard is :mod:`fastnig.report.scorecard`'s).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from ..common import write_atomic
-from ..run_comparison import compare_runs
-from ..run_results import NotARunFolder, table4_summary
-from ..scorecard import scorecard
-from ..segments import SEGMENTS
+from .comparison import compare_runs
+from .run_folder import NotARunFolder, table4_summary
+from .scorecard import scorecard
+from ..engine.encoding import SEGMENTS
 
 FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows the figure number in the name
     ("figure2a_*.png", "Figure 2a — relevant neurons: overlap of P_x and P_y for every two datasets "

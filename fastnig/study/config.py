@@ -1,0 +1,361 @@
+"""The ``fastnig run`` configuration: reading, validating and substituting it.
+
+Owns: the sections and defaults of a run configuration (:data:`SECTIONS`),
+reading YAML/TOML files or packaged configs (``fastnig/configs/*.yaml``),
+``${data}`` / ``${ENV}`` substitution, every check a config gets before any
+work (:func:`load_config` -> :class:`RunConfig`), the per-dataset label
+mapping of attribution datasets (:func:`dataset_entry`), and placing local
+archives where ir_datasets looks for them.
+
+Must not: open datasets, load models or run stages (:mod:`fastnig.study.pipeline`).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from ..engine.encoding import BASELINES
+from ..engine.quadrature import NODES
+from ..common import is_int, optional_import
+from ..engine.scoring import OUTPUTS, TARGETS
+from ..data.sampling import NEGATIVES, known_grades, label_mapping
+from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES, check_rule
+from ..neurons.expressions import check as check_expression
+from ..neurons.stability import StopRule
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+REQUIRED = object()
+SECTIONS: Dict[str, Dict[str, Any]] = {
+    "run": {"name": None, "model": REQUIRED, "output": REQUIRED, "device": None, "cache_dir": None,
+            "ir_datasets_files": {}, "compare_with": None, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
+    "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
+                    "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
+                    "steps": DEFAULT_STEPS, "rule": DEFAULT_RULE, "nodes": "uniform", "baseline": "pad",
+                    "output": "probability", "max_length": 512, "step_batch": None, "pair_batch": 1,
+                    "chunk_pairs": 8, "segments": False},
+    "analysis": {"levels": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10], "exclude": [], "layer_percent": 1.0,
+                 "baseline_pairs": 0, "by": "value"},
+    "pruning": {"levels": [0.01, 0.1, 1], "sets": [], "validation": {}, "queries": 100, "depth": 20,
+                "repetitions": 50, "seed": 0, "batch_size": 32, "max_length": None, "by": "value"},
+}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the problem."""
+
+
+DATASET_KEYS = ("dataset", "relevant", "nonrelevant", "negatives")
+"""Keys of an attribution dataset given as a mapping (see :func:`dataset_entry`)."""
+
+
+def dataset_entry(name: str, value: Any, negatives: str = "judged", relevance_threshold: int = 1) -> Dict[str, Any]:
+    """One attribution dataset of a config, as ``{dataset, relevant, nonrelevant, negatives}``.
+
+    ``value`` is a dataset spec (string) or a mapping ``{dataset: SPEC,
+    relevant: [grades], nonrelevant: [grades], negatives: judged|bm25|unjudged}``
+    (only ``dataset`` is required).  ``relevant`` / ``nonrelevant`` are
+    ``None`` when left out: relevant = grades >= ``relevance_threshold``,
+    non-relevant = the judged grades below the lowest relevant one, >= 0
+    (:class:`fastnig.data.LabelMapping`); ``negatives`` defaults to the
+    section's.
+
+    Raises:
+        ConfigError: a bad key or value, with the dataset's name.
+    """
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(DATASET_KEYS))
+        if unknown:
+            raise ConfigError(f"attribution.datasets.{name}: unknown key(s) {unknown}; allowed: {list(DATASET_KEYS)}")
+        if not value.get("dataset"):
+            raise ConfigError(f"attribution.datasets.{name} needs the key 'dataset' (a dataset spec, e.g. ms)")
+        entry = {"dataset": str(value["dataset"]), "relevant": value.get("relevant"),
+                 "nonrelevant": value.get("nonrelevant"), "negatives": value.get("negatives") or negatives}
+    elif isinstance(value, (str, int)) and str(value).strip():
+        entry = {"dataset": str(value), "relevant": None, "nonrelevant": None, "negatives": negatives}
+    else:
+        raise ConfigError(f"attribution.datasets.{name} must be a dataset spec or a mapping "
+                          f"{{dataset: SPEC, relevant: [grades], nonrelevant: [grades], negatives: ...}}, "
+                          f"got {value!r}")
+    if entry["negatives"] not in NEGATIVES:
+        raise ConfigError(f"attribution.datasets.{name}.negatives: {entry['negatives']!r} is not one of "
+                          f"{list(NEGATIVES)}")
+    try:
+        mapping = label_mapping(entry["relevant"], entry["nonrelevant"], relevance_threshold)
+    except ValueError as exc:
+        raise ConfigError(f"attribution.datasets.{name}: {exc}") from None
+    entry.update(mapping.as_dict())
+    return entry
+
+
+def has_nonrelevant(entry: Mapping[str, Any], relevance_threshold: int = 1) -> Optional[bool]:
+    """Whether an attribution dataset (a :func:`dataset_entry`) yields non-relevant pairs, without opening it.
+
+    True with BM25 or unjudged negatives; with judged ones, whether some
+    grade the dataset's qrels hold (ir_datasets' metadata, see
+    :func:`fastnig.data.known_grades`) is non-relevant under its mapping;
+    ``None`` when its grades are not known (local data): the qrels decide at run time.
+    """
+    if entry["negatives"] != "judged":
+        return True
+    grades = known_grades(entry["dataset"])
+    if grades is None:
+        return None
+    mapping = label_mapping(entry["relevant"], entry["nonrelevant"], relevance_threshold)
+    return any(mapping.is_nonrelevant(g) for g in grades)
+
+
+def attributed_labels(attribution: Mapping[str, Any]) -> Dict[str, list]:
+    """Dataset name -> the labels a run will attribute for it (no N_x where the data has no non-relevant pair)."""
+    return {name: [label for label in attribution["labels"] if label == "relevant"
+                   or has_nonrelevant(entry, attribution["relevance_threshold"]) is not False]
+            for name, entry in attribution["datasets"].items()}
+
+
+def _section(raw: Any, name: str) -> Dict[str, Any]:
+    allowed = SECTIONS[name]
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
+    out = {}
+    for key, default in allowed.items():
+        if key in raw:
+            out[key] = raw[key]
+        elif default is REQUIRED:
+            raise ConfigError(f"config section {name!r} needs the key {key!r}")
+        else:
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+def _read_config_file(source: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
+    path = Path(source)
+    if not path.exists() and not path.suffix:
+        packaged = CONFIG_DIR / f"{source}.yaml"
+        if packaged.exists():
+            path = packaged
+        else:
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"config {str(source)!r} is neither a file nor a packaged config ({names})")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    parser = (optional_import("tomllib", "to read TOML configs (Python >= 3.11)") if path.suffix == ".toml"
+              else optional_import("yaml", "to read YAML configs"))
+    try:
+        raw = parser.loads(text) if path.suffix == ".toml" else parser.safe_load(text)
+    except Exception as exc:  # a syntax error: one line, with the parser's position
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping (model, output, attribution, ...)")
+    return dict(raw), path
+
+
+def shared_data_dir() -> Optional[Path]:
+    """The folder ``${data}`` stands for in configs: $FASTNIG_DATA, else a ``shared/data`` folder beside the checkout or the current folder."""
+    if os.environ.get("FASTNIG_DATA"):
+        return Path(os.environ["FASTNIG_DATA"])
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        for candidate in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def _substitute(value: str) -> str:
+    """``${data}`` -> :func:`shared_data_dir`; ``${ENV}`` -> the environment variable."""
+    def repl(m):
+        key = m.group(1)
+        if key == "data":
+            found = shared_data_dir()
+            if found is None:
+                raise ConfigError("the config uses ${data} but no data folder was found: set FASTNIG_DATA to the "
+                                  "folder holding your collections")
+            return str(found)
+        if key not in os.environ:
+            raise ConfigError(f"the config uses ${{{key}}} but the environment variable {key} is not set")
+        return os.environ[key]
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", repl, value)
+
+
+@dataclass
+class RunConfig:
+    """A validated ``fastnig run`` configuration (see ``fastnig/configs/*.yaml``)."""
+
+    name: str
+    model: str
+    output: Path
+    device: Optional[str]
+    cache_dir: Path
+    attribution: Dict[str, Any]
+    analysis: Dict[str, Any]
+    pruning: Dict[str, Any]
+    ir_datasets_files: Dict[str, str] = field(default_factory=dict)
+    source: Optional[Path] = None
+    compare_with: Optional[Path] = None
+
+    def dataset_spec(self, name: str) -> str:
+        """The dataset spec of attribution dataset ``name``."""
+        return self.attribution["datasets"][name]["dataset"]
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
+               "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
+               "analysis": self.analysis, "pruning": self.pruning}
+        if self.compare_with is not None:
+            out["compare_with"] = str(self.compare_with)
+        return out
+
+
+def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[str] = None,
+                datasets: Optional[Mapping[str, str]] = None, output: Optional[Union[str, Path]] = None) -> RunConfig:
+    """Read and check a run configuration (YAML/TOML file, packaged name, or dict).
+
+    Checks keys, types and set expressions; datasets and the model are
+    checked by :func:`preflight`.  ``model``, ``datasets`` (name -> spec,
+    added or replacing, attribution or validation) and ``output`` override the file.
+    """
+    if isinstance(source, Mapping):
+        raw, path = dict(source), None
+    else:
+        raw, path = _read_config_file(source)
+    top = _section(raw, "run")
+    att = _section(top["attribution"], "attribution")
+    ana = _section(top["analysis"], "analysis")
+    pru = _section(top["pruning"], "pruning")
+    if model:
+        top["model"] = model
+    if output:
+        top["output"] = str(output)
+    if not isinstance(att["datasets"], Mapping) or not att["datasets"]:
+        raise ConfigError("attribution.datasets must map names to dataset specs, e.g. {ms: ms, nf: nf}")
+    if not is_int(att["relevance_threshold"]) or att["relevance_threshold"] < 1:
+        raise ConfigError(f"attribution.relevance_threshold must be an integer >= 1, got {att['relevance_threshold']!r}")
+    if att["negatives"] not in NEGATIVES:
+        raise ConfigError(f"negatives: {att['negatives']!r} is not one of {list(NEGATIVES)}")
+    att["datasets"] = {str(k): dataset_entry(str(k), v, att["negatives"], att["relevance_threshold"])
+                       for k, v in att["datasets"].items()}
+    validation = {}
+    for vname, spec in (pru["validation"] or {}).items():
+        if isinstance(spec, str):
+            spec = {"dataset": spec}
+        if not isinstance(spec, Mapping) or "dataset" not in spec or set(spec) - {"dataset", "group"}:
+            raise ConfigError(f"pruning.validation.{vname} must be a dataset spec or {{dataset: SPEC, group: NAME}}")
+        validation[str(vname)] = {"dataset": str(spec["dataset"]), "group": str(spec.get("group", vname))}
+    pru["validation"] = validation
+    for name, spec in (datasets or {}).items():  # an override replaces the whole entry (its labels too)
+        if name in validation:
+            validation[name]["dataset"] = spec
+        else:
+            att["datasets"][name] = dataset_entry(name, spec, att["negatives"], att["relevance_threshold"])
+    for entry in att["datasets"].values():
+        entry["dataset"] = _substitute(entry["dataset"])
+    for v in validation.values():
+        v["dataset"] = _substitute(v["dataset"])
+
+    def choice(section, key, allowed):
+        value = section[key]
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+
+    choice(att, "rule", RULES)
+    choice(att, "nodes", NODES)
+    choice(att, "baseline", BASELINES)
+    choice(att, "output", OUTPUTS)
+    for label in att["labels"]:
+        if label not in TARGETS:
+            raise ConfigError(f"attribution.labels: {label!r} is not one of {list(TARGETS)}")
+    att["pairs"], att["stop_when"] = _pairs_option(att["pairs"])
+    for key in ("pairs", "chunk_pairs", "pair_batch", "max_length"):
+        if not is_int(att[key]) or att[key] < 1:
+            raise ConfigError(f"attribution.{key} must be a positive integer, got {att[key]!r}")
+    if att["steps"] != "auto" and (not is_int(att["steps"]) or att["steps"] < 1):
+        raise ConfigError(f"attribution.steps must be a positive integer or 'auto', got {att['steps']!r}")
+    if not isinstance(att["segments"], bool):
+        raise ConfigError(f"attribution.segments must be true or false (split each neuron's conductance by "
+                          f"query, passage and special tokens), got {att['segments']!r}")
+    try:  # richardson: uniform nodes, even steps
+        check_rule(att["rule"], att["steps"], att["nodes"])
+    except ValueError as exc:
+        raise ConfigError(f"attribution.{exc}") from None
+    unknown_id = [d for d in att["in_domain"] if d not in att["datasets"]]
+    if unknown_id:
+        raise ConfigError(f"attribution.in_domain names {unknown_id}, which are not attribution datasets "
+                          f"{list(att['datasets'])}")
+    unknown_ex = [d for d in ana["exclude"] if d not in att["datasets"]]
+    if unknown_ex:
+        raise ConfigError(f"analysis.exclude names {unknown_ex}, which are not attribution datasets")
+    for key, section in (("analysis.levels", ana["levels"]), ("pruning.levels", pru["levels"])):
+        if not section or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 100
+                              for x in section):
+            raise ConfigError(f"{key} must be a non-empty list of percentages in (0, 100], got {section!r}")
+    for key in ("queries", "repetitions", "batch_size"):
+        if not is_int(pru[key]) or pru[key] < 1:
+            raise ConfigError(f"pruning.{key} must be a positive integer, got {pru[key]!r}")
+    if pru["sets"] and not pru["validation"]:
+        raise ConfigError("pruning.sets is given but pruning.validation names no dataset to rerank")
+    labels = attributed_labels(att)
+    pru["sets"] = [str(s) for s in pru["sets"]]
+    for expression in pru["sets"]:
+        try:
+            check_expression(expression, list(att["datasets"]), labels)
+        except ValueError as exc:
+            raise ConfigError(f"pruning.sets: {exc}") from None
+    cache = Path(top["cache_dir"] or os.environ.get("FASTNIG_CACHE") or Path.home() / ".cache" / "fastnig")
+    files = top["ir_datasets_files"] or {}
+    if not isinstance(files, Mapping):
+        raise ConfigError("ir_datasets_files must map paths under IR_DATASETS_HOME to local files")
+    files = {str(k): _substitute(str(v)) for k, v in files.items()}
+    for target, source_file in files.items():
+        if not Path(source_file).is_file():
+            raise ConfigError(f"ir_datasets_files: {source_file} (for {target}) does not exist")
+    compare_with = top["compare_with"]
+    if compare_with is not None and (not isinstance(compare_with, str) or not compare_with.strip()):
+        raise ConfigError(f"compare_with must be the output folder of another run (a path), got {compare_with!r}")
+    return RunConfig(name=str(top["name"] or (path.stem if path else "run")), model=str(top["model"]),
+                     output=Path(top["output"]), device=top["device"], cache_dir=cache, attribution=att,
+                     analysis=ana, pruning=pru, ir_datasets_files=files, source=path,
+                     compare_with=Path(_substitute(compare_with)) if compare_with else None)
+
+
+def _pairs_option(value: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """``attribution.pairs``: ``N`` or ``{max: N, stop_when: {level: X, overlap: O}}`` -> ``(N, stop_when)``.
+
+    After :func:`load_config`, ``attribution.pairs`` is the most pairs sampled
+    per dataset and label and ``attribution.stop_when`` the early-stopping
+    rule (:class:`fastnig.neurons.stability.StopRule` as a dict) or ``None``.
+    """
+    if not isinstance(value, Mapping):
+        return value, None
+    unknown = sorted(set(value) - {"max", "stop_when"})
+    if unknown or "max" not in value:
+        raise ConfigError(f"attribution.pairs must be a positive integer or {{max: N, stop_when: {{level: X, "
+                          f"overlap: O}}}}; got {dict(value)!r}")
+    try:
+        rule = StopRule.parse(value.get("stop_when"))
+    except ValueError as exc:
+        raise ConfigError(f"attribution.pairs.{exc}") from None
+    return value["max"], (rule.as_dict() if rule is not None else None)
+
+
+def place_ir_datasets_files(files: Mapping[str, str]) -> None:
+    """Copy local archives where ir_datasets looks for them (``$IR_DATASETS_HOME``, default ~/.ir_datasets).
+
+    This is how a collection whose download is unreachable (no network) is
+    still read through its real ir_datasets id, e.g. ``cranfield/cran.tar.gz``.
+    """
+    home = Path(os.environ.get("IR_DATASETS_HOME") or Path.home() / ".ir_datasets")
+    for target, source_file in files.items():
+        dest = home / target
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+            shutil.copyfile(source_file, tmp)
+            os.replace(tmp, dest)
