@@ -15,11 +15,11 @@ target = Path(sys.argv[1]).resolve()
 sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 
 import fastnig  # noqa: E402
-import fastnig._C  # noqa: E402,F401
+import fastnig.engine._C  # noqa: E402,F401
 import torch  # noqa: E402
 from fastnig.engine.kernels import accumulate_conductance, accumulate_conductance_ref, cpu_kernel_isa
 
-for module in (fastnig, fastnig._C):
+for module in (fastnig, fastnig.engine._C):
     where = Path(module.__file__).resolve()
     assert target in where.parents, f"{module.__name__} was imported from {where}, not from {target}"
 package = resources.files("fastnig")
@@ -37,4 +37,4 @@ out, ref = torch.zeros(2, 16), torch.zeros(2, 16)
 accumulate_conductance(a, g, lengths, out)  # the compiled op
 accumulate_conductance_ref(a, g, lengths, ref)
 torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-print(f"wheel OK: fastnig and fastnig._C from {target}, CPU kernel {cpu_kernel_isa()}, package data found")
+print(f"wheel OK: fastnig and fastnig.engine._C from {target}, CPU kernel {cpu_kernel_isa()}, package data found")

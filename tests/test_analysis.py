@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastnig.analysis import neuron_analyses as analysis
+from fastnig.analysis import table1 as table1_files
 from fastnig.evaluation import table1 as baselines
 from fastnig.engine.attribute import Attributions
 from fastnig.neurons.fusion import fuse
@@ -305,10 +306,10 @@ def test_baseline_quality_matches_an_independent_computation(kind, num_labels):
 def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     from fastnig.cli import main
 
-    rows = baselines.baseline_table({"original": 0.5, "pad": 0.1, "zero": -0.25}, tmp_path, pairs=7, dataset="ms")
+    rows = table1_files.baseline_table({"original": 0.5, "pad": 0.1, "zero": -0.25}, tmp_path, pairs=7, dataset="ms")
     assert [(r["baseline"], r["quality"]) for r in rows] == [("original", 1.0), ("pad", 0.2), ("zero", -0.5)]
     table = read_csv(tmp_path / "baselines.csv")
-    assert tuple(table[0]) == baselines.BASELINE_COLUMNS
+    assert tuple(table[0]) == table1_files.BASELINE_COLUMNS
     # Each row has the original input's value beside it, and what it was averaged over.
     assert [(r["baseline"], float(r["mean_difference"]), float(r["original_difference"]), float(r["quality"]),
              r["pairs"], r["dataset"]) for r in table] == [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastnig
-from fastnig.engine import attribute as attribution, model as cross_encoder, first_token
+from fastnig.engine import attribute as attribution, first_token, model as cross_encoder, scoring
 from fastnig.engine import memory
 from fastnig.engine.model import linear_modules
 from fastnig.engine.memory import chunk_memory
@@ -230,7 +230,7 @@ def test_attribute_leaves_every_module_as_it_was(tokenizer, attention):
         model(**tokenizer(*PAIRS[0], return_tensors="pt"))
     before = _snapshot(model)
     fastnig.attribute(model, PAIRS[:2], tokenizer=tokenizer, steps=4, step_batch=2, pair_batch=2, progress=False)
-    cross_encoder.score_pairs(model, tokenizer, PAIRS[:2])
+    scoring.score_pairs(model, tokenizer, PAIRS[:2])
     _same_snapshot(before, _snapshot(model))
 
 

@@ -12,7 +12,7 @@ import sysconfig
 
 import pytest
 
-import fastnig
+import fastnig.engine
 from fastnig.engine import kernels
 
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
@@ -21,11 +21,11 @@ OTHER = ".cpython-39-x86_64-linux-gnu.so" if "cpython-39" not in SUFFIX else ".c
 
 @pytest.fixture()
 def fake(tmp_path, monkeypatch):
-    """``fake(checkout, builds, compiler)``: the package folder ``tmp/src/fastnig`` holding ``builds``
+    """``fake(checkout, builds, compiler)``: the engine folder ``tmp/src/fastnig/engine`` holding ``builds``
     (file names), inside a source checkout or not, with or without a C++ compiler on PATH."""
-    def make(checkout=True, builds=(), compiler=True, error="No module named 'fastnig._C'"):
+    def make(checkout=True, builds=(), compiler=True, error="No module named 'fastnig.engine._C'"):
         root = tmp_path / "src"
-        package = root / "fastnig"
+        package = root / "fastnig" / "engine"
         package.mkdir(parents=True)
         if checkout:
             (root / "pyproject.toml").write_text("[project]\nname = 'fastnig'\n")
@@ -35,12 +35,12 @@ def fake(tmp_path, monkeypatch):
         monkeypatch.setattr(kernels, "_C", None)
         monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError(error))
         monkeypatch.setattr(kernels, "__file__", str(package / "kernels.py"))
-        monkeypatch.setattr(fastnig, "__path__", [str(package)])
+        monkeypatch.setattr(fastnig.engine, "__path__", [str(package)])
         monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if compiler else None)
         with pytest.raises(ImportError) as err:
             kernels._extension()
         message = str(err.value)
-        assert message.startswith("fastnig's compiled extension (fastnig._C) could not be loaded: ")
+        assert message.startswith("fastnig's compiled extension (fastnig.engine._C) could not be loaded: ")
         assert message.count(" Fix: ") == 1 and "\n" not in message
         return message, root
     return make

@@ -136,7 +136,8 @@ def test_bm25_negatives_from_real_bm25_through_the_pipeline(graded, tmp_path, sa
     pytest.importorskip("bm25s")
     from transformers import AutoModelForSequenceClassification
 
-    from fastnig.study.pipeline import attribute_dataset, bm25_ranker
+    from fastnig.engine.settings import AttributionSettings
+    from fastnig.study.attribution_job import attribute_dataset, bm25_ranker
     from fastnig.evaluation.reranking import bm25_run
 
     ranker = bm25_ranker(graded, tmp_path / "bm25")
@@ -154,7 +155,8 @@ def test_bm25_negatives_from_real_bm25_through_the_pipeline(graded, tmp_path, sa
     model = AutoModelForSequenceClassification.from_pretrained(saved_tiny_model(seed=4))
     scheme = attribute_dataset(model, tokenizer, graded, label="non-relevant", num_pairs=6, seed=2,
                                negatives="bm25", relevant=[3], nonrelevant=[0], bm25_cache_dir=tmp_path / "bm25",
-                               agreement_filter=False, steps=2, max_length=32, out=tmp_path / "N_graded",
+                               agreement_filter=False, settings=AttributionSettings(steps=2, max_length=32),
+                               out=tmp_path / "N_graded",
                                progress=False)
     assert scheme.seen_ids == {f"{p.query_id}\t{p.doc_id}" for p in pairs}
     assert scheme.extra["sampling"]["relevant"] == [3] and scheme.extra["sampling"]["negatives"] == "bm25"

@@ -26,7 +26,8 @@ def word_tokenizer():
     ``vocab_file=``, which would map every word to [UNK])."""
     from transformers import BertTokenizerFast
 
-    tok = BertTokenizerFast(vocab=write_vocab(tempfile.mkdtemp(prefix="fastnig-vocab-")))
+    with tempfile.TemporaryDirectory(prefix="fastnig-vocab-") as folder:
+        tok = BertTokenizerFast(vocab=write_vocab(folder))
     assert tok.unk_token_id not in tok("heat flow")["input_ids"]
     return tok
 

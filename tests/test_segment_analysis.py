@@ -130,25 +130,26 @@ def test_cli_segments_flag_reaches_attribute_dataset(monkeypatch):
     seen = {}
     monkeypatch.setattr(attribute_cmd, "load_cross_encoder", lambda *a, **k: (None, None))
     monkeypatch.setattr(attribute_cmd, "attribute_dataset", lambda *a, **k: seen.update(k) or _four()[0])
-    assert attribute_cmd.run(args) == 0 and seen["segments"] is True
+    assert attribute_cmd.run(args) == 0 and seen["settings"].segments is True
 
 
 def test_attribute_dataset_with_segments_keeps_segment_sums(graded, tmp_path, saved_tiny_model, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
-    from fastnig.study.pipeline import attribute_dataset
+    from fastnig.engine.settings import AttributionSettings
+    from fastnig.study.attribution_job import attribute_dataset
 
     model = AutoModelForSequenceClassification.from_pretrained(saved_tiny_model(seed=4))
-    kwargs = dict(label="relevant", num_pairs=3, agreement_filter=False, steps=2, max_length=32,
-                  out=tmp_path / "P_graded", progress=False)
-    scheme = attribute_dataset(model, tokenizer, graded, segments=True, **kwargs)
+    plain = AttributionSettings(steps=2, max_length=32)
+    kwargs = dict(label="relevant", num_pairs=3, agreement_filter=False, out=tmp_path / "P_graded", progress=False)
+    scheme = attribute_dataset(model, tokenizer, graded, settings=plain.replace(segments=True), **kwargs)
     assert scheme.count == 3 and scheme.settings["segments"] is True
     loaded = Scheme.load(tmp_path / "P_graded")
     assert loaded.has_segments
     for m, v in loaded.segment_means().items():
         torch.testing.assert_close(v.sum(0), loaded.mean[m], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="segments"):  # resuming without segments is refused
-        attribute_dataset(model, tokenizer, graded, **kwargs)
+        attribute_dataset(model, tokenizer, graded, settings=plain, **kwargs)
 
 
 def test_the_run_analysis_stage_writes_the_segment_table(tmp_path):

@@ -230,9 +230,11 @@ def tiny(model_dir):
 
 
 def _attribute(model, tokenizer, collection, out, **kw):
-    from fastnig.study.pipeline import attribute_dataset
+    from fastnig.engine.settings import AttributionSettings
+    from fastnig.study.attribution_job import attribute_dataset
 
-    kw = {"label": "relevant", "steps": 4, "max_length": 48, "chunk_pairs": 3, "progress": False, **kw}
+    kw = {"label": "relevant", "settings": AttributionSettings(steps=4, max_length=48), "chunk_pairs": 3,
+          "progress": False, **kw}
     return attribute_dataset(model, tokenizer, collection, out=out, **kw)
 
 
@@ -299,20 +301,22 @@ def test_a_stopped_scheme_equals_a_fixed_run_with_its_pairs_bit_for_bit(tmp_path
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path[:0] = [{tests!r}]  # fastnig itself: the installed package (with its compiled extension)
-    import fastnig.study.pipeline as pipeline, fastnig.neurons.stability as stab
+    import fastnig.study.attribution_job as job, fastnig.neurons.stability as stab
+    from fastnig.engine.settings import AttributionSettings
     from fastnig.data import load_collection
     from test_stability import _fake_estimate
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     model = AutoModelForSequenceClassification.from_pretrained(sys.argv[2])
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
     stab.stability = _fake_estimate(8)
-    real = pipeline.attribute
+    real = job.attribute
     def slow(*a, **k):
         time.sleep(0.15)  # so that the parent's kill lands inside a round
         return real(*a, **k)
-    pipeline.attribute = slow
-    pipeline.attribute_dataset(model, tokenizer, load_collection("med"), label="relevant", out=sys.argv[1],
-                               num_pairs=60, steps=4, max_length=48, chunk_pairs=1, progress=False,
+    job.attribute = slow
+    job.attribute_dataset(model, tokenizer, load_collection("med"), label="relevant", out=sys.argv[1],
+                               num_pairs=60, settings=AttributionSettings(steps=4, max_length=48), chunk_pairs=1,
+                          progress=False,
                                stop_when={{"level": 1, "overlap": 0.9, "first_round": 4}})
 """)
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from fastnig.analysis.table1 import baseline_table
 from fastnig.evaluation import table1 as baselines
 from fastnig.engine.scoring import score_pairs
 from fastnig.data import load_collection, sample_pairs
@@ -94,7 +95,7 @@ def test_table1_original_near_one_and_pad_below(trained, tokenizer, collection, 
     diffs = baselines.baseline_differences(trained, tokenizer, [p.text_pair for p in pairs])
     assert diffs["original"] > 0.9          # the paper's "original embedding = 1"
     assert diffs["pad"] < diffs["original"] - 0.3
-    rows = baselines.baseline_table(diffs, tmp_path, pairs=len(pairs), dataset="t1")
+    rows = baseline_table(diffs, tmp_path, pairs=len(pairs), dataset="t1")
     assert all(r["original_difference"] == diffs["original"] for r in rows)
     # Over every relevant-graded pair instead (the old protocol), the input's value is far from 1.
     mixed = sample_pairs(collection, label=1, num_pairs=12, seed=0)

@@ -34,9 +34,13 @@ def write_vocab(folder: str) -> str:
 
 
 def make_tokenizer(kind: str = "bert", folder: Optional[str] = None):
+    """A tiny fast WordPiece tokenizer; its vocab file goes to ``folder`` (default: a temporary folder,
+    removed again: the tokenizer holds its vocabulary in memory)."""
     from transformers import BertTokenizerFast, DistilBertTokenizerFast
 
-    folder = folder or tempfile.mkdtemp(prefix="fastnig-vocab-")
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="fastnig-vocab-") as scratch:
+            return make_tokenizer(kind, scratch)
     vocab = write_vocab(folder)
     if kind == "distilbert":
         return DistilBertTokenizerFast(vocab=vocab)  # transformers 5 ignores vocab_file=

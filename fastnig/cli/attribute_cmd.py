@@ -8,7 +8,8 @@ import torch
 
 from ..data import NEGATIVES, label_mapping
 from ..training.demo_model import load_cross_encoder
-from ..study.pipeline import attribute_dataset
+from ..engine.settings import AttributionSettings
+from ..study.attribution_job import attribute_dataset
 from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
 from ..neurons.stability import StopRule
 from .usage import UsageError
@@ -124,6 +125,12 @@ def run(args) -> int:
         except ValueError as exc:
             raise UsageError(str(exc).replace("stop_when.level", "--stop-level")
                              .replace("stop_when.overlap", "--stop-overlap")) from None
+    try:
+        settings = AttributionSettings(steps=args.steps, rule=args.rule, nodes=args.nodes, baseline=args.baseline,
+                                       output=args.output, max_length=args.max_length, step_batch=args.step_batch,
+                                       pair_batch=args.pair_batch, segments=args.segments)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_cross_encoder(args.model, device=device)
     bm25_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "fastnig" / "bm25"
@@ -131,9 +138,8 @@ def run(args) -> int:
         model, tokenizer, args.dataset, label=args.label, num_pairs=args.pairs, out=args.out, seed=args.seed,
         negatives=args.negatives, relevance_threshold=args.relevance_threshold, relevant=relevant,
         nonrelevant=nonrelevant, bm25_cache_dir=bm25_dir,
-        agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, steps=args.steps, rule=args.rule, nodes=args.nodes,
-        baseline=args.baseline, output=args.output, max_length=args.max_length, step_batch=args.step_batch,
-        pair_batch=args.pair_batch, segments=args.segments, progress=not args.quiet, stop_when=stop_when)
+        agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, settings=settings,
+        progress=not args.quiet, stop_when=stop_when)
     if not args.quiet:
         print(f"{scheme.name}: {scheme.count} pairs attributed, {scheme.num_dropped} dropped by the agreement "
               f"filter -> {args.out}")

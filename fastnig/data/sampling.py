@@ -12,7 +12,7 @@ ir_datasets' own metadata lists for a dataset (:func:`known_grades`, no download
 
 Must not: know where the collection's files come from, rank documents itself
 (the BM25 ranking of ``negatives="bm25"`` is handed in as ``ranker``, see
-:func:`fastnig.study.pipeline.bm25_ranker`), or run a model (the agreement filter,
+:func:`fastnig.study.attribution_job.bm25_ranker`), or run a model (the agreement filter,
 :mod:`.agreement`, comes after).
 """
 from __future__ import annotations
@@ -282,7 +282,7 @@ def sample_pairs(collection: Union[Collection, str], *, label: Union[int, str], 
         relevant, nonrelevant: the dataset's label mapping (:func:`label_mapping`).
         ranker: for ``negatives="bm25"``: ``ranker(queries, k)`` ->
             ``{query_id: [doc_id, ...]}`` best first (e.g.
-            :func:`fastnig.study.pipeline.bm25_ranker`); called only when the judged
+            :func:`fastnig.study.attribution_job.bm25_ranker`); called only when the judged
             non-relevant pairs are too few.
 
     Returns:
@@ -309,7 +309,7 @@ def sample_pairs(collection: Union[Collection, str], *, label: Union[int, str], 
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     if negatives == "bm25" and label == 0 and ranker is None:
         raise ValueError("negatives='bm25' needs ranker=, a BM25 ranking of the collection "
-                         "(fastnig.study.pipeline.bm25_ranker(collection))")
+                         "(fastnig.study.attribution_job.bm25_ranker(collection))")
 
     queries = collection.queries()
     qrels = collection.qrels()

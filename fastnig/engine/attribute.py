@@ -28,19 +28,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..common import check_int, check_number
-from .scoring import OUTPUTS, target_function
-from .encoding import Pair, validate_pairs
-from .scoring import TargetSpec, normalize_targets
-from .model import (accepts_token_type_ids, check_model, compute_autocast, frozen_eval, input_embeddings,
-                    linear_modules, load_tokenizer, move_model, resolve_max_length, single_device, unwrap)
-from .encoding import BASELINES, EncodedPairs, baseline_embeddings, encode_pairs
+from .encoding import SEGMENTS, EncodedPairs, Pair, baseline_embeddings, encode_pairs, validate_pairs
 from .first_token import first_token_only
 from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
-from .quadrature import (DEFAULT_RULE, DEFAULT_STEPS, NODES, auto_converged, auto_step_levels, check_rule,
-                         error_estimate, kernel_rule, path_nodes, relative_delta, richardson, top_error, uses_coarse)
-from .encoding import SEGMENTS
+from .model import (accepts_token_type_ids, check_model, compute_autocast, frozen_eval, input_embeddings,
+                    linear_modules, load_tokenizer, move_model, resolve_max_length, single_device, unwrap)
+from .quadrature import (auto_converged, auto_step_levels, error_estimate, kernel_rule, path_nodes, relative_delta,
+                         richardson, top_error, uses_coarse)
+from .scoring import TargetSpec, normalize_targets, target_function
+from .settings import AttributionSettings
 
 
 @dataclass
@@ -171,37 +168,9 @@ def path_chunks(total: int, size: int) -> List[Tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
-                    max_steps):
-    if nodes not in NODES:
-        raise ValueError(f"nodes must be one of {NODES}, got {nodes!r}")
-    if steps == "auto":
-        check_int("max_steps", max_steps, 1)
-        check_number("tolerance", tolerance, positive=True, hint=" (relative convergence delta)")
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    check_rule(rule, steps, nodes, max_steps)
-    steps = max_steps if steps == "auto" else steps
-    check_int("steps", steps, 1, " (path intervals) or 'auto'")
-    if step_batch not in (None, "auto") and not (isinstance(step_batch, int) and not isinstance(step_batch, bool)
-                                                 and step_batch >= 1):
-        raise ValueError(f"step_batch must be None / 'auto' (sized from free memory) or an integer >= 1 "
-                         f"(path points per forward; {steps + 1} = all at once), got {step_batch!r}")
-    check_int("pair_batch", pair_batch, 1)
-    if max_length is not None:
-        check_int("max_length", max_length, 4, " (tokens)")
-
-
-def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target: TargetSpec = "relevant",
-              baseline: str = "pad", steps: int = DEFAULT_STEPS, rule: str = DEFAULT_RULE,
-              layers: Optional[Sequence[str]] = None, include_pooler: bool = False,
-              step_batch: Optional[int] = None, pair_batch: int = 1, max_length: Optional[int] = None,
-              output: str = "probability", nodes: str = "uniform", tolerance: float = 0.05,
-              max_steps: int = 256, device: Union[str, torch.device, None] = None,
-              dtype: Optional[torch.dtype] = None, progress: bool = True,
-              first_token_cut: bool = True, segments: bool = False) -> Attributions:
+def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[AttributionSettings] = None, *,
+              tokenizer=None, target: TargetSpec = "relevant", device: Union[str, torch.device, None] = None,
+              progress: bool = True, **overrides) -> Attributions:
     """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
 
     One batched forward + backward over the path points gives every layer's
@@ -212,88 +181,45 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
             or a ``sentence_transformers.CrossEncoder`` (its model and tokenizer are used).
         pairs: list of (query, passage) strings; an empty or over-long passage
             is fine (truncated to ``max_length`` tokens, passage first).
+        settings: how NIG is computed, an :class:`AttributionSettings`
+            (``None`` = the defaults: ``baseline="pad"``, ``rule="richardson"``,
+            ``steps=32``, ``output="probability"``, ...).
         tokenizer: its fast tokenizer; ``None`` loads ``model.config.name_or_path``'s.
         target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair.
-        baseline: ``"pad"`` (default), ``"pad-query"``, ``"zero"`` or ``"zero-query"`` (docs/method.md §3).
-        steps: N, the number of path intervals (N + 1 points are evaluated;
-            default 32: with ``richardson`` as accurate as the trapezoid rule at
-            N = 100 on the demo model, bench/results/steps_accuracy.md),
-            or ``"auto"``: per pair, N = 16, 32, ... doubling up to
-            ``max_steps`` until |delta| <= ``tolerance`` · max(|F(x) - F(x')|,
-            0.01) and, with ``rule="richardson"``, also the estimated relative
-            L1 error of the pair's top 1 % neurons (by |NIG|) is <= ``tolerance``
-            (:func:`fastnig.engine.quadrature.auto_converged`); each level is a
-            fresh run, so a pair's result equals a fixed-``steps`` run at its
-            final N (``Attributions.steps_used``).
-        rule: ``"richardson"`` (default), ``"trapezoid"``, ``"left"`` (= Captum
-            LayerConductance, ``riemann_trapezoid``).  ``"richardson"``: R_N = (4 T_N - T_{N/2}) / 3
-            from the trapezoid sums over all N + 1 points and over the even ones,
-            both accumulated in the same pass (same cost; needs uniform nodes and
-            an even N, or an even ``max_steps`` with ``steps="auto"``); also fills
-            ``Attributions.error_estimate`` (docs/method.md §5).
-        layers: Linear module names to attribute; ``None`` = every encoder Linear.
-            A Linear with ``[batch, features]`` outputs (the pooler) counts as one token per pair.
-        include_pooler: with ``layers=None``, also attribute the pooler.
-        step_batch: path points per pair in one forward (bounds memory; the
-            result does not depend on it beyond float rounding); ``None`` or
-            ``"auto"`` (default) = as many as half the free memory holds, on
-            CPU at most ~2048 token rows, which is faster (:func:`auto_step_batch`);
-            an integer = at most that many (``steps + 1`` = all at once).
-            A chunk that runs out of memory (CUDA or host) is undone and redone
-            with half as many points, and later chunks use at most that (one warning).
-        pair_batch: pairs sharing one forward (padded to the longest).
-        max_length: tokens of the pair encoding; ``None`` = the tokenizer's
-            ``model_max_length`` (a CrossEncoder's ``max_length``), else 512; never
-            more than the model's position embeddings allow.
-        output: ``"probability"`` (default) or ``"logit"``: what F is (docs/method.md §2).
-        nodes: ``"uniform"`` (default) or ``"chebyshev"`` path positions (:func:`path_nodes`).
-        tolerance, max_steps: the stopping rule of ``steps="auto"`` (default 0.05: with
-            ``richardson``, 99.5-100 % overlap of the top 0.1 % and 1 % sets with the
-            reference on the demo model, bench/results/steps_accuracy.md).
         device: where to compute; ``None`` (default) = where the model is, which
             is not changed; a device = the model is moved there (a warning says so;
             it stays there).  A model spread over several devices (``device_map``)
             or with weights on ``meta`` is refused before any work.
-        dtype: compute dtype under autocast (e.g. ``torch.bfloat16``); the
-            accumulation stays float32.
         progress: show a progress bar over pairs.
-        first_token_cut: run the last layer past self-attention on the first
-            token only where the head reads just that token (exact, faster;
-            :func:`fastnig.engine.first_token.first_token_only`); ``False`` = run the whole
-            model (also: environment variable ``FASTNIG_FIRST_TOKEN_CUT=0``).
-        segments: also split each neuron's NIG by the segment of the token it
-            flows through — ("query", "passage", "special") from the tokenizer's
-            sequence ids and special-token mask — into ``segment_scores[name]``:
-            ``[num_pairs, 3, out_features]``, accumulated by the same fused op;
-            ``scores`` is then their sum.  Outputs past the first-token cut and
-            ``[batch, features]`` outputs (the pooler) have the first token only:
-            [CLS], "special".
+        **overrides: any field of :class:`AttributionSettings` by name (e.g.
+            ``steps=64, baseline="zero", segments=True``), applied over ``settings``.
 
     Returns:
         :class:`Attributions` with ``scores[name]``: ``[num_pairs, out_features]``
-        (and ``segment_scores`` with ``segments=True``).
+        (and ``segment_scores`` ``[num_pairs, 3, out_features]`` with ``segments=True``).
+        Outputs past the first-token cut and ``[batch, features]`` outputs (the
+        pooler) have the first token only: [CLS], "special".
     """
+    settings = (settings or AttributionSettings()).replace(**overrides) if overrides else (
+        settings or AttributionSettings())
+    if not isinstance(settings, AttributionSettings):
+        raise TypeError(f"settings must be an AttributionSettings, got {type(settings).__name__}")
     pairs = validate_pairs(pairs)
-    _check_settings(baseline, steps, rule, step_batch, pair_batch, max_length, output, nodes, tolerance,
-                    max_steps)
     targets = normalize_targets(target, len(pairs))
-    if not isinstance(first_token_cut, bool):
-        raise TypeError(f"first_token_cut must be True or False, got {first_token_cut!r}")
-    if not isinstance(segments, bool):
-        raise TypeError(f"segments must be True or False, got {segments!r}")
     model, tokenizer = unwrap(model, tokenizer)
     embeddings = input_embeddings(check_model(model))
-    modules = linear_modules(model, layers, include_pooler)
+    modules = linear_modules(model, settings.layers, settings.include_pooler)
     if device is None:
         single_device(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(model)
-    max_length = resolve_max_length(model, tokenizer, max_length)
+    max_length = resolve_max_length(model, tokenizer, settings.max_length)
     move_model(model, device)
     device = single_device(model)
     accepts_types = accepts_token_type_ids(model, tokenizer)
 
-    levels = auto_step_levels(max_steps) if steps == "auto" else [steps]
+    steps, rule, segments = settings.steps, settings.rule, settings.segments
+    levels = auto_step_levels(settings.max_steps) if steps == "auto" else [steps]
     P = len(pairs)
     shape = (P, len(SEGMENTS)) if segments else (P,)
     scores = {n: torch.zeros(*shape, m.out_features, dtype=torch.float32) for n, m in modules.items()}
@@ -308,7 +234,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
     # Pairs of similar length share a batch: less padding, same results.
     lengths_hint = [len(q) + len(p) for q, p in pairs]
     order = sorted(range(P), key=lambda i: -lengths_hint[i])
-    batches = [order[i:i + pair_batch] for i in range(0, P, pair_batch)]
+    batches = [order[i:i + settings.pair_batch] for i in range(0, P, settings.pair_batch)]
 
     limit = ChunkLimit()
     bar = tqdm(total=P, desc="NIG", unit="pair", disable=not progress)
@@ -316,17 +242,18 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         for batch in batches:
             pending = batch
             for level in levels:
-                alphas = path_nodes(level, nodes)
-                enc = encode_pairs(tokenizer, [pairs[i] for i in pending], max_length, baseline, accepts_types)
-                chunk = step_batch
-                if step_batch in (None, "auto"):
-                    chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device, dtype,
-                                            first_token_cut=first_token_cut, coarse=uses_coarse(rule))
+                alphas = path_nodes(level, settings.nodes)
+                enc = encode_pairs(tokenizer, [pairs[i] for i in pending], max_length, settings.baseline,
+                                   accepts_types)
+                chunk = settings.step_batch
+                if chunk in (None, "auto"):
+                    chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device,
+                                            settings.dtype, first_token_cut=settings.first_token_cut,
+                                            coarse=uses_coarse(rule))
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
-                out, nig_in, f_in, f_b, err = _attribute_batch(model, embeddings, modules, enc, relevant,
-                                                               tokenizer.pad_token_id, baseline, alphas,
-                                                               min(chunk, level + 1), limit, rule, output, dtype,
-                                                               first_token_cut, segments)
+                run = _BatchRun(model, modules, settings, enc, relevant, device)
+                out, nig_in, f_in, f_b, err = _attribute_batch(run, embeddings, tokenizer.pad_token_id, alphas,
+                                                               min(chunk, level + 1), limit)
                 out = {n: o.cpu() for n, o in out.items()}
                 nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
                 err = {n: e.cpu() for n, e in err.items()} if err is not None else None
@@ -334,7 +261,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
                     done = torch.ones(len(pending), dtype=torch.bool)
                 else:
                     sums = {n: o.sum(dim=1) if segments else o for n, o in out.items()}
-                    done = auto_converged(nig_in - (f_in - f_b), f_in, f_b, tolerance,
+                    done = auto_converged(nig_in - (f_in - f_b), f_in, f_b, settings.tolerance,
                                           top_error(sums, err) if err is not None else None)
                 idx = torch.tensor(pending)[done]
                 for n in scores:
@@ -362,49 +289,45 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], *, tokenizer=None, target
         scores = {n: value.sum(dim=1) for n, value in segment_scores.items()}
     delta = input_nig - (f_input - f_base)
     target_name = targets[0] if len(set(targets)) == 1 else "per-pair"
-    settings = attribution_settings(model, target=target_name, output=output, baseline=baseline, steps=steps,
-                                    rule=rule, max_length=max_length, dtype=dtype, nodes=nodes,
-                                    tolerance=tolerance, max_steps=max_steps, segments=segments)
-    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, settings,
+    record = settings.record(model, target=target_name, max_length=max_length)
+    return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, record,
                         steps_used, segment_scores, errors)
 
 
-def attribution_settings(model: nn.Module, *, target: str, output: str = "probability", baseline: str = "pad",
-                         steps: Union[int, str] = DEFAULT_STEPS, rule: str = DEFAULT_RULE, max_length: int = 512,
-                         dtype: Optional[torch.dtype] = None, nodes: str = "uniform", tolerance: float = 0.05,
-                         max_steps: int = 256, segments: bool = False) -> Dict[str, object]:
-    """The ``settings`` dict :func:`attribute` records for these arguments.
+@dataclass
+class _BatchRun:
+    """What every forward + backward of one batch of P pairs shares: the model, its attributed
+    Linears, the settings, the encoded pairs (``mask``, ``types``, ``lengths`` on ``device``)
+    and the ``[P]`` bool targets."""
 
-    Lets a resumed job check, before computing anything, that a saved scheme
-    was made with the same settings.
-    """
-    settings = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", "") or "",
-        "target": target, "output": output, "baseline": baseline, "steps": steps, "rule": rule,
-        "nodes": nodes, "max_length": max_length, "dtype": str(dtype or torch.float32).replace("torch.", ""),
-    }
-    if steps == "auto":
-        settings.update(tolerance=float(tolerance), max_steps=max_steps)
-    if segments:  # recorded only when on: settings without segments compare as before
-        settings["segments"] = True
-    return settings
+    model: nn.Module
+    modules: Dict[str, nn.Module]
+    settings: AttributionSettings
+    enc: EncodedPairs
+    relevant: torch.Tensor
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.lengths = self.enc.lengths.to(self.device)
+        self.mask = self.enc.attention_mask.to(self.device)
+        self.types = self.enc.token_type_ids.to(self.device) if self.enc.token_type_ids is not None else None
+        self.pairs = self.enc.input_ids.shape[0]
 
 
-def _forward_backward(model, modules, state: _HookState, path: torch.Tensor, mask: torch.Tensor,
-                      types: Optional[torch.Tensor], relevant: torch.Tensor, output: str, dtype,
-                      cut: bool) -> torch.Tensor:
+def _forward_backward(run: _BatchRun, state: _HookState, path: torch.Tensor) -> torch.Tensor:
     """One chunk: forward of ``path`` ``[P * S, T, D]`` with the hooks of ``state``, backward of
     ΣF to ``path`` (its ``.grad``).  Returns F detached, ``[P * S]``."""
     S = state.steps
     handles = [m.register_forward_hook(lambda mod, inp, o, name=name: state.on_forward(name, o))
-               for name, m in modules.items()]
+               for name, m in run.modules.items()]
     try:
-        kwargs = {"inputs_embeds": path, "attention_mask": mask.repeat_interleave(S, dim=0)}
-        if types is not None:
-            kwargs["token_type_ids"] = types.repeat_interleave(S, dim=0)
-        with compute_autocast(path.device, dtype), first_token_only(model, cut):
-            logits = model(**kwargs).logits
-        f = target_function(logits, relevant.to(logits.device).repeat_interleave(S), output)
+        kwargs = {"inputs_embeds": path, "attention_mask": run.mask.repeat_interleave(S, dim=0)}
+        if run.types is not None:
+            kwargs["token_type_ids"] = run.types.repeat_interleave(S, dim=0)
+        settings = run.settings
+        with compute_autocast(path.device, settings.dtype), first_token_only(run.model, settings.first_token_cut):
+            logits = run.model(**kwargs).logits
+        f = target_function(logits, run.relevant.to(logits.device).repeat_interleave(S), settings.output)
         torch.autograd.backward(f.sum(), inputs=[path])
     finally:
         for h in handles:
@@ -416,10 +339,9 @@ def _forward_backward(model, modules, state: _HookState, path: torch.Tensor, mas
     return f.detach()
 
 
-def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pad_id, baseline, alphas,
-                     chunk: int, limit: ChunkLimit, rule, output, dtype, cut: bool = True,
-                     segments: bool = False):
-    """Attribute one batch of P pairs over all path points, ``chunk`` points per forward at most.
+def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int], alphas: torch.Tensor,
+                     chunk: int, limit: ChunkLimit):
+    """Attribute one batch of P pairs over all path points ``alphas``, ``chunk`` points per forward at most.
 
     A chunk that runs out of memory is undone (accumulators restored from a
     copy taken before it, the carries rebuilt from the previous points) and
@@ -430,13 +352,10 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
     ``{name: [P, features]}`` is :func:`error_estimate` of each neuron's
     token sum; otherwise ``errors`` is ``None``.
     """
-    device = embeddings.weight.device
-    P = enc.input_ids.shape[0]
-    lengths = enc.lengths.to(device)
-    mask = enc.attention_mask.to(device)
-    types = enc.token_type_ids.to(device) if enc.token_type_ids is not None else None
+    device, P, enc = run.device, run.pairs, run.enc
+    rule, segments = run.settings.rule, run.settings.segments
     with torch.no_grad():
-        x_in, x_base = baseline_embeddings(embeddings, enc, baseline, pad_id)
+        x_in, x_base = baseline_embeddings(embeddings, enc, run.settings.baseline, pad_id)
         path_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
         x_in, x_base = x_in.to(path_dtype), x_base.to(path_dtype)
         direction = x_in - x_base
@@ -445,7 +364,7 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         raise ValueError("segments=True needs EncodedPairs.segments (from encode_pairs)")
     shape = (P, len(SEGMENTS)) if segments else (P,)
     out = {n: torch.zeros(*shape, m.out_features, dtype=torch.float32, device=m.weight.device)
-           for n, m in modules.items()}
+           for n, m in run.modules.items()}
     coarse = {n: torch.zeros_like(o) for n, o in out.items()} if uses_coarse(rule) else None
     op_rule = kernel_rule(rule)
     carries: Dict[str, Carry] = {}
@@ -469,10 +388,10 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         before = {n: o.clone() for n, o in out.items()}
         coarse_before = {n: o.clone() for n, o in coarse.items()} if coarse is not None else None
         path = path_at(start, stop)
-        state = _HookState(P, S, lengths, op_rule, out, carries, token_segments, coarse)
+        state = _HookState(P, S, run.lengths, op_rule, out, carries, token_segments, coarse)
         failure = None
         try:
-            f = _forward_backward(model, modules, state, path, mask, types, relevant, output, dtype, cut)
+            f = _forward_backward(run, state, path)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, anything else re-raised
             if not is_out_of_memory(exc):
                 raise
@@ -488,8 +407,7 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
             size = limit.halve(S, P, enc.input_ids.shape[1], device, failure)
             if start > 0:  # from the last even point on with a half-step sum (its carry holds that one too)
                 first = start - 1 - ((start - 1) % 2 if coarse is not None else 0)
-                _refill_carries(model, modules, path_at(first, start), first, P, lengths, op_rule, carries, mask,
-                                types, relevant, output, dtype, cut, coarse is not None)
+                _refill_carries(run, path_at(first, start), first, op_rule, carries, coarse is not None)
             continue
         f = f.view(P, S)
         if start == 0:
@@ -500,8 +418,8 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
         grad4 = path.grad.unflatten(0, (P, S))
         if input_carry is None:
             input_carry = Carry.like(path4, coarse=coarse is not None)
-        accumulate_conductance(path4, grad4, lengths, input_out, input_carry, op_rule, ENGINE_CPU_KERNEL_THREADS,
-                               coarse_out=input_coarse)
+        accumulate_conductance(path4, grad4, run.lengths, input_out, input_carry, op_rule,
+                               ENGINE_CPU_KERNEL_THREADS, coarse_out=input_coarse)
         start = stop
     if coarse is None:
         return out, input_out.sum(dim=1), f_in, f_b, None
@@ -511,8 +429,8 @@ def _attribute_batch(model, embeddings, modules, enc: EncodedPairs, relevant, pa
     return scores, richardson(input_out, input_coarse).sum(dim=1), f_in, f_b, errors
 
 
-def _refill_carries(model, modules, points: torch.Tensor, first: int, P: int, lengths, rule,
-                    carries: Dict[str, Carry], mask, types, relevant, output, dtype, cut, coarse: bool) -> None:
+def _refill_carries(run: _BatchRun, points: torch.Tensor, first: int, rule: str, carries: Dict[str, Carry],
+                    coarse: bool) -> None:
     """Rewrite every layer's carry from path points ``points`` (``[P * S, T, D]``, global indices
     ``first``, ..., the point before a failed chunk).
 
@@ -524,8 +442,9 @@ def _refill_carries(model, modules, points: torch.Tensor, first: int, P: int, le
     for carry in carries.values():
         carry.filled = carry.even_filled = False
         carry.next_point = first
-    scratch = {n: torch.zeros(P, m.out_features, dtype=torch.float32, device=m.weight.device)
-               for n, m in modules.items()}
+    scratch = {n: torch.zeros(run.pairs, m.out_features, dtype=torch.float32, device=m.weight.device)
+               for n, m in run.modules.items()}
     scratch_coarse = {n: torch.zeros_like(o) for n, o in scratch.items()} if coarse else None
-    state = _HookState(P, points.shape[0] // P, lengths, rule, scratch, carries, coarse=scratch_coarse)
-    _forward_backward(model, modules, state, points, mask, types, relevant, output, dtype, cut)
+    state = _HookState(run.pairs, points.shape[0] // run.pairs, run.lengths, rule, scratch, carries,
+                       coarse=scratch_coarse)
+    _forward_backward(run, state, points)

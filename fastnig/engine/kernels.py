@@ -25,7 +25,7 @@ Two optional extensions share the same read of ``a`` and ``g``:
 ``accumulate_conductance_emulated`` runs the CUDA kernels' thread bodies on
 the CPU over the CUDA launch grid, so that the GPU code is tested without a GPU.
 
-The compiled op (``fastnig._C``) takes raw addresses and geometry, so this
+The compiled op (``fastnig.engine._C``) takes raw addresses and geometry, so this
 module is where devices, dtypes, shapes and strides are checked.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ _RULE_CODES = {"left": 0, "trapezoid": 1}
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 try:
-    from .. import _C
+    from . import _C
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     _C = None
     _IMPORT_ERROR = exc
@@ -63,12 +63,12 @@ def _extension():
     if _C is not None:
         return _C
 
-    here = Path(__file__).resolve().parents[1]  # the fastnig package folder, where _C lives
-    package = sys.modules.get(__package__.rpartition(".")[0])
+    here = Path(__file__).resolve().parent
+    package = sys.modules.get(__package__)
     folders = list(dict.fromkeys([here] + [Path(p).resolve() for p in getattr(package, "__path__", [])]))
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     builds = sorted(f for folder in folders for f in folder.glob("_C.*") if f.suffix in (".so", ".pyd"))
-    root = here.parent
+    root = here.parents[1]  # a checkout's root holds pyproject.toml beside fastnig/
     checkout = (root / "pyproject.toml").is_file() and (root / "CMakeLists.txt").is_file()
     python = sys.executable or "python"
     # the one build command: editable for a checkout (sources stay importable from it), else a reinstall
@@ -90,7 +90,7 @@ def _extension():
     else:
         cause = f"the installed package in {here} has no build of it ({_IMPORT_ERROR})"
         fix = f"reinstall it: {build}"
-    raise ImportError(f"fastnig's compiled extension (fastnig._C) could not be loaded: {cause}. Fix: {fix}.")
+    raise ImportError(f"fastnig's compiled extension (fastnig.engine._C) could not be loaded: {cause}. Fix: {fix}.")
 
 
 def cpu_kernel_isa() -> str:
@@ -234,8 +234,8 @@ def _update_carry(carry: Optional[Carry], steps: int, coarse: bool, first_point:
 
 
 def _kernel_args(a, g, lengths, out, carry, rule, segments, coarse_out, first_point):
-    """Checks everything and returns (a, g, lengths, segments, args): the tensors the
-    call must keep alive and the argument tuple shared by every compiled entry point."""
+    """Checks everything and returns ((a, g, lengths, segments), first_point, args): the tensors the
+    call must keep alive and the keyword arguments shared by every compiled entry point."""
     _check(a, g, lengths, out, carry, rule, segments, coarse_out, first_point)
     if a.stride(3) != 1 and a.shape[3] > 1:
         a = a.contiguous()
@@ -247,15 +247,16 @@ def _kernel_args(a, g, lengths, out, carry, rule, segments, coarse_out, first_po
     first_point = _resolve_first_point(carry, coarse_out, first_point)
     coarse = coarse_out is not None
     even = carry is not None and coarse
-    args = (
-        a.data_ptr(), g.data_ptr(), tuple(a.shape), a.stride()[:3], g.stride()[:3], _DTYPE_CODES[a.dtype],
-        lengths.data_ptr(), out.data_ptr(), _DTYPE_CODES[out.dtype],
-        carry.a.data_ptr() if carry is not None else 0, carry.g.data_ptr() if carry is not None else 0,
-        carry is not None and carry.filled, carry is not None, _RULE_CODES[rule],
-        segments.data_ptr() if segments is not None else 0, num_segments,
-        coarse_out.data_ptr() if coarse else 0,
-        carry.a_even.data_ptr() if even else 0, carry.g_even.data_ptr() if even else 0,
-        even and carry.even_filled, first_point,
+    args = dict(  # by name: the py::arg names of csrc/bindings.cpp (FASTNIG_CALL_PYARGS)
+        a=a.data_ptr(), g=g.data_ptr(), shape=tuple(a.shape), a_strides=a.stride()[:3], g_strides=g.stride()[:3],
+        dtype=_DTYPE_CODES[a.dtype], lengths=lengths.data_ptr(), out=out.data_ptr(),
+        out_dtype=_DTYPE_CODES[out.dtype],
+        a_carry=carry.a.data_ptr() if carry is not None else 0, g_carry=carry.g.data_ptr() if carry is not None else 0,
+        has_prev=carry is not None and carry.filled, write_carry=carry is not None, rule=_RULE_CODES[rule],
+        segments=segments.data_ptr() if segments is not None else 0, num_segments=num_segments,
+        coarse_out=coarse_out.data_ptr() if coarse else 0,
+        a_even=carry.a_even.data_ptr() if even else 0, g_even=carry.g_even.data_ptr() if even else 0,
+        has_prev_even=even and carry.even_filled, first_point=first_point,
     )
     return (a, g, lengths, segments), first_point, args
 
@@ -309,7 +310,7 @@ def accumulate_conductance(a: torch.Tensor, g: torch.Tensor, lengths: torch.Tens
     keep, first_point, args = _kernel_args(a, g, lengths, out, carry, rule, segments, coarse_out, first_point)
     ext = _extension()
     if a.device.type == "cpu":
-        ext.accumulate_cpu(*args, threads or torch.get_num_threads())
+        ext.accumulate_cpu(**args, n_threads=threads or torch.get_num_threads())
     elif a.device.type == "cuda":
         if not cuda_kernels_built():
             raise RuntimeError(
@@ -317,7 +318,8 @@ def accumulate_conductance(a: torch.Tensor, g: torch.Tensor, lengths: torch.Tens
                 "build time); reinstall on a machine with nvcc, or set FASTNIG_CUDA=ON to make that an error")
         index = a.device.index if a.device.index is not None else torch.cuda.current_device()
         scratch = _scratch(ext, a, out, segments, coarse_out is not None)
-        ext.accumulate_cuda(*args, scratch.data_ptr(), index, torch.cuda.current_stream(a.device).cuda_stream)
+        ext.accumulate_cuda(**args, scratch=scratch.data_ptr(), device=index,
+                            stream=torch.cuda.current_stream(a.device).cuda_stream)
     else:
         raise ValueError(f"unsupported device {a.device}: fastnig has CPU and CUDA kernels")
     del keep
@@ -347,8 +349,8 @@ def accumulate_conductance_emulated(a: torch.Tensor, g: torch.Tensor, lengths: t
     keep, first_point, args = _kernel_args(a, g, lengths, out, carry, rule, segments, coarse_out, first_point)
     ext = _extension()
     scratch = _scratch(ext, a, out, segments, coarse_out is not None, fill=float("nan"))
-    ext.accumulate_cuda_emulated(*args, scratch.data_ptr(), int(block_order_seed) % 2**64,
-                                 max_grid if max_grid is not None else 2**31 - 1)
+    ext.accumulate_cuda_emulated(**args, scratch=scratch.data_ptr(), block_order_seed=int(block_order_seed) % 2**64,
+                                 max_grid=max_grid if max_grid is not None else 2**31 - 1)
     del keep
     _update_carry(carry, a.shape[1], coarse_out is not None, first_point)
     return out

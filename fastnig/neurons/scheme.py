@@ -1,26 +1,21 @@
-"""Attribution schemes and their fusion (docs/method.md §4, §6).
+"""Attribution schemes: the mean NIG of every neuron over a dataset's pairs (docs/method.md §4, §6).
 
-Owns: :class:`Scheme`, the mean NIG of every neuron over the pairs of one
-(model, dataset, label, settings): P_x for "relevant", N_x for
-"non-relevant" — filling (:meth:`Scheme.add`), exact merging
-(:meth:`Scheme.merge`), ranking and top-X % selection (:meth:`Scheme.top`,
-a :class:`~fastnig.neurons.sets.NeuronSet`); and :func:`fuse` (⊕: F_x =
-P_x ⊕ N_x) / :func:`fuse_all` (F_A).
+Owns: :class:`Scheme` for one (model, dataset, label, settings): P_x for
+"relevant", N_x for "non-relevant" — filling (:meth:`Scheme.add`), exact
+merging (:meth:`Scheme.merge`), ranking and top-X % selection
+(:meth:`Scheme.top`, a :class:`~fastnig.neurons.sets.NeuronSet`).  A scheme
+keeps exact per-neuron sums (:mod:`fastnig.neurons.exact_sums`) and the ids of
+its pairs, so two partial runs merge into exactly the scheme of one run over
+all pairs, and a killed run resumes where its last save stopped.  Every pair
+also goes, by a hash of its id (:func:`pair_half`), to one of two *halves*
+summed the same way, for the stability estimate of
+:mod:`fastnig.neurons.stability` (schemes saved before the halves existed
+load without them).
 
-Must not: define what a neuron is or how sets of neurons combine
-(:mod:`fastnig.neurons`), how sums stay exact (:mod:`fastnig.neurons.exact_sums`) or
-how a scheme is laid out on disk (:mod:`fastnig.neurons.scheme_storage`; the
-:meth:`Scheme.save` / :meth:`Scheme.load` methods only pack and unpack).
-
-A scheme keeps exact per-neuron sums and the ids of the pairs it holds, so
-that two partial runs merge into exactly the scheme one run over all pairs
-gives, and a killed run resumes where its last save stopped.
-
-Every pair also goes, by a hash of its id (:func:`pair_half`), to one of two
-interleaved *halves*, whose sums are kept exactly like the main one; the
-stability estimate of :mod:`fastnig.neurons.stability` compares the halves' top
-sets with the whole scheme's.  Schemes saved before the halves existed still
-load (they have no halves: their stability is not available).
+Must not: define neurons or their set algebra (:mod:`fastnig.neurons.sets`),
+fuse schemes (:mod:`fastnig.neurons.fusion`) or lay files out on disk
+(:mod:`fastnig.neurons.scheme_storage`; :meth:`Scheme.save` /
+:meth:`Scheme.load` only pack and unpack).
 """
 from __future__ import annotations
 

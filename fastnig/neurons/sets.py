@@ -3,14 +3,13 @@
 Owns: what a neuron is, ``(module name, output unit)``; its layer and
 component, read from the module name (:func:`layer_index`,
 :func:`component`); the attributed neurons of a model
-(:func:`neuron_universe`); the paper's dataset abbreviations
-(:func:`short_name`); :class:`NeuronSet` with its algebra (``&``, ``|``,
+(:func:`neuron_universe`); :class:`NeuronSet` with its algebra (``&``, ``|``,
 ``-``, :meth:`NeuronSet.overlap`, :func:`intersection`, :func:`union`); and
 how many neurons the top X % of a model is (:func:`top_count`).
 
 Must not: know about schemes, pairs or files (that is :mod:`fastnig.neurons.scheme`
 and :mod:`fastnig.neurons.scheme_storage`); import any fastnig module but
-:mod:`fastnig.engine.attribute` and :mod:`fastnig.common`.
+:mod:`fastnig.engine.model` and :mod:`fastnig.common`.
 """
 from __future__ import annotations
 

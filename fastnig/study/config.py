@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from ..engine.encoding import BASELINES
-from ..engine.quadrature import NODES
 from ..common import is_int, optional_import
-from ..engine.scoring import OUTPUTS, TARGETS
 from ..data.sampling import NEGATIVES, known_grades, label_mapping
-from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES, check_rule
+from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS
+from ..engine.scoring import TARGETS
+from ..engine.settings import AttributionSettings
 from ..neurons.expressions import check as check_expression
 from ..neurons.stability import StopRule
 
@@ -38,6 +37,7 @@ SECTIONS: Dict[str, Dict[str, Any]] = {
                     "steps": DEFAULT_STEPS, "rule": DEFAULT_RULE, "nodes": "uniform", "baseline": "pad",
                     "output": "probability", "max_length": 512, "step_batch": None, "pair_batch": 1,
                     "chunk_pairs": 8, "segments": False},
+    # the attribution section also takes any other field of AttributionSettings (e.g. dtype, tolerance)
     "analysis": {"levels": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10], "exclude": [], "layer_percent": 1.0,
                  "baseline_pairs": 0, "by": "value"},
     "pruning": {"levels": [0.01, 0.1, 1], "sets": [], "validation": {}, "queries": 100, "depth": 20,
@@ -116,14 +116,25 @@ def attributed_labels(attribution: Mapping[str, Any]) -> Dict[str, list]:
             for name, entry in attribution["datasets"].items()}
 
 
+def settings_of(attribution: Mapping[str, Any]) -> AttributionSettings:
+    """The :class:`AttributionSettings` of an ``attribution`` section; a ``ConfigError`` names a bad key."""
+    try:
+        return AttributionSettings.from_mapping({k: v for k, v in attribution.items()
+                                                 if k in AttributionSettings.names()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"attribution.{exc}") from None
+
+
 def _section(raw: Any, name: str) -> Dict[str, Any]:
     allowed = SECTIONS[name]
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(allowed))
+    optional = AttributionSettings.names() if name == "attribution" else ()
+    unknown = sorted(set(raw) - set(allowed) - set(optional))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
-    out = {}
+        raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}; allowed: "
+                          f"{sorted(set(allowed) | set(optional))}")
+    out = {key: raw[key] for key in optional if key in raw and key not in allowed}
     for key, default in allowed.items():
         if key in raw:
             out[key] = raw[key]
@@ -201,6 +212,11 @@ class RunConfig:
     source: Optional[Path] = None
     compare_with: Optional[Path] = None
 
+    @property
+    def attribution_settings(self) -> AttributionSettings:
+        """The :class:`AttributionSettings` of the ``attribution`` section."""
+        return settings_of(self.attribution)
+
     def dataset_spec(self, name: str) -> str:
         """The dataset spec of attribution dataset ``name``."""
         return self.attribution["datasets"][name]["dataset"]
@@ -265,26 +281,16 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
 
-    choice(att, "rule", RULES)
-    choice(att, "nodes", NODES)
-    choice(att, "baseline", BASELINES)
-    choice(att, "output", OUTPUTS)
     for label in att["labels"]:
         if label not in TARGETS:
             raise ConfigError(f"attribution.labels: {label!r} is not one of {list(TARGETS)}")
     att["pairs"], att["stop_when"] = _pairs_option(att["pairs"])
-    for key in ("pairs", "chunk_pairs", "pair_batch", "max_length"):
+    for key in ("pairs", "chunk_pairs"):
         if not is_int(att[key]) or att[key] < 1:
             raise ConfigError(f"attribution.{key} must be a positive integer, got {att[key]!r}")
-    if att["steps"] != "auto" and (not is_int(att["steps"]) or att["steps"] < 1):
-        raise ConfigError(f"attribution.steps must be a positive integer or 'auto', got {att['steps']!r}")
-    if not isinstance(att["segments"], bool):
-        raise ConfigError(f"attribution.segments must be true or false (split each neuron's conductance by "
-                          f"query, passage and special tokens), got {att['segments']!r}")
-    try:  # richardson: uniform nodes, even steps
-        check_rule(att["rule"], att["steps"], att["nodes"])
-    except ValueError as exc:
-        raise ConfigError(f"attribution.{exc}") from None
+    if att["max_length"] is None:
+        raise ConfigError("attribution.max_length must be a positive integer (tokens), got None")
+    settings_of(att)  # every AttributionSettings key of the section, validated once
     unknown_id = [d for d in att["in_domain"] if d not in att["datasets"]]
     if unknown_id:
         raise ConfigError(f"attribution.in_domain names {unknown_id}, which are not attribution datasets "

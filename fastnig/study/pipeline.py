@@ -1,26 +1,15 @@
-"""Jobs that chain the stages.
+"""The stages of ``fastnig run CONFIG``, chained, resumable and sharded.
 
-Owns: the ``fastnig attribute`` job (:func:`attribute_dataset`) and the
-stages of ``fastnig run`` (preflight, attribution, analysis, pruning,
-report) with their resume stamps.  Must not: parse configs
-(:mod:`fastnig.study.config`), hold torchrun plumbing (:mod:`fastnig.study.distributed`),
-or compute anything a lower stage owns.
-
-* :func:`attribute_dataset` (``fastnig attribute``): dataset -> pairs ->
-  agreement filter -> NIG -> scheme file, resumable;
-* :func:`run_study` (``fastnig run CONFIG``): the whole study of the paper
-  from one configuration (:func:`load_config`), stage by stage
-  (:func:`stage_attribution`, :func:`stage_analysis`, :func:`stage_pruning`,
-  then :func:`fastnig.report.write_report`), resumable and sharded over
-  torchrun ranks (:class:`Ranks`).
-
-:func:`attribute_dataset` is what ``fastnig attribute`` runs.  It saves the
-scheme (atomically, see :mod:`fastnig.neurons.scheme`) after every chunk of pairs;
-started again on the same output it loads what is there, checks that it was
-made with the same model, dataset, label and settings, and attributes only
-the pairs it does not hold yet.  Because a scheme's sums are exact whatever
-the order and grouping of pairs, a resumed run ends with exactly the scheme an
-uninterrupted one writes.
+Owns: :func:`run_study` — the whole study of the paper from one
+configuration (:func:`fastnig.study.config.load_config`), stage by stage
+(:func:`stage_model_quality`, :func:`stage_attribution`,
+:func:`stage_analysis`, :func:`stage_pruning`, then
+:func:`fastnig.report.document.write_report`), each skipped when its output
+exists with the same settings (resume stamps), sharded over torchrun ranks
+(:class:`fastnig.study.distributed.Ranks`).  Must not: parse configs
+(:mod:`fastnig.study.config`), hold torchrun plumbing
+(:mod:`fastnig.study.distributed`), run one attribution job
+(:mod:`fastnig.study.attribution_job`) or compute anything a lower layer owns.
 """
 from __future__ import annotations
 
@@ -30,213 +19,29 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis.neuron_analyses import analyze
 from ..evaluation.table1 import baseline_differences, table1_pairs
 from ..analysis.table1 import baseline_table
-from ..engine.attribute import attribute, attribution_settings
-from ..common import check_int, write_atomic
+from .attribution_job import attribute_dataset, bm25_ranker, pair_id
+from ..common import write_atomic
 from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files
-from ..engine.scoring import TARGETS
-from ..engine.model import move_model, resolve_max_length, unwrap
-from ..data import count_labels, filter_agreeing, label_mapping, load_collection, sample_pairs
+from ..data import count_labels, label_mapping, load_collection, sample_pairs
 from .distributed import Ranks, init_ranks
 from ..training.demo_model import OFFLINE_DEMO, demo_model_quality, offline_demo_model
 from ..engine.loading import ModelUnavailable
 from ..training.demo_model import load_cross_encoder
 from ..evaluation.pruning import PruningBenchmark, module_counts, table_row
-from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS
 from ..evaluation.table4 import PruningTable
 from ..report.document import write_report
-from ..evaluation.reranking import EncodedCandidates, bm25_run, build_candidates, score_candidates
+from ..evaluation.reranking import EncodedCandidates, build_candidates, score_candidates
 from ..neurons.scheme import Scheme
-from ..neurons.sets import neuron_universe
 from ..neurons.stability import StopRule
 from ..neurons.expressions import evaluate
-
-
-def pair_id(pair) -> str:
-    """Stable id of a :class:`fastnig.data.LabelledPair` inside a scheme."""
-    return f"{pair.query_id}\t{pair.doc_id}"
-
-
-def bm25_ranker(collection, cache_dir: Optional[Union[str, Path]] = None):
-    """``ranker(queries, k)`` for ``negatives="bm25"``: the BM25 top ``k`` doc ids of each query
-    (:func:`fastnig.evaluation.reranking.bm25_run`, index cached in ``cache_dir``)."""
-    def ranker(queries, k):
-        return {q: [d for d, _ in docs] for q, docs in bm25_run(collection, queries, k=k, cache_dir=cache_dir,
-                                                                progress=False).items()}
-    return ranker
-
-
-def _sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant, nonrelevant):
-    """What a scheme records of its sampling (a resume must match it); the label mapping only when it is not
-    the former default (relevant >= threshold, non-relevant = grade 0), so older schemes still resume."""
-    record = {"seed": seed, "num_pairs": num_pairs, "negatives": negatives,
-              "relevance_threshold": relevance_threshold, "agreement_filter": agreement_filter}
-    if relevant is not None or nonrelevant is not None or relevance_threshold != 1:
-        record.update(label_mapping(relevant, nonrelevant, relevance_threshold).as_dict())
-    return record
-
-
-def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_pairs: int, out: Union[str, Path],
-                      seed: int = 0, negatives: str = "judged", relevance_threshold: int = 1,
-                      relevant: Optional[Sequence[int]] = None, nonrelevant: Optional[Sequence[int]] = None,
-                      bm25_cache_dir: Optional[Union[str, Path]] = None, agreement_filter: bool = True,
-                      chunk_pairs: int = 8, steps: int = DEFAULT_STEPS,
-                      rule: str = DEFAULT_RULE, nodes: str = "uniform", baseline: str = "pad",
-                      output: str = "probability",
-                      max_length: Optional[int] = None, step_batch: Optional[int] = None, pair_batch: int = 1,
-                      layers: Optional[Sequence[str]] = None, include_pooler: bool = False, dtype=None,
-                      segments: bool = False, device=None, progress: bool = True, dataset_name: Optional[str] = None,
-                      shard: Tuple[int, int] = (0, 1), stop_when=None,
-                      combine: Optional[Callable[[Scheme], Scheme]] = None) -> Scheme:
-    """Attribute ``num_pairs`` pairs of one label of a dataset into a scheme file.
-
-    Args:
-        model, tokenizer: the cross-encoder and its fast tokenizer.
-        dataset: a :class:`fastnig.data.Collection` or a spec for
-            :func:`fastnig.data.load_collection`.
-        label: 1 / ``"relevant"`` (scheme P_x) or 0 / ``"non-relevant"`` (N_x).
-        num_pairs: pairs sampled (deterministically from ``seed``) before the
-            agreement filter; the scheme holds those that agree.
-        out: scheme path (``runs/P_nf`` writes ``runs/P_nf.json`` + tensors).
-        negatives, relevance_threshold, relevant, nonrelevant: which pairs
-            are relevant / non-relevant and where negatives come from, see
-            :func:`fastnig.data.sample_pairs` (``"bm25"`` ranks with
-            :func:`bm25_ranker`, its index cached in ``bm25_cache_dir``).
-        agreement_filter: keep only pairs whose prediction agrees (docs/method.md §6).
-        chunk_pairs: pairs attributed between two saves (what a kill can lose).
-        steps, rule, nodes, baseline, output, max_length, step_batch, pair_batch,
-        layers, include_pooler, dtype, segments, device: as in :func:`fastnig.attribute`
-            (``segments=True``: the scheme keeps per-segment sums, :mod:`fastnig.neurons.segment_shares`).
-        progress: a progress bar (pairs done, pairs/s, ETA).
-        dataset_name: the scheme's dataset name (default: the collection's name).
-        shard: ``(rank, world)``: attribute only the pairs ``rank::world`` of
-            the sample (one torchrun process each; merge the shards with
-            :meth:`Scheme.merge`, which is exact).
-        stop_when: early stopping (docs/method.md §6.6): ``None`` (attribute
-            all ``num_pairs``), or a :class:`fastnig.neurons.stability.StopRule` /
-            mapping ``{level, overlap[, by, first_round]}``: pairs are then
-            attributed in rounds (first_round, doubling, up to ``num_pairs``
-            sampled pairs) and attribution stops after the first round whose
-            scheme's top ``level`` % set is estimated to keep at least
-            ``overlap`` of its neurons if the pairs were doubled.  The pairs
-            are the first ones of the same draw, so a scheme stopped after
-            ``r`` sampled pairs equals a run with ``num_pairs=r`` and no rule.
-            ``extra["stopping"]`` records the rule, the sampled pairs used,
-            the reason attribution stopped and each check.
-        combine: with ``shard`` and ``stop_when``: called on this shard's
-            scheme at every round end, on every rank, to return the scheme of
-            all shards (gather + merge); the rule is checked on it.
-
-    Returns:
-        The saved :class:`fastnig.Scheme`.
-    """
-    check_int("chunk_pairs", chunk_pairs, 1)
-    model, tokenizer = unwrap(model, tokenizer)
-    max_length = resolve_max_length(model, tokenizer, max_length)
-    collection = load_collection(dataset) if isinstance(dataset, (str, Path)) else dataset
-    ranker = bm25_ranker(collection, bm25_cache_dir) if negatives == "bm25" else None
-    pairs = sample_pairs(collection, label=label, num_pairs=num_pairs, seed=seed,
-                         relevance_threshold=relevance_threshold, negatives=negatives, relevant=relevant,
-                         nonrelevant=nonrelevant, ranker=ranker)
-    rank, world = shard
-    stop_rule = StopRule.parse(stop_when)
-    dataset_name = dataset_name or collection.name
-    target = TARGETS[0] if pairs and pairs[0].label == 1 else TARGETS[1]
-    drawn = pairs
-    move_model(model, device)
-    settings = attribution_settings(model, target=target, output=output, baseline=baseline, steps=steps,
-                                    rule=rule, max_length=max_length, dtype=dtype, nodes=nodes, segments=segments)
-    sampling = _sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant,
-                                nonrelevant)
-    if stop_rule is not None:
-        sampling["stop_when"] = stop_rule.as_dict()
-    out = Path(out)
-    if Scheme.exists(out):
-        scheme = Scheme.load(out)
-        expected = Scheme.empty(neuron_universe(model, layers, include_pooler),
-                                {"model": settings["model"], "dataset": dataset_name, "label": target,
-                                 "settings": settings})
-        scheme.check_compatible(expected, op="resume")
-        if scheme.extra.get("sampling") not in (None, sampling):
-            raise ValueError(f"resume: {out} was sampled with {scheme.extra.get('sampling')}, not {sampling}; "
-                             "use another output path or the same sampling options")
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        scheme = Scheme.empty(neuron_universe(model, layers, include_pooler),
-                              {"model": settings["model"], "dataset": dataset_name, "label": target,
-                               "settings": settings, "extra": {"sampling": sampling}})
-    mine = [p for i, p in enumerate(drawn) if i % world == rank]
-    seen = scheme.seen_ids
-    bar = tqdm(total=len(mine), initial=sum(pair_id(p) in seen for p in mine), unit="pair",
-               desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    attributed = 0
-
-    def attribute_round(todo) -> None:
-        nonlocal attributed
-        if todo and agreement_filter:
-            kept, _report = filter_agreeing(model, tokenizer, todo, max_length=max_length, progress=False)
-            kept_ids = {pair_id(p) for p in kept}
-            dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
-            if dropped:
-                scheme.mark_dropped(dropped)
-                scheme.save(out)
-                bar.update(len(dropped))
-            todo = kept
-        for start in range(0, len(todo), chunk_pairs):
-            chunk = todo[start:start + chunk_pairs]
-            result = attribute(model, [p.text_pair for p in chunk], tokenizer=tokenizer, target=target,
-                               baseline=baseline, steps=steps, rule=rule, nodes=nodes, layers=layers,
-                               include_pooler=include_pooler,
-                               step_batch=step_batch, pair_batch=pair_batch, max_length=max_length, output=output,
-                               dtype=dtype, segments=segments, progress=False)
-            scheme.add(result, [pair_id(p) for p in chunk])
-            scheme.save(out)
-            attributed += len(chunk)
-            bar.update(len(chunk))
-            bar.set_postfix(pairs_per_s=f"{attributed / (time.perf_counter() - started):.2f}")
-
-    # Rounds end after these many sampled pairs; the rule is checked at each end but the last.
-    ends = stop_rule.round_ends(len(drawn)) if stop_rule is not None and drawn else [len(drawn)]
-    checks = list((scheme.extra.get("stopping") or {}).get("checks", [])) if stop_rule is not None else []
-    begin, reason, end = 0, None, len(drawn)
-    for end in ends:
-        attribute_round([p for i, p in enumerate(drawn[begin:end], begin)
-                         if i % world == rank and pair_id(p) not in scheme.seen_ids])
-        begin = end
-        if stop_rule is None or end == len(drawn):
-            continue
-        whole = combine(scheme) if combine is not None else scheme
-        seen_all = whole.seen_ids
-        if any(pair_id(p) in seen_all for p in drawn[end:]):
-            continue  # resumed: the run that went past this round end checked the rule there and went on
-        holds, estimate = stop_rule.check(whole)
-        checks = [c for c in checks if c["pairs_sampled"] < end] + [
-            {"pairs_sampled": end, "pairs_used": whole.count,
-             "estimate": None if estimate != estimate else estimate}]  # NaN (not available) as null
-        scheme.extra["stopping"] = {**scheme.extra.get("stopping", {}), "checks": checks}
-        if holds:
-            reason = "stable"
-            break
-    bar.close()
-    if reason is None:
-        reason = "max pairs" if len(drawn) >= num_pairs else "all pairs drawn"
-    record = {"rule": stop_rule.as_dict() if stop_rule is not None else None, "max_pairs": num_pairs,
-              "pairs_sampled": end, "reason": reason}
-    if stop_rule is not None:
-        record["checks"] = checks
-    if scheme.extra.get("stopping") != record or not Scheme.exists(out):
-        scheme.extra["stopping"] = record  # (a run where every pair was dropped still leaves a file)
-        scheme.save(out)
-    return scheme
 
 
 # =============================================================== the study
@@ -341,11 +146,8 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
             kwargs = dict(label=label, num_pairs=att["pairs"], seed=att["seed"], negatives=entry["negatives"],
                           relevance_threshold=att["relevance_threshold"], relevant=entry["relevant"],
                           nonrelevant=entry["nonrelevant"], bm25_cache_dir=cfg.cache_dir / "bm25",
-                          agreement_filter=att["agreement_filter"],
-                          chunk_pairs=att["chunk_pairs"], steps=att["steps"], rule=att["rule"], nodes=att["nodes"],
-                          baseline=att["baseline"], output=att["output"], max_length=att["max_length"],
-                          step_batch=att["step_batch"], pair_batch=att["pair_batch"], segments=att["segments"],
-                          dataset_name=name,
+                          agreement_filter=att["agreement_filter"], chunk_pairs=att["chunk_pairs"],
+                          settings=cfg.attribution_settings, dataset_name=name,
                           progress=progress and ranks.is_main, stop_when=att.get("stop_when"))
             before = Scheme.load(path).count if Scheme.exists(path) else 0
             if ranks.world == 1:

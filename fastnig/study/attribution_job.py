@@ -1,0 +1,233 @@
+"""One attribution job: a dataset's pairs of one label -> NIG -> a scheme file, resumable.
+
+Owns: :func:`attribute_dataset`, what ``fastnig attribute`` and each
+(dataset, label) of ``fastnig run`` execute, in three pieces: opening the
+scheme (a fresh one, or the saved one after checking that it was made with
+the same model, dataset, label, settings and sampling: :func:`open_scheme`),
+attributing a list of pairs chunk by chunk with a save after each
+(:class:`_Job`), and the early-stopping rounds (:func:`_attribute_in_rounds`).
+A shard (``rank::world`` of the drawn pairs) is just a filter on the pairs.
+Must not: parse configs or know about the other stages (:mod:`fastnig.study.pipeline`).
+
+Because a scheme's sums are exact whatever the order and grouping of pairs,
+a resumed run ends with exactly the scheme an uninterrupted one writes; the
+scheme is saved atomically (:mod:`fastnig.neurons.scheme_storage`) after
+every chunk of pairs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from tqdm.auto import tqdm
+
+from ..common import check_int
+from ..data import filter_agreeing, label_mapping, load_collection, sample_pairs
+from ..engine.attribute import attribute
+from ..engine.model import move_model, resolve_max_length, unwrap
+from ..engine.scoring import TARGETS
+from ..engine.settings import AttributionSettings
+from ..evaluation.reranking import bm25_run
+from ..neurons.scheme import Scheme
+from ..neurons.sets import neuron_universe
+from ..neurons.stability import StopRule
+
+
+def pair_id(pair) -> str:
+    """Stable id of a :class:`fastnig.data.LabelledPair` inside a scheme."""
+    return f"{pair.query_id}\t{pair.doc_id}"
+
+
+def bm25_ranker(collection, cache_dir: Optional[Union[str, Path]] = None):
+    """``ranker(queries, k)`` for ``negatives="bm25"``: the BM25 top ``k`` doc ids of each query
+    (:func:`fastnig.evaluation.reranking.bm25_run`, index cached in ``cache_dir``)."""
+    def ranker(queries, k):
+        return {q: [d for d, _ in docs] for q, docs in bm25_run(collection, queries, k=k, cache_dir=cache_dir,
+                                                                progress=False).items()}
+    return ranker
+
+
+def sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant, nonrelevant):
+    """What a scheme records of its sampling (a resume must match it); the label mapping only when it is not
+    the former default (relevant >= threshold, non-relevant = grade 0), so older schemes still resume."""
+    record = {"seed": seed, "num_pairs": num_pairs, "negatives": negatives,
+              "relevance_threshold": relevance_threshold, "agreement_filter": agreement_filter}
+    if relevant is not None or nonrelevant is not None or relevance_threshold != 1:
+        record.update(label_mapping(relevant, nonrelevant, relevance_threshold).as_dict())
+    return record
+
+
+def open_scheme(out: Path, sizes: Dict[str, int], meta: Dict[str, object], sampling: Dict[str, object]) -> Scheme:
+    """The scheme at ``out`` to resume (after checking it was made the same way), or a new empty one."""
+    if Scheme.exists(out):
+        scheme = Scheme.load(out)
+        scheme.check_compatible(Scheme.empty(sizes, meta), op="resume")
+        if scheme.extra.get("sampling") not in (None, sampling):
+            raise ValueError(f"resume: {out} was sampled with {scheme.extra.get('sampling')}, not {sampling}; "
+                             "use another output path or the same sampling options")
+        return scheme
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Scheme.empty(sizes, {**meta, "extra": {"sampling": sampling}})
+
+
+class _Job:
+    """Attributes pairs into ``scheme`` (saved to ``out`` after each chunk), with a progress bar."""
+
+    def __init__(self, model, tokenizer, scheme: Scheme, out: Path, *, settings: AttributionSettings, target: str,
+                 max_length: int, agreement_filter: bool, chunk_pairs: int, bar):
+        self.model, self.tokenizer, self.scheme, self.out = model, tokenizer, scheme, out
+        self.settings, self.target, self.max_length = settings, target, max_length
+        self.agreement_filter, self.chunk_pairs, self.bar = agreement_filter, chunk_pairs, bar
+        self.started, self.attributed = time.perf_counter(), 0
+
+    def run(self, todo: Sequence) -> None:
+        """Attribute ``todo`` (pairs the scheme does not hold): the agreement filter first (the pairs it
+        drops are recorded as dropped), then chunks of ``chunk_pairs``."""
+        scheme = self.scheme
+        if todo and self.agreement_filter:
+            kept, _report = filter_agreeing(self.model, self.tokenizer, todo, max_length=self.max_length,
+                                            progress=False)
+            kept_ids = {pair_id(p) for p in kept}
+            dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
+            if dropped:
+                scheme.mark_dropped(dropped)
+                scheme.save(self.out)
+                self.bar.update(len(dropped))
+            todo = kept
+        for start in range(0, len(todo), self.chunk_pairs):
+            chunk = todo[start:start + self.chunk_pairs]
+            result = attribute(self.model, [p.text_pair for p in chunk], self.settings, tokenizer=self.tokenizer,
+                               target=self.target, progress=False)
+            scheme.add(result, [pair_id(p) for p in chunk])
+            scheme.save(self.out)
+            self.attributed += len(chunk)
+            self.bar.update(len(chunk))
+            self.bar.set_postfix(pairs_per_s=f"{self.attributed / (time.perf_counter() - self.started):.2f}")
+
+
+def _attribute_in_rounds(job: _Job, drawn: Sequence, mine: Callable[[int, object], bool],
+                         stop_rule: Optional[StopRule], combine: Optional[Callable[[Scheme], Scheme]]
+                         ) -> Tuple[int, Optional[str], List[dict]]:
+    """Attribute the drawn pairs in rounds; after each round but the last, stop when ``stop_rule`` holds
+    on the (combined) scheme.  Returns (pairs sampled when it ended, "stable" or ``None``, the checks)."""
+    scheme = job.scheme
+    ends = stop_rule.round_ends(len(drawn)) if stop_rule is not None and drawn else [len(drawn)]
+    checks = list((scheme.extra.get("stopping") or {}).get("checks", [])) if stop_rule is not None else []
+    begin, end = 0, len(drawn)
+    for end in ends:
+        job.run([p for i, p in enumerate(drawn[begin:end], begin) if mine(i, p)])
+        begin = end
+        if stop_rule is None or end == len(drawn):
+            continue
+        whole = combine(scheme) if combine is not None else scheme
+        seen_all = whole.seen_ids
+        if any(pair_id(p) in seen_all for p in drawn[end:]):
+            continue  # resumed: the run that went past this round end checked the rule there and went on
+        holds, estimate = stop_rule.check(whole)
+        checks = [c for c in checks if c["pairs_sampled"] < end] + [
+            {"pairs_sampled": end, "pairs_used": whole.count,
+             "estimate": None if estimate != estimate else estimate}]  # NaN (not available) as null
+        scheme.extra["stopping"] = {**scheme.extra.get("stopping", {}), "checks": checks}
+        if holds:
+            return end, "stable", checks
+    return end, None, checks
+
+
+def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_pairs: int, out: Union[str, Path],
+                      settings: Optional[AttributionSettings] = None, seed: int = 0, negatives: str = "judged",
+                      relevance_threshold: int = 1, relevant: Optional[Sequence[int]] = None,
+                      nonrelevant: Optional[Sequence[int]] = None, bm25_cache_dir: Optional[Union[str, Path]] = None,
+                      agreement_filter: bool = True, chunk_pairs: int = 8, device=None, progress: bool = True,
+                      dataset_name: Optional[str] = None, shard: Tuple[int, int] = (0, 1), stop_when=None,
+                      combine: Optional[Callable[[Scheme], Scheme]] = None) -> Scheme:
+    """Attribute ``num_pairs`` pairs of one label of a dataset into a scheme file.
+
+    Args:
+        model, tokenizer: the cross-encoder and its fast tokenizer.
+        dataset: a :class:`fastnig.data.Collection` or a spec for
+            :func:`fastnig.data.load_collection`.
+        label: 1 / ``"relevant"`` (scheme P_x) or 0 / ``"non-relevant"`` (N_x).
+        num_pairs: pairs sampled (deterministically from ``seed``) before the
+            agreement filter; the scheme holds those that agree.
+        out: scheme path (``runs/P_nf`` writes ``runs/P_nf.json`` + tensors).
+        settings: how NIG is computed (:class:`fastnig.engine.settings.AttributionSettings`;
+            ``None`` = its defaults); ``segments=True``: the scheme keeps
+            per-segment sums (:mod:`fastnig.neurons.segment_shares`).
+        negatives, relevance_threshold, relevant, nonrelevant: which pairs
+            are relevant / non-relevant and where negatives come from, see
+            :func:`fastnig.data.sample_pairs` (``"bm25"`` ranks with
+            :func:`bm25_ranker`, its index cached in ``bm25_cache_dir``).
+        agreement_filter: keep only pairs whose prediction agrees (docs/method.md §6).
+        chunk_pairs: pairs attributed between two saves (what a kill can lose).
+        device: where to compute (the model is moved there); ``None`` = where it is.
+        progress: a progress bar (pairs done, pairs/s, ETA).
+        dataset_name: the scheme's dataset name (default: the collection's name).
+        shard: ``(rank, world)``: attribute only the pairs ``rank::world`` of
+            the sample (one torchrun process each; merge the shards with
+            :meth:`Scheme.merge`, which is exact).
+        stop_when: early stopping (docs/method.md §6.6): ``None`` (attribute
+            all ``num_pairs``), or a :class:`fastnig.neurons.stability.StopRule` /
+            mapping ``{level, overlap[, by, first_round]}``: pairs are then
+            attributed in rounds (first_round, doubling, up to ``num_pairs``
+            sampled pairs) and attribution stops after the first round whose
+            scheme's top ``level`` % set is estimated to keep at least
+            ``overlap`` of its neurons if the pairs were doubled.  The pairs
+            are the first ones of the same draw, so a scheme stopped after
+            ``r`` sampled pairs equals a run with ``num_pairs=r`` and no rule.
+            ``extra["stopping"]`` records the rule, the sampled pairs used,
+            the reason attribution stopped and each check.
+        combine: with ``shard`` and ``stop_when``: called on this shard's
+            scheme at every round end, on every rank, to return the scheme of
+            all shards (gather + merge); the rule is checked on it.
+
+    Returns:
+        The saved :class:`fastnig.Scheme`.
+    """
+    check_int("chunk_pairs", chunk_pairs, 1)
+    settings = settings if settings is not None else AttributionSettings()
+    if not isinstance(settings, AttributionSettings):
+        raise TypeError(f"settings must be an AttributionSettings, got {type(settings).__name__}")
+    model, tokenizer = unwrap(model, tokenizer)
+    max_length = resolve_max_length(model, tokenizer, settings.max_length)
+    settings = settings.replace(max_length=max_length)
+    collection = load_collection(dataset) if isinstance(dataset, (str, Path)) else dataset
+    ranker = bm25_ranker(collection, bm25_cache_dir) if negatives == "bm25" else None
+    drawn = sample_pairs(collection, label=label, num_pairs=num_pairs, seed=seed,
+                         relevance_threshold=relevance_threshold, negatives=negatives, relevant=relevant,
+                         nonrelevant=nonrelevant, ranker=ranker)
+    rank, world = shard
+    stop_rule = StopRule.parse(stop_when)
+    target = TARGETS[0] if drawn and drawn[0].label == 1 else TARGETS[1]
+    move_model(model, device)
+    record = settings.record(model, target=target, max_length=max_length)
+    sampling = sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant,
+                               nonrelevant)
+    if stop_rule is not None:
+        sampling["stop_when"] = stop_rule.as_dict()
+    out = Path(out)
+    meta = {"model": record["model"], "dataset": dataset_name or collection.name, "label": target,
+            "settings": record}
+    scheme = open_scheme(out, neuron_universe(model, settings.layers, settings.include_pooler), meta, sampling)
+
+    def mine(i: int, pair) -> bool:  # this shard's share of the drawn pairs, not yet in the scheme
+        return i % world == rank and pair_id(pair) not in scheme.seen_ids
+
+    shard_pairs = [p for i, p in enumerate(drawn) if i % world == rank]
+    seen = scheme.seen_ids
+    bar = tqdm(total=len(shard_pairs), initial=sum(pair_id(p) in seen for p in shard_pairs), unit="pair",
+               desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
+    job = _Job(model, tokenizer, scheme, out, settings=settings, target=target, max_length=max_length,
+               agreement_filter=agreement_filter, chunk_pairs=chunk_pairs, bar=bar)
+    end, reason, checks = _attribute_in_rounds(job, drawn, mine, stop_rule, combine)
+    bar.close()
+    if reason is None:
+        reason = "max pairs" if len(drawn) >= num_pairs else "all pairs drawn"
+    stopping = {"rule": stop_rule.as_dict() if stop_rule is not None else None, "max_pairs": num_pairs,
+                "pairs_sampled": end, "reason": reason}
+    if stop_rule is not None:
+        stopping["checks"] = checks
+    if scheme.extra.get("stopping") != stopping or not Scheme.exists(out):
+        scheme.extra["stopping"] = stopping  # (a run where every pair was dropped still leaves a file)
+        scheme.save(out)
+    return scheme
