@@ -8,7 +8,7 @@ DEPS := $(VENV)/.fastnig-deps
 # unpinned requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install check-wheel test demo bench clean
+.PHONY: install check-wheel test test-fast lint demo bench clean
 
 $(DEPS): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,17 @@ $(DEPS): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[ir,demo,test]"
 	@touch $@
 
-# (Re)build and install the package itself, editable: the compiled extension
-# goes to the venv's site-packages and `import fastnig` finds the sources of
-# this checkout with it, from the repository root as from anywhere else (Python
-# changes apply at once; C++/CUDA changes need `make install` again).  A plain
+# Build and install the package itself, editable: the compiled extension goes
+# to the venv's site-packages and `import fastnig` finds the sources of this
+# checkout with it, from the repository root as from anywhere else.  Python
+# changes apply at once; a change under csrc/ or to CMakeLists.txt rebuilds.  A plain
 # `pip install .` is built and smoke-tested by `make check-wheel` (CI runs both).
-install: $(DEPS)
+BUILT := $(VENV)/.fastnig-built
+$(BUILT): $(DEPS) CMakeLists.txt $(shell find csrc -type f)
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall -e .
+	@touch $@
+
+install: $(BUILT)
 
 # A plain (non-editable) wheel, installed into a scratch folder and imported
 # from a neutral folder: the compiled extension and the package data
@@ -34,8 +38,17 @@ check-wheel: $(DEPS)
 	$(BIN)/python -m pip install -q --no-deps --target build/check-wheel/target build/check-wheel/wheels/fastnig-*.whl
 	cd build/check-wheel/cwd && PYTHONPATH=$(CURDIR)/build/check-wheel/target $(CURDIR)/$(BIN)/python $(CURDIR)/.ci/wheel_smoke.py $(CURDIR)/build/check-wheel/target
 
+# Everything (~15 min on 2 cores), and the fast lane: in-process tests only, the layer contract and
+# ruff included (under a minute once installed).
 test: install
 	$(BIN)/pytest -q tests
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check fastnig tests bench
+	$(BIN)/lint-imports
 
 demo: install
 	$(BIN)/fastnig demo

@@ -127,6 +127,9 @@ PYBIND11_MODULE(_C, m) {
       "elements (accumulator dtype) of the scratch buffer the CUDA op and its emulation need");
   m.def("cpu_kernel_isa", &fastnig::cpu_kernel_isa,
         "the instruction set the CPU kernel runs with here: 'avx2' (AVX2 + FMA build) or 'baseline'");
+  m.def("avx2_supported", &fastnig::avx2_supported, "whether the AVX2 + FMA build exists and runs on this CPU");
+  m.def("set_cpu_isa", &fastnig::set_cpu_isa, py::arg("name"),
+        "force the CPU kernel's build: 'auto' (default choice), 'avx2' or 'baseline' (ValueError otherwise)");
 #ifdef FASTNIG_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def(

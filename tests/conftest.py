@@ -1,6 +1,6 @@
 """Shared fixtures: real collections and tiny models.
 
-Cranfield and MEDLINE ship inside the package (``fastnig/collections``), so
+Cranfield and MEDLINE ship inside the package (``fastnig/data/collections``), so
 every test that reads them runs on a fresh clone.  Only NFCorpus, which is
 larger and whose terms do not allow shipping it, is read from a data folder
 (``../shared/data`` beside the checkout, or ``$FASTNIG_SHARED_DATA``); the
@@ -106,3 +106,38 @@ def no_network(monkeypatch):
         raise AssertionError("tried to open a network connection")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)`` runs ``fastnig ARGS`` in this process: ``(exit code, stdout, stderr)``
+    (an argparse error's ``SystemExit`` becomes its code)."""
+    from fastnig.cli import main
+
+    def run(*args):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _cpu_isas():
+    try:
+        from fastnig.engine.kernels import available_cpu_isas
+
+        return list(available_cpu_isas())
+    except ImportError:  # no extension: the kernel tests say so themselves
+        return ["auto"]
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(request):
+    """Runs the test once per build of the CPU kernel that can run here (AVX2 + FMA, baseline)."""
+    from fastnig.engine.kernels import forced_cpu_isa
+
+    with forced_cpu_isa(request.param):
+        yield request.param

@@ -1,7 +1,7 @@
 """fastnig.data on real collections, offline.
 
 Cranfield and MEDLINE are the collections packaged with fastnig
-(``fastnig/collections``): their archives are checked against
+(``fastnig/data/collections``): their archives are checked against
 ``checksums.json`` and ir_datasets' pinned md5, and their counts against the
 raw files.  Cranfield goes through its real ir_datasets id in a subprocess:
 ir_datasets reads IR_DATASETS_HOME when it is imported, so a temporary home
@@ -228,7 +228,7 @@ def test_packaged_files_match_their_checksums():
 
     sums = checksums()
     assert set(sums) == set(ARCHIVES.values()) == {"cran.tar.gz", "med.tar.gz"}
-    folder = resources.files("fastnig").joinpath("collections")
+    folder = resources.files("fastnig.data").joinpath("collections")
     total = 0
     for name, expected in sums.items():
         data = folder.joinpath(name).read_bytes()

@@ -48,7 +48,7 @@ def fake(tmp_path, monkeypatch):
 
 def test_source_folder_without_a_build(fake):
     message, root = fake()
-    assert f"imported the source folder {root / 'fastnig'}, which holds no build" in message
+    assert f"imported the source folder {root / 'fastnig' / 'engine'}, which holds no build" in message
     assert f"pip install -e {root}" in message and "make install" in message
 
 

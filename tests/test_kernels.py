@@ -6,6 +6,8 @@ import torch
 
 from fastnig.engine.kernels import Carry, accumulate_conductance, accumulate_conductance_ref, cuda_kernels_built
 
+pytestmark = pytest.mark.usefixtures("cpu_isa")  # each CPU kernel test runs on every build here
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and cuda_kernels_built() else [])
 SHAPES = [  # (pairs, steps, tokens, features), lengths
     ((1, 1, 1, 1), [1]),
@@ -143,26 +145,20 @@ def test_large_input_uses_threads_and_matches(threads):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_baseline_cpu_build_too():
-    """Both builds of the CPU kernel (AVX2 + FMA and baseline) pass the CPU kernel tests
-    (this file and test_kernels_segments_coarse.py)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_both_cpu_builds_can_be_forced():
+    """Every CPU kernel test of this file and test_kernels_segments_coarse.py runs once per build that
+    can run here (the ``cpu_isa`` fixture of conftest.py); forcing one is seen and undone."""
+    from fastnig.engine.kernels import available_cpu_isas, cpu_kernel_isa, forced_cpu_isa
 
-    from fastnig.engine.kernels import cpu_kernel_isa
-
-    assert cpu_kernel_isa() in ("avx2", "baseline")
-    if os.environ.get("FASTNIG_CPU_ISA") == "baseline":
-        assert cpu_kernel_isa() == "baseline"
-        return
-    env = dict(os.environ, FASTNIG_CPU_ISA="baseline")
-    here = Path(__file__).parent
-    files = [str(here / name) for name in ("test_kernels.py", "test_kernels_segments_coarse.py")]
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
-                          env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    default = cpu_kernel_isa()
+    assert default in available_cpu_isas() and "baseline" in available_cpu_isas()
+    for isa in available_cpu_isas():
+        with forced_cpu_isa(isa):
+            assert cpu_kernel_isa() == isa
+        assert cpu_kernel_isa() == default
+    with pytest.raises(ValueError, match="'auto', 'avx2' or 'baseline'"):
+        with forced_cpu_isa("sse"):
+            pass
 
 
 # --- zero-step chunks -------------------------------------------------------

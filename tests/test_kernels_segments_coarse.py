@@ -1,7 +1,7 @@
 """Per-segment sums (issue 14) and the coarse Richardson accumulator (issue 16).
 
-Every kernel -- the CPU op (AVX2 and baseline builds: test_kernels.py's
-baseline test reruns this folder's kernel tests), the CUDA op where a GPU is
+Every kernel -- the CPU op (AVX2 and baseline builds: the cpu_isa fixture runs
+each test on every build that runs here), the CUDA op where a GPU is
 present and the CUDA kernels' host emulation -- against the pure-PyTorch reference.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 
 from fastnig.engine.kernels import (Carry, accumulate_conductance, accumulate_conductance_emulated,
                                     accumulate_conductance_ref, cuda_kernels_built)
+
+pytestmark = pytest.mark.usefixtures("cpu_isa")  # each CPU kernel test runs on every build here
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and cuda_kernels_built() else [])
 

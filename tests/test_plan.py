@@ -16,7 +16,7 @@ import fastnig
 from fastnig.study.plan import (ACCELERATORS, KNOWN_SHAPES, ModelShape, accelerator_rate, measure_cpu_flops,
                                 model_shape, plan_config, render)
 
-PAPER_YAML = Path(fastnig.__file__).resolve().parent / "configs" / "paper.yaml"
+PAPER_YAML = Path(fastnig.__file__).resolve().parent / "study" / "configs" / "paper.yaml"
 
 
 def test_paper_plan_counts_equal_hand_computed_numbers(no_network):
@@ -157,8 +157,7 @@ def test_known_shapes_and_errors(tmp_path):
     (["--plan", "--gpus", "8"], "--gpus needs --device"),
     (["--device", "h100"], "go with --plan"),
 ])
-def test_plan_cli_errors(args, message):
-    out = subprocess.run([sys.executable, "-m", "fastnig", "run", "paper", *args], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+def test_plan_cli_errors(args, message, cli):
+    code, _, err = cli("run", "paper", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1

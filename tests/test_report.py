@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 from fastnig.analysis.neuron_analyses import FIGURE5, figure2_name, figure3_name, figure4_name
 from fastnig.analysis.table1 import TABLE1_FIGURE
@@ -110,7 +108,7 @@ def _zero_run(fixture_run, tmp_path):
     return zero
 
 
-def test_runs_side_by_side_and_in_the_report(fixture_run, tmp_path):
+def test_runs_side_by_side_and_in_the_report(fixture_run, tmp_path, cli):
     zero = _zero_run(fixture_run, tmp_path)
     comp = compare_runs(zero, fixture_run)
     assert comp.run_label == "fixture-zero, baseline zero" and comp.other_label == "fixture, baseline pad"
@@ -134,10 +132,8 @@ def test_runs_side_by_side_and_in_the_report(fixture_run, tmp_path):
     settings["compare_with"] = str(tmp_path / "not-run-yet")
     assert "no finished run there yet" in write_report(zero, settings, {}, {})["md"].read_text()
     # The same from the command line.
-    out = subprocess.run([sys.executable, "-m", "fastnig", "compare", str(zero), "--with", str(fixture_run)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "Layer profile of N_ms@1%" in out.stdout and "NOT THE PAPER'S SETUP" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "fastnig", "compare", str(zero), "--with", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--with" in bad.stderr
+    code, out, err = cli("compare", zero, "--with", fixture_run)
+    assert code == 0, err
+    assert "Layer profile of N_ms@1%" in out and "NOT THE PAPER'S SETUP" in out
+    code, _, err = cli("compare", zero, "--with", tmp_path / "x")
+    assert code == 2 and "--with" in err

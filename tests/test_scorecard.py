@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -234,13 +232,11 @@ def test_not_a_run_folder(tmp_path):
         scorecard(tmp_path / "r", reference="nope")
 
 
-def test_compare_cli(fixture_run, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "fastnig", "compare", str(fixture_run)], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "Qualitative claims: 4 PASS, 3 FAIL, 1 N.A." in out.stdout
+def test_compare_cli(fixture_run, tmp_path, cli):
+    code, out, err = cli("compare", fixture_run)
+    assert code == 0, err
+    assert "Qualitative claims: 4 PASS, 3 FAIL, 1 N.A." in out
     assert (fixture_run / "scorecard.md").is_file() and (fixture_run / "scorecard.csv").is_file()
-    bad = subprocess.run([sys.executable, "-m", "fastnig", "compare", str(tmp_path / "nothing-here")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("fastnig compare: error:") and len(bad.stderr.strip().splitlines()) == 1
+    code, _, err = cli("compare", tmp_path / "nothing-here")
+    assert code == 2
+    assert err.startswith("fastnig compare: error:") and len(err.strip().splitlines()) == 1

@@ -117,7 +117,7 @@ def test_config_segments_flag():
     assert load_config(_config()).attribution["segments"] is False
     assert load_config(_config(segments=True)).attribution["segments"] is True
     for bad in ("yes", 1, None):
-        with pytest.raises(ConfigError, match="attribution.segments must be true or false"):
+        with pytest.raises(ConfigError, match="(?i)attribution.segments must be true or false"):
             load_config(_config(segments=bad))
 
 

@@ -1,4 +1,6 @@
 #pragma once
+
+#include <string>
 #include "conductance.h"
 
 namespace fastnig {
@@ -10,6 +12,11 @@ void accumulate_conductance_cpu(DType dtype, DType out_dtype, Rule rule, const G
                                 int n_threads);
 // The ISA the call above uses on this CPU: "avx2" or "baseline".
 const char* cpu_kernel_isa();
+// Whether the AVX2 + FMA build exists and the CPU runs it.
+bool avx2_supported();
+// Force the build the CPU kernel runs with: "auto" (the default choice), "avx2" or "baseline"
+// (std::invalid_argument otherwise, or for "avx2" where it cannot run).  For tests and benchmarks.
+void set_cpu_isa(const std::string& name);
 
 // The two builds of conductance_cpu.cpp.
 #define FASTNIG_CPU_KERNEL_DECL                                                                         \

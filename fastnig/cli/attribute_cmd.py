@@ -32,7 +32,7 @@ Labels: --relevant lists the grades counted relevant (default: every grade
 >= --relevance-threshold); --nonrelevant the grades counted non-relevant
 (default: the judged grades below the lowest relevant one, never a negative
 grade).  The paper's setup: ms --relevant 2,3; tc, nf, nq --relevant 2;
-r --relevant 1,2 (see fastnig/configs/paper.yaml).  --negatives bm25 fills
+r --relevant 1,2 (see fastnig/study/configs/paper.yaml).  --negatives bm25 fills
 up the judged non-relevant pairs, when too few, with the top BM25-ranked
 unjudged passages of queries with a relevant one.
 Models: a Hugging Face id, a local save_pretrained folder, or minilm-l6.

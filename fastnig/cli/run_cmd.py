@@ -21,7 +21,7 @@ CONFIG is a file or a packaged name: `paper` (MonoBERT-large, the paper's
 eight datasets and validation sets; needs network access and licensed data),
 `paper-zero` (the same with the zero baseline, the paper's §6; its report
 puts itself beside runs/paper) or `demo` (offline: a MiniLM-L6 cross-encoder fine-tuned on the spot,
-Cranfield and NFCorpus from the shared data folder).
+Cranfield and MEDLINE, both packaged with fastnig).
 
 Every stage writes atomically and is skipped when its output exists with the
 same settings: run the same command again after an interruption and only
@@ -54,7 +54,7 @@ def register(sub) -> None:
         else:
             p = sub.add_parser("demo", help="the offline demo study (= fastnig run demo)",
                                description="Run the packaged offline demo configuration: fine-tune MiniLM-L6 as "
-                                           "a cross-encoder (cached), attribute Cranfield and NFCorpus pairs, "
+                                           "a cross-encoder (cached), attribute Cranfield and MEDLINE pairs, "
                                            "analyse, prune, and write the report. About 10 minutes on 2 CPU "
                                            "cores the first time.",
                                formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -33,9 +33,10 @@ from __future__ import annotations
 import shutil
 import sys
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -98,6 +99,24 @@ def cpu_kernel_isa() -> str:
     run time when the CPU has both) or ``"baseline"``; the environment variable
     ``FASTNIG_CPU_ISA=baseline`` (read at the first call) forces the latter."""
     return _extension().cpu_kernel_isa()
+
+
+def available_cpu_isas() -> Tuple[str, ...]:
+    """The builds of the CPU kernel that can run here: ``("avx2", "baseline")`` or ``("baseline",)``."""
+    return ("avx2", "baseline") if _extension().avx2_supported() else ("baseline",)
+
+
+@contextmanager
+def forced_cpu_isa(name: str) -> Iterator[None]:
+    """Run the CPU kernel with the build ``name`` (``"avx2"``, ``"baseline"`` or ``"auto"``) inside
+    the block, then go back to the default choice (for tests and benchmarks of both builds)."""
+    if name not in ("auto", "avx2", "baseline"):
+        raise ValueError(f"name must be 'auto', 'avx2' or 'baseline', got {name!r}")
+    _extension().set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _extension().set_cpu_isa("auto")
 
 
 def cuda_kernels_built() -> bool:

@@ -1,7 +1,7 @@
 """The ``fastnig run`` configuration: reading, validating and substituting it.
 
 Owns: the sections and defaults of a run configuration (:data:`SECTIONS`),
-reading YAML/TOML files or packaged configs (``fastnig/configs/*.yaml``),
+reading YAML/TOML files or packaged configs (``fastnig/study/configs/*.yaml``),
 ``${data}`` / ``${ENV}`` substitution, every check a config gets before any
 work (:func:`load_config` -> :class:`RunConfig`), the per-dataset label
 mapping of attribution datasets (:func:`dataset_entry`), and placing local
@@ -198,7 +198,7 @@ def _substitute(value: str) -> str:
 
 @dataclass
 class RunConfig:
-    """A validated ``fastnig run`` configuration (see ``fastnig/configs/*.yaml``)."""
+    """A validated ``fastnig run`` configuration (see ``fastnig/study/configs/*.yaml``)."""
 
     name: str
     model: str

@@ -11,16 +11,19 @@ Cranfield pairs at 128 tokens, N = 32 (33 points, one pair per forward):
   median attribution time per chunk: less noisy than the end-to-end ratio on
   a shared machine.
 
-    python bench/richardson_cost.py --out bench/results      # ~3 min on 2 CPU cores
+    python bench/throughput/richardson_cost.py --out bench/results      # ~3 min on 2 CPU cores
+    python bench/throughput/richardson_cost.py --quick --out /tmp/fastnig-bench   # smoke run, 1 pair
 
-Writes ``richardson_cost.json`` and ``richardson_cost.md`` to ``--out``.
+Writes ``richardson_cost.json`` and ``richardson_cost.md`` to ``--out``, both
+with the run's metadata (commit, date, CPU, GPU, threads, versions).
+Needs the demo model (fine-tuned once, cached under ~/.cache/fastnig/models).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +37,8 @@ from fastnig.engine.kernels import Carry, accumulate_conductance, cpu_kernel_isa
 from fastnig.engine.memory import auto_step_batch
 from fastnig.training.demo_model import load_cross_encoder
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
+from _common import RESULTS, run_markdown, run_metadata, write_json  # noqa: E402
 
 
 def kernel_ms(a4, lengths, coarse: bool, reps: int) -> float:
@@ -54,14 +58,18 @@ def kernel_ms(a4, lengths, coarse: bool, reps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--reps", type=int, default=7, help="attribute calls per rule")
     parser.add_argument("--kernel-reps", type=int, default=15)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 pair, 2 calls per rule, 3 op repetitions")
     args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.reps, args.kernel_reps = 1, 2, 3
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
@@ -106,11 +114,12 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "richardson_cost.json").write_text(json.dumps(result, indent=1))
+    run = run_metadata()
+    write_json(out / "richardson_cost.json", result, run, indent=1)
     lines = [
         "# Cost of the Richardson accumulator",
         "",
-        f"`python bench/richardson_cost.py --out {args.out}`: demo MiniLM-L6 cross-encoder, {len(pairs)} "
+        f"`python bench/throughput/richardson_cost.py{' --quick' if args.quick else ''} --out {args.out}`: demo MiniLM-L6 cross-encoder, {len(pairs)} "
         f"Cranfield pairs, {tokens} tokens, N = {args.steps} ({chunks} chunks per pair), {args.threads} torch "
         f"threads, CPU op `{cpu_kernel_isa()}`, 1-min load average {load_start:.1f} → {os.getloadavg()[0]:.1f} "
         "(2 cores shared with other jobs).",
@@ -124,6 +133,8 @@ def main() -> None:
         "",
         f"The op's extra time is {100 * result['op_extra_share_of_attribution']:.2f} % of the attribution's "
         f"time per chunk ({per_chunk_ms:.0f} ms); the end-to-end ratio includes the noise of the shared machine.",
+        "",
+        run_markdown(run),
         "",
     ]
     (out / "richardson_cost.md").write_text("\n".join(lines))

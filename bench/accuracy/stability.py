@@ -25,9 +25,12 @@ Cranfield, :func:`fastnig.training.demo_model.offline_demo_model`):
 
 Writes ``stability.csv`` (one row per scheme × level × n, means over blocks),
 ``stability_blocks.csv`` (every block), ``stability_stopping.csv``,
-``stability.md`` and ``stability.png`` into ``--out``.
+``stability.md``, ``stability.json`` and ``stability.png`` into ``--out``; the
+run's metadata (commit, date, CPU, GPU, threads, versions) goes into the JSON
+(``"run"``), the Markdown (last line) and a ``<name>.meta.json`` beside each CSV.
 
-    python bench/stability.py --out bench/results          # ~30 min on 2 busy CPU cores (4 steps)
+    python bench/accuracy/stability.py --out bench/results          # ~30 min on 2 busy CPU cores (4 steps)
+    python bench/accuracy/stability.py --quick --out /tmp/fastnig-bench   # smoke run: P_cranfield, pool 32
 
 Needs the demo model (fine-tuned once, cached under ~/.cache/fastnig/models).
 """
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -52,6 +54,9 @@ from fastnig.neurons.sets import neuron_universe, top_count
 from fastnig.study.pipeline import pair_id
 from fastnig.neurons.scheme import Scheme
 from fastnig.neurons.stability import StopRule, stability_estimates, top_overlap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
+from _common import RESULTS, run_markdown, run_metadata, write_csv_meta, write_json  # noqa: E402
 
 SCHEMES = [("cranfield", "relevant"), ("cranfield", "non-relevant"), ("med", "relevant"), ("med", "non-relevant")]
 
@@ -114,16 +119,17 @@ def scheme_of(att: Attributions, ids: List[str], sizes, dataset: str, lo: int, h
     return scheme.add(subset(att, lo, hi), ids[lo:hi])
 
 
-def write_csv(rows: List[Dict], path: Path) -> None:
+def write_csv(rows: List[Dict], path: Path, run: Dict) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    write_csv_meta(path, run)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default=str(RESULTS), help="output folder (default bench/results)")
     ap.add_argument("--pool", type=int, default=256, help="agreeing pairs per scheme (default 256)")
     ap.add_argument("--ns", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--levels", type=float, nargs="+", default=[0.1, 1.0, 5.0])
@@ -133,13 +139,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--stop-level", type=float, default=1.0)
     ap.add_argument("--stop-overlap", type=float, default=0.95)
-    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "fastnig" / "bench_stability"))
+    ap.add_argument("--cache", default=None,
+                    help="attribution cache (default ~/.cache/fastnig/bench_stability, with --quick "
+                         "~/.cache/fastnig/bench_stability_quick)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on busy shared cores, 2 threads wait on each other)")
     ap.add_argument("--schemes", nargs="+", default=None, metavar="NAME",
                     help="only these of P_cranfield N_cranfield P_med N_med (e.g. to fill the cache in two "
                          "processes; a last run with all of them then reads the cache)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: P_cranfield only, pool 32, n = 8 and 16")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.pool, args.ns, args.schemes = 32, [8, 16], ["P_cranfield"]
+    if args.cache is None:
+        args.cache = str(Path.home() / ".cache" / "fastnig" / ("bench_stability_quick" if args.quick
+                                                                else "bench_stability"))
     torch.set_num_threads(args.threads)
     if max(args.ns) * 2 > args.pool:
         ap.error(f"--pool must be at least 2 × the largest n ({2 * max(args.ns)})")
@@ -215,9 +230,10 @@ def main(argv=None) -> int:
         rows.append({"scheme": key[0], "level_percent": key[1], "n": key[2], "blocks": len(group), **mean,
                      "abs_err_2n": float(np.mean([abs(r["estimate_2n"] - r["true_2n"]) for r in group])),
                      "abs_err_pool": float(np.mean([abs(r["estimate_pool"] - r["true_pool"]) for r in group]))})
-    write_csv(rows, out / "stability.csv")
-    write_csv(block_rows, out / "stability_blocks.csv")
-    write_csv(stop_rows, out / "stability_stopping.csv")
+    run = run_metadata()
+    write_csv(rows, out / "stability.csv", run)
+    write_csv(block_rows, out / "stability_blocks.csv", run)
+    write_csv(stop_rows, out / "stability_stopping.csv", run)
     mae = {}
     for level in args.levels:
         group = [r for r in block_rows if r["level_percent"] == level]
@@ -226,14 +242,14 @@ def main(argv=None) -> int:
         mae[level]["bias_2n"] = float(np.mean([r["estimate_2n"] - r["true_2n"] for r in group]))
         mae[level]["bias_pool"] = float(np.mean([r["estimate_pool"] - r["true_pool"] for r in group]))
     elapsed = time.perf_counter() - started
-    write_markdown(out / "stability.md", rows, stop_rows, mae, args, elapsed, str(model.config.name_or_path))
+    write_markdown(out / "stability.md", rows, stop_rows, mae, args, elapsed, str(model.config.name_or_path), run)
     plot(out / "stability.png", rows, block_rows, args.levels)
-    (out / "stability.json").write_text(json.dumps({"mae": mae, "seconds": elapsed, "args": vars(args)}, indent=2))
+    write_json(out / "stability.json", {"mae": mae, "seconds": elapsed, "args": vars(args)}, run)
     log(f"done in {elapsed / 60:.1f} min -> {out}/stability.md")
     return 0
 
 
-def write_markdown(path: Path, rows, stop_rows, mae, args, elapsed: float, model: str) -> None:
+def write_markdown(path: Path, rows, stop_rows, mae, args, elapsed: float, model: str, run: Dict) -> None:
     lines = [f"Demo model `{Path(model).name}`, {args.pool} agreeing pairs per scheme (seed-0 draw; non-relevant "
              f"= random unjudged documents), {args.steps} steps, {args.max_length} tokens; {elapsed / 60:.1f} min.",
              "",
@@ -256,6 +272,7 @@ def write_markdown(path: Path, rows, stop_rows, mae, args, elapsed: float, model
     for r in stop_rows:
         lines.append(f"| {r['scheme']} | {r['stopped_at']} of {r['pool']} | {r['true_overlap_with_pool']:.3f} | "
                      f"{100 * r['saved_vs_pool']:.0f} % | {r['checks']} |")
+    lines += ["", run_markdown(run)]
     path.write_text("\n".join(lines) + "\n")
 
 

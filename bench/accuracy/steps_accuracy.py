@@ -31,17 +31,20 @@ rule); R_N = (4 T_N - T_{N/2}) / 3 combines two of them
 positions, same op, same order of summation); the script checks that on its
 first pair (every rule) and writes the difference.
 
-    python bench/steps_accuracy.py --out bench/results           # ~35 min on 2 CPU cores
-    python bench/steps_accuracy.py --out bench/results --nodes uniform --reference 256 --max-length 64 \
-        --pairs 8 --med-pairs 8                                  # ~10 min: what bench/results holds
-    python bench/steps_accuracy.py --out /tmp/quick --quick      # ~2 min: 2 + 2 pairs, N <= 32, reference 128
+    python bench/accuracy/steps_accuracy.py --out bench/results           # ~35 min on 2 CPU cores
+    python bench/accuracy/steps_accuracy.py --out bench/results --nodes uniform --reference 256 --max-length 64 \
+        --pairs 24 --med-pairs 24                                         # what bench/results holds
+    python bench/accuracy/steps_accuracy.py --out /tmp/fastnig-bench --quick   # smoke run (QUICK below)
 
 Outputs in ``--out``: ``steps_accuracy.csv`` (one row per collection x rule x nodes x N),
 ``steps_accuracy_auto.csv`` (the steps="auto" simulation), ``steps_accuracy_estimate.csv``
 (the error estimate against the true error),
 ``steps_accuracy.png`` (the figure), ``steps_accuracy.md`` (tables and the
 conclusions, written from the numbers) and ``steps_accuracy.json`` (settings,
-per-pair values, timings).
+per-pair values, timings).  The run's metadata (commit, date, CPU, GPU,
+threads, versions) goes into the JSON (``"run"``), the Markdown (last line)
+and a ``<name>.meta.json`` beside each CSV; ``--replot`` carries the saved
+run's metadata over (and records its own under ``"replotted"``).
 
 Data: Cranfield through ir_datasets, from the ``cran.tar.gz`` packaged with
 fastnig (placed in ``IR_DATASETS_HOME`` when it is not there), MEDLINE from
@@ -63,7 +66,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
+from _common import REPO, RESULTS, run_markdown, run_metadata, write_csv_meta, write_json  # noqa: E402
+
 RULES = ("left", "trapezoid", "richardson")
 SUMMED = ("left", "trapezoid")   # accumulated by the op; richardson combines two trapezoid levels
 NODES = ("uniform", "chebyshev")
@@ -74,7 +79,7 @@ AUTO_TOLERANCES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder (default bench/results)")
+    p.add_argument("--out", default=str(RESULTS), help="output folder (default bench/results)")
     p.add_argument("--quick", action="store_true", help="2 + 2 pairs, N = 4..32, reference N = 128 (a smoke run)")
     p.add_argument("--pairs", type=int, default=16, help="relevant pairs of held-out Cranfield queries")
     p.add_argument("--med-pairs", type=int, default=16, help="relevant MEDLINE pairs (packaged, out of domain)")
@@ -419,13 +424,15 @@ def auto_rows_for(results, estimates, info, members, dataset, sizes, ref_sets, l
 
 
 # ------------------------------------------------------------------ output
-def _write_csv(path, rows, cols):
-    """``rows`` (dicts) as CSV with columns ``cols``; floats to 6 significant digits."""
+def _write_csv(path, rows, cols, run):
+    """``rows`` (dicts) as CSV with columns ``cols``; floats to 6 significant digits; ``run`` beside it
+    (``<name>.meta.json``)."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
+    write_csv_meta(path, run)
 
 
 ROW_COLUMNS = ["dataset", "rule", "nodes", "steps", "points", "median_rel_delta", "p90_rel_delta", "max_rel_delta",
@@ -436,7 +443,10 @@ ESTIMATE_COLUMNS = ["dataset", "steps", "est_over_true_l1_all", "est_over_true_l
                     "est_over_richardson_error_top1"]
 
 
-def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, check, model_info, reference_n):
+def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, check, model_info, reference_n,
+                  run, replotted=None):
+    """Every output; ``run``: the measuring run's metadata (None: not recorded), ``replotted``: that of a
+    ``--replot`` run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,9 +454,9 @@ def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, 
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "steps_accuracy.csv", rows, ROW_COLUMNS)
-    _write_csv(out / "steps_accuracy_auto.csv", auto_rows, AUTO_COLUMNS)
-    _write_csv(out / "steps_accuracy_estimate.csv", estimate, ESTIMATE_COLUMNS)
+    _write_csv(out / "steps_accuracy.csv", rows, ROW_COLUMNS, run)
+    _write_csv(out / "steps_accuracy_auto.csv", auto_rows, AUTO_COLUMNS, run)
+    _write_csv(out / "steps_accuracy_estimate.csv", estimate, ESTIMATE_COLUMNS, run)
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     colors = {"left": "tab:blue", "trapezoid": "tab:red", "richardson": "tab:green"}
@@ -489,13 +499,17 @@ def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, 
     fig.savefig(out / "steps_accuracy.png", dpi=120)
     plt.close(fig)
 
-    (out / "steps_accuracy.json").write_text(json.dumps({
-        "settings": {k: v for k, v in vars(args).items()}, "model": model_info, "pairs": per_pair_info,
-        "timings_s": timings, "engine_check_max_rel_diff": check, "rows": rows, "auto": auto_rows,
-        "estimate": estimate,
-    }, indent=1))
+    saved = {"settings": {k: v for k, v in vars(args).items()}, "model": model_info, "pairs": per_pair_info,
+             "timings_s": timings, "engine_check_max_rel_diff": check, "rows": rows, "auto": auto_rows,
+             "estimate": estimate}
+    if replotted is not None:
+        saved["replotted"] = replotted
+    write_json(out / "steps_accuracy.json", saved, run, indent=1)
+    lines = [run_markdown(run) if run else "Run: not recorded (measured before the bench scripts recorded it)."]
+    if replotted is not None:
+        lines.append(f"Replotted at commit `{replotted['git_commit']}`, {replotted['date_utc']}.")
     (out / "steps_accuracy.md").write_text(markdown(args, rows, auto_rows, estimate, per_pair_info, timings, check,
-                                                    model_info, reference_n))
+                                                    model_info, reference_n) + "\n" + "\n".join(lines) + "\n")
 
 
 def _count(pairs):
@@ -521,7 +535,7 @@ def points_needed(rows, datasets, nodes_list):
 def markdown(args, rows, auto_rows, estimate, pairs, timings, check, model_info, reference_n):
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     nodes_list = list(dict.fromkeys(r["nodes"] for r in rows))
-    command = (f"python bench/steps_accuracy.py --out {args.out} --pairs {args.pairs} --med-pairs {args.med_pairs} "
+    command = (f"python bench/accuracy/steps_accuracy.py --out {args.out} --pairs {args.pairs} --med-pairs {args.med_pairs} "
                f"--nodes {','.join(args.nodes)} --reference {reference_n} --max-length {args.max_length}"
                + (" --quick" if args.quick else ""))
     lines = [
@@ -656,7 +670,8 @@ def replot(path: Path, args) -> None:
     settings = argparse.Namespace(**saved["settings"])
     settings.out = args.out
     write_outputs(Path(args.out), settings, saved["rows"], saved["auto"], saved["estimate"], saved["pairs"],
-                  saved["timings_s"], saved["engine_check_max_rel_diff"], saved["model"], settings.reference)
+                  saved["timings_s"], saved["engine_check_max_rel_diff"], saved["model"], settings.reference,
+                  saved.get("run"), replotted=run_metadata())
     print((Path(args.out) / "steps_accuracy.md").read_text())
 
 
@@ -763,7 +778,8 @@ def main(argv=None):
     timings["total"] = time.perf_counter() - t_start
     timings["load_start"], timings["load_end"] = load_start, os.getloadavg()[0]
     out = Path(args.out)
-    write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, check, model_info, args.reference)
+    write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, check, model_info, args.reference,
+                  run_metadata())
     print((out / "steps_accuracy.md").read_text())
 
 

@@ -22,9 +22,13 @@ plus the peak memory of ``attribute`` with and without ``step_batch`` (fresh
 subprocesses, RSS) and the fused accumulation op alone against the unfused
 PyTorch expression (``accumulate_conductance_ref``) on the same tensors.
 
-    python bench/bench_attribute.py                 # MiniLM shape + BERT-large shape
-    python bench/bench_attribute.py --shapes minilm --repeats 15 --captum-repeats 4
-    python bench/bench_attribute.py --shapes minilm --segments-only --repeats 7   # segments=True vs False only
+    python bench/throughput/bench_attribute.py                 # MiniLM shape + BERT-large shape
+    python bench/throughput/bench_attribute.py --shapes minilm --repeats 15 --captum-repeats 4
+    python bench/throughput/bench_attribute.py --shapes minilm --segments-only --repeats 7   # segments=True vs False only
+    python bench/throughput/bench_attribute.py --quick         # smoke run, < 1 min on 2 cores
+
+The JSON carries the run's metadata (commit, date, CPU, GPU, threads,
+versions) under ``"run"``; ``--out FILE`` also writes it to FILE.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
 import fastnig  # noqa: E402
 from fastnig.engine import first_token
 from fastnig.engine.encoding import baseline_embeddings, encode_pairs
@@ -49,7 +53,7 @@ from fastnig.engine.model import linear_modules
 from fastnig.engine.memory import auto_step_batch
 from fastnig.engine.scoring import target_function
 from fastnig.engine.kernels import Carry, accumulate_conductance, accumulate_conductance_ref
-from tiny_models import make_model, make_tokenizer  # noqa: E402
+from _common import make_model, make_tokenizer, with_run  # noqa: E402
 
 SHAPES = {
     # name: (layers, hidden, intermediate, heads, tokens, steps)
@@ -64,7 +68,7 @@ PASSAGE = ("experimental results of heat transfer and pressure in the laminar bo
 def build(shape):
     layers, hidden, inter, heads, tokens, steps = SHAPES[shape]
     tok = make_tokenizer()
-    model = make_model("bert", num_labels=2, hidden=hidden, layers=layers, heads=heads, intermediate=inter,
+    model = make_model(num_labels=2, hidden=hidden, layers=layers, heads=heads, intermediate=inter,
                        vocab_size=tok.vocab_size, max_positions=512, init_range=0.02)
     return model, tok, tokens, steps
 
@@ -266,7 +270,14 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--segments-only", action="store_true",
                         help="time only attribute with segments=True against False (interleaved)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: MiniLM shape only, 1 repeat, Captum once on 2 Linears (extrapolated), "
+                             "no peak-memory subprocesses")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.repeats, args.captum_repeats, args.captum_sample = ["minilm"], 1, 1, 2
+        args.no_peak_memory = True
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.segments_only:
@@ -277,9 +288,13 @@ def main():
                                args.captum_repeats if s == "minilm" else min(1, args.captum_repeats),
                                peak=not args.no_peak_memory)
                    for s in args.shapes]
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
-              "results": results}
-    print(json.dumps(report, indent=2))
+    report = with_run({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
+                       "results": results})
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
