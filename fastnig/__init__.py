@@ -19,8 +19,16 @@ This module only re-exports the public API.  Heavy optional dependencies
 stage that needs them runs; a missing one stops with the
 ``pip install "fastnig[ir]"`` that fixes it.
 """
-from .data import (DATASETS, Collection, DatasetUnavailable, LabelledPair, MissingJudgments, filter_agreeing,
-                   load_collection, sample_pairs)
+from .data import (
+                   DATASETS,
+                   Collection,
+                   DatasetUnavailable,
+                   LabelledPair,
+                   MissingJudgments,
+                   filter_agreeing,
+                   load_collection,
+                   sample_pairs,
+)
 from .engine.attribute import Attributions, attribute
 from .engine.kernels import accumulate_conductance, accumulate_conductance_ref
 from .engine.loading import ModelUnavailable

@@ -9,8 +9,8 @@ import torch
 
 from fastnig.analysis import neuron_analyses as analysis
 from fastnig.analysis import table1 as table1_files
-from fastnig.evaluation import table1 as baselines
 from fastnig.engine.attribute import Attributions
+from fastnig.evaluation import table1 as baselines
 from fastnig.neurons.fusion import fuse
 from fastnig.neurons.scheme import Scheme
 
@@ -147,6 +147,7 @@ def test_layer_component_counts(schemes, tmp_path):
     assert_png(tmp_path / "layers_P_ms_at_30pct.png")
 
 
+@pytest.mark.slow
 def test_analyze_writes_every_table_and_figure(schemes, tmp_path):
     tables = analysis.analyze(schemes, tmp_path, levels=LEVELS, exclude=["nf"], layer_percent=30)
     assert set(tables) == {"schemes", "pairwise_overlap", "intersections", "pairwise_overlap_without_nf",
@@ -281,6 +282,7 @@ def independent_differences(model, tokenizer, pairs, max_length=512):
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, num_labels", [("bert", 2), ("distilbert", 1)])
 def test_baseline_quality_matches_an_independent_computation(kind, num_labels):
     from tiny_models import PAIRS, make_model, make_tokenizer
@@ -313,7 +315,8 @@ def test_baseline_table_and_cli(tiny_bert, tokenizer, tmp_path, capsys):
     # Each row has the original input's value beside it, and what it was averaged over.
     assert [(r["baseline"], float(r["mean_difference"]), float(r["original_difference"]), float(r["quality"]),
              r["pairs"], r["dataset"]) for r in table] == [
-        ("original", 0.5, 0.5, 1.0, "7", "ms"), ("pad", 0.1, 0.5, 0.2, "7", "ms"), ("zero", -0.25, 0.5, -0.5, "7", "ms")]
+        ("original", 0.5, 0.5, 1.0, "7", "ms"), ("pad", 0.1, 0.5, 0.2, "7", "ms"),
+        ("zero", -0.25, 0.5, -0.5, "7", "ms")]
     assert_png(tmp_path / "table1_baselines.png")
     with pytest.raises(ValueError, match="baselines"):
         baselines.baseline_quality(tiny_bert, tokenizer, [("a", "b")], baselines=["blank"])

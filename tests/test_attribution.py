@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import PAIRS, make_model, make_tokenizer
 
 import fastnig
 from fastnig.engine.model import linear_modules
 from fastnig.engine.scoring import target_function
-from tiny_models import PAIRS, make_model, make_tokenizer
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -50,8 +50,10 @@ def _captum_conductance(model, tokenizer, query, passage, target, steps, names=N
     return result
 
 
-@pytest.mark.parametrize("family,logits,tok_family", FAMILIES)
-@pytest.mark.parametrize("target", ["relevant", "non-relevant"])
+# the fast lane keeps one family and target; `make test` runs them all
+@pytest.mark.parametrize("family,logits,tok_family",
+                         FAMILIES[:1] + [pytest.param(*f, marks=pytest.mark.slow) for f in FAMILIES[1:]])
+@pytest.mark.parametrize("target", ["relevant", pytest.param("non-relevant", marks=pytest.mark.slow)])
 def test_left_rule_equals_captum_layer_conductance(family, logits, tok_family, target):
     tok = make_tokenizer(tok_family)
     model = make_model(family, num_labels=logits, vocab_size=tok.vocab_size, seed=1)
@@ -126,8 +128,9 @@ def test_first_token_cut_skips_the_last_layers_other_rows_and_changes_nothing(fa
 
 
 def test_first_token_cut_only_for_heads_that_read_the_first_token(tiny_bert):
-    from fastnig.engine.first_token import first_token_cut
     import transformers
+
+    from fastnig.engine.first_token import first_token_cut
 
     class MeanPoolingRanker(transformers.BertForSequenceClassification):
         pass  # an unknown head could read every token: nothing may be skipped
@@ -149,6 +152,7 @@ def reference_run(tiny_bert, tokenizer):
     return fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, step_batch=21, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step_batch", [1, 3, 7, 21])
 def test_chunked_equals_unchunked(tiny_bert, tokenizer, reference_run, step_batch):
     chunked = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, step_batch=step_batch,

@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import subprocess
-import tarfile
 import sys
+import tarfile
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -27,8 +27,15 @@ import pytest
 import torch
 
 from fastnig import data
-from fastnig.data import (Collection, DatasetUnavailable, LabelledPair, MissingJudgments, filter_agreeing,
-                          load_collection, sample_pairs)
+from fastnig.data import (
+    Collection,
+    DatasetUnavailable,
+    LabelledPair,
+    MissingJudgments,
+    filter_agreeing,
+    load_collection,
+    sample_pairs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,6 +143,7 @@ def cranfield(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_cranfield_counts(cranfield):
     assert cranfield["docs_count"] == 1400
     assert cranfield["iter_docs"] == 1400

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here shares one `fastnig demo` run (minutes)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,9 +28,8 @@ def centred_tiny_model(folder: Path) -> Path:
     import torch
     from tiny_models import make_model, make_tokenizer
 
-    from fastnig.engine.encoding import encode_batch
     from fastnig.data import load_collection, sample_pairs
-
+    from fastnig.engine.encoding import encode_batch
     from fastnig.study.config import load_config
 
     max_length = load_config("demo").attribution["max_length"]  # the tokens the demo's agreement filter reads
@@ -64,6 +65,7 @@ def demo_run(tmp_path_factory):
     return where / "runs" / "demo", proc
 
 
+@pytest.mark.slow
 def test_demo_writes_its_report_from_a_folder_outside_the_checkout(demo_run):
     out, _ = demo_run
     for name in ("report.md", "report.html", "pruning/table4.csv", "analysis/schemes.csv", "timings.json"):

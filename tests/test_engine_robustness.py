@@ -8,13 +8,14 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import PAIRS, make_model, make_tokenizer
 
 import fastnig
-from fastnig.engine import attribute as attribution, first_token, model as cross_encoder, scoring
-from fastnig.engine import memory
-from fastnig.engine.model import linear_modules
+from fastnig.engine import attribute as attribution
+from fastnig.engine import first_token, memory, scoring
+from fastnig.engine import model as cross_encoder
 from fastnig.engine.memory import chunk_memory
-from tiny_models import PAIRS, make_model, make_tokenizer
+from fastnig.engine.model import linear_modules
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
            "you tried to allocate 1073741824 bytes.")
@@ -43,6 +44,7 @@ def _oom_warnings(caught):
     return [w for w in caught if issubclass(w.category, RuntimeWarning) and "out of memory" in str(w.message)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [[18], [18, 40]], ids=["once", "twice"])
 def test_out_of_memory_mid_backward_is_undone_and_redone_in_halves(tiny_bert, tokenizer, unchunked, monkeypatch,
                                                                    fail_at):
@@ -71,6 +73,7 @@ def test_out_of_memory_mid_backward_is_undone_and_redone_in_halves(tiny_bert, to
     assert _no_hooks_left(tiny_bert)
 
 
+@pytest.mark.slow
 def test_cpu_allocation_failure_in_forward_is_redone(tiny_bert, tokenizer, unchunked, monkeypatch):
     """The host allocator's error (a RuntimeError naming DefaultCPUAllocator) raised in the
     forward of the third chunk of the first batch: redone, same result."""
@@ -109,6 +112,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(tiny_bert, tokenizer, monk
     assert not memory.is_out_of_memory(RuntimeError("size mismatch"))
 
 
+@pytest.mark.slow
 def test_out_of_memory_with_one_point_per_forward_is_a_clear_error(tiny_bert, tokenizer, monkeypatch):
     def always(*args, **kwargs):
         raise RuntimeError(CPU_OOM)
@@ -146,6 +150,7 @@ def _measured_peak_bytes(fn) -> int:
     return peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention,dtype", [("sdpa", None), ("eager", torch.bfloat16)])
 def test_memory_model_predicts_the_measured_peak_on_the_minilm_shape(attention, dtype):
     """MiniLM shape (6 layers, hidden 384, intermediate 1536, 12 heads), 128 tokens, 33 path
@@ -175,7 +180,8 @@ def test_auto_step_batch_counts_every_part_and_the_allocator_cache(tiny_bert, mo
     assert all(v > 0 for v in estimate.per_point.values()) and estimate.fixed["carries"] > 0
     with_autocast = chunk_memory(tiny_bert, modules, 64, 2, torch.bfloat16)
     assert with_autocast.per_point["linear outputs"] * 2 == estimate.per_point["linear outputs"]
-    assert with_autocast.per_point["layer norm inputs"] == estimate.per_point["layer norm inputs"]  # fp32 under autocast
+    # layer norm inputs stay fp32 under autocast
+    assert with_autocast.per_point["layer norm inputs"] == estimate.per_point["layer norm inputs"]
     assert with_autocast.fixed["weights cast by autocast"] > 0
     no_cut = chunk_memory(tiny_bert, modules, 64, 2, first_token_cut=False)
     assert no_cut.total(5) > estimate.total(5)
@@ -324,6 +330,7 @@ def test_output_attentions_in_the_config_turns_the_cut_off_and_changes_nothing(t
         torch.testing.assert_close(off.scores[name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_unknown_attention_implementation_keeps_every_query(tokenizer):
     """flex_attention (forward only on CPU): no query cut, the feed-forward cut still exact."""
     model = make_model("bert", vocab_size=tokenizer.vocab_size, seed=8)

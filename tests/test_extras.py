@@ -62,6 +62,7 @@ def _cli_with_hidden(modules, args, cwd):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden,args,module", [
     (["ir_datasets"], ["run", "demo", "--output", "out"], "ir_datasets"),  # stops in the preflight
     (["ir_datasets"], ["attribute", "--model", "TINY", "--dataset", "cranfield", "--label", "relevant",

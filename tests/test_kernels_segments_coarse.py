@@ -11,8 +11,13 @@ import itertools
 import pytest
 import torch
 
-from fastnig.engine.kernels import (Carry, accumulate_conductance, accumulate_conductance_emulated,
-                                    accumulate_conductance_ref, cuda_kernels_built)
+from fastnig.engine.kernels import (
+    Carry,
+    accumulate_conductance,
+    accumulate_conductance_emulated,
+    accumulate_conductance_ref,
+    cuda_kernels_built,
+)
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")  # each CPU kernel test runs on every build here
 

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from fastnig.data import (
+    DATASETS,
+    MissingJudgments,
+    count_labels,
+    known_grades,
+    label_mapping,
+    load_collection,
+    sample_pairs,
+)
 from fastnig.study.config import ConfigError, attributed_labels, dataset_entry, load_config
-from fastnig.data import (DATASETS, MissingJudgments, count_labels, known_grades, label_mapping, load_collection,
-                          sample_pairs)
 
 # Six documents per query; grades 3, 2, 1, 0 and -1 (a "negative sample" grade, as in DPR's NQ), the rest unjudged.
 TOPICS = {
@@ -132,13 +139,14 @@ def test_bm25_negatives_fill_up_judged_ones_with_the_top_unjudged_passages(grade
     assert sorted((p.query_id, p.doc_id) for p in only_bm25) == sorted(first_unjudged.items())
 
 
+@pytest.mark.slow
 def test_bm25_negatives_from_real_bm25_through_the_pipeline(graded, tmp_path, saved_tiny_model, tokenizer):
     pytest.importorskip("bm25s")
     from transformers import AutoModelForSequenceClassification
 
     from fastnig.engine.settings import AttributionSettings
-    from fastnig.study.attribution_job import attribute_dataset, bm25_ranker
     from fastnig.evaluation.reranking import bm25_run
+    from fastnig.study.attribution_job import attribute_dataset, bm25_ranker
 
     ranker = bm25_ranker(graded, tmp_path / "bm25")
     pairs = sample_pairs(graded, label=0, num_pairs=6, seed=2, negatives="bm25", ranker=ranker, relevant=[3],

@@ -11,11 +11,11 @@ import statistics
 import pytest
 import torch
 
-from fastnig.training import demo_model as models
 from fastnig.data import load_collection
-from fastnig.training.finetune import finetune_cross_encoder
-from fastnig.training.demo_model import offline_demo_model
 from fastnig.data.splits import split_queries
+from fastnig.training import demo_model as models
+from fastnig.training.demo_model import offline_demo_model
+from fastnig.training.finetune import finetune_cross_encoder
 
 TOPICS = [
     ("heat transfer", "heat transfer heating theory flow"),
@@ -94,6 +94,7 @@ def test_split_queries_is_seeded_and_disjoint(tiny):
         split_queries(collection, test_fraction=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("random_negatives", [0.0, 0.5])
 def test_finetune_lowers_the_loss_and_is_deterministic(tiny, tmp_path, random_negatives):
     collection, _, base = tiny
@@ -125,6 +126,7 @@ def test_finetune_head_lr_moves_the_head_only_and_random_negatives_need_no_bm25(
     assert not (tmp_path / "bm25").exists()  # only random negatives: no BM25 index built
 
 
+@pytest.mark.slow
 def test_finetune_in_bf16_autocast_keeps_fp32_weights_and_learns(tiny, tmp_path):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
@@ -154,6 +156,7 @@ def test_training_dtype_is_bf16_only_where_native(monkeypatch):
     assert models.training_dtype("meta") is None
 
 
+@pytest.mark.slow
 def test_finetune_freezes_embeddings_and_ranks_relevant_higher(tiny, tmp_path):
     collection, _, base = tiny
     model, tokenizer = _fresh(base)
@@ -221,6 +224,7 @@ def test_finetune_rejects_bad_settings(tiny):
             finetune_cross_encoder(model, tokenizer, collection, progress=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_offline_demo_model_caches_atomically_and_round_trips(tiny, tmp_path, monkeypatch):
     collection, _, base = tiny
     cache = tmp_path / "models"

@@ -59,6 +59,7 @@ def full_run(tmp_path_factory, model_dir, cranfield_home):
     return Scheme.load(out)
 
 
+@pytest.mark.slow
 def test_attribute_writes_a_scheme_of_cranfield_pairs(full_run, model_dir):
     s = full_run
     assert s.label == "relevant" and s.dataset == "cranfield"
@@ -75,6 +76,7 @@ def test_attribute_writes_a_scheme_of_cranfield_pairs(full_run, model_dir):
     assert torch.isfinite(s.delta).all() and s.delta.shape == (s.count,)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_scheme(tmp_path, model_dir, cranfield_home, full_run):
     out = tmp_path / "P_cran"
     proc = _cli(_attribute_args(model_dir, out), cranfield_home)
@@ -100,6 +102,7 @@ def test_killed_run_resumes_to_the_same_scheme(tmp_path, model_dir, cranfield_ho
     _assert_same_scheme(Scheme.load(out), full_run)
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path, model_dir, cranfield_home, full_run):
     out = tmp_path / "P_cran"
     _run(_attribute_args(model_dir, out, pairs=3), cranfield_home)
@@ -109,6 +112,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, model_dir, cranfield_ho
     assert "settings" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_analyze_builds_figures_and_tables_from_the_schemes(tmp_path, model_dir, cranfield_home, full_run):
     import csv
 

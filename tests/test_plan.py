@@ -13,8 +13,16 @@ import torch
 import yaml
 
 import fastnig
-from fastnig.study.plan import (ACCELERATORS, KNOWN_SHAPES, ModelShape, accelerator_rate, measure_cpu_flops,
-                                model_shape, plan_config, render)
+from fastnig.study.plan import (
+    ACCELERATORS,
+    KNOWN_SHAPES,
+    ModelShape,
+    accelerator_rate,
+    measure_cpu_flops,
+    model_shape,
+    plan_config,
+    render,
+)
 
 PAPER_YAML = Path(fastnig.__file__).resolve().parent / "study" / "configs" / "paper.yaml"
 
@@ -67,6 +75,7 @@ def test_plan_follows_the_label_mapping(no_network):
     assert any("N_loc assumed" in n for n in plan.notes) and any(n.startswith("no N_nf") for n in plan.notes)
 
 
+@pytest.mark.slow
 def test_paper_plan_cli_runs_offline_in_seconds(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", FASTNIG_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
@@ -95,8 +104,9 @@ def test_render_times_follow_the_stated_rates():
 
 
 def test_shape_from_a_local_model_folder_matches_the_model(saved_tiny_model, tmp_path):
-    from fastnig.neurons.sets import neuron_universe
     from tiny_models import make_model
+
+    from fastnig.neurons.sets import neuron_universe
 
     folder = saved_tiny_model(seed=3)
     shape = model_shape(str(folder))
@@ -128,8 +138,8 @@ def test_distilbert_config_json(tmp_path):
 
 
 def test_flops_model_equals_torch_flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
     from tiny_models import make_model
+    from torch.utils.flop_counter import FlopCounterMode
 
     model = make_model("bert", hidden=32, layers=2, intermediate=64, heads=4)
     model.set_attn_implementation("eager")  # sdpa's products are not counted by FlopCounterMode

@@ -10,15 +10,15 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from tiny_models import WORDS, make_model, write_vocab
 from torch import nn
 
 import fastnig
-from fastnig.evaluation.table4 import CSV_COLUMNS, PruningTable
 from fastnig.evaluation.pruning import PruningBenchmark, module_counts, prune, pruned, random_like
 from fastnig.evaluation.reranking import bm25_run, build_candidates, compare_ndcg, ndcg_at_k
-from fastnig.neurons.sets import NeuronSet, neuron_universe
+from fastnig.evaluation.table4 import CSV_COLUMNS, PruningTable
 from fastnig.neurons.scheme import Scheme
-from tiny_models import WORDS, make_model, write_vocab
+from fastnig.neurons.sets import NeuronSet, neuron_universe
 
 
 def word_tokenizer():
@@ -400,6 +400,7 @@ def overlap_ranker():
     return model, tok
 
 
+@pytest.mark.slow
 def test_pruning_the_top_nig_neurons_hurts_ranking_more_than_random_neurons(overlap_ranker, tmp_path):
     model, tok = overlap_ranker
     saved = state_copy(model)
@@ -450,6 +451,7 @@ def test_table_marks_the_biggest_and_second_biggest_drop_per_level():
     assert r"\textbf{31.00} (1)" in tex and r"\underline{21.00} (1)" in tex and r"0.1\%" in tex
 
 
+@pytest.mark.slow
 def test_fastnig_prune_writes_table4_in_three_formats(overlap_ranker, tmp_path, monkeypatch):
     from fastnig.cli import main
 

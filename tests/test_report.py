@@ -5,12 +5,12 @@ import json
 import re
 import shutil
 
+from test_scorecard import TABLE4_COLUMNS, _layers, _t4_row, _write_csv, fixture_run  # noqa: F401 (fixture)
+
 from fastnig.analysis.neuron_analyses import FIGURE5, figure2_name, figure3_name, figure4_name
 from fastnig.analysis.table1 import TABLE1_FIGURE
-from fastnig.report.document import write_report
-from fastnig.report.document import figure_caption
 from fastnig.report.comparison import compare_runs
-from test_scorecard import TABLE4_COLUMNS, _layers, _t4_row, _write_csv, fixture_run  # noqa: F401 (fixture)
+from fastnig.report.document import figure_caption, write_report
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")

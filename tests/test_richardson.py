@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import PAIRS
 from torch import nn
 
 import fastnig
 from fastnig.engine import quadrature
 from fastnig.study.config import ConfigError, load_config
-from tiny_models import PAIRS
 
 
 def _two_runs(model, tokenizer, steps, **kwargs):
@@ -27,6 +27,7 @@ def _input_nig(att):
     return att.delta.double() + (att.f_input - att.f_baseline).double()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs, rtol", [
     ({}, 1e-5),
     ({"step_batch": 6}, 1e-5),                      # 17 points -> chunks 0-5, 6-10, 11-16: one starts on odd 11
@@ -70,6 +71,7 @@ def test_richardson_enters_a_scheme(tiny_bert, tokenizer):
                    [f"q{i}" for i in range(len(PAIRS))])
 
 
+@pytest.mark.slow
 def test_out_of_memory_redo_rebuilds_the_even_point_carry(tiny_bert, tokenizer, monkeypatch):
     """21 points in chunks of at most 5 (0-3, 4-7, ...): an OOM inside the second chunk (call 18 of the
     op: 12 layers + the input per chunk) redoes it from point 4, whose carries need point 3 and the even
@@ -177,6 +179,7 @@ def test_richardson_is_exact_on_a_cubic_path_where_the_trapezoid_is_not(tokenize
 # error of two of its pairs is above this at N = 16 (2.5e-4, 5.3e-4) and below it at N = 32
 TINY_AUTO_TOLERANCE = 2e-4
 
+@pytest.mark.slow
 def test_auto_stops_on_the_neuron_estimate_too(tiny_bert, tokenizer, monkeypatch):
     """A pair stops at the first level where both the input-side delta and the top neurons' estimated
     error are within tolerance; its result equals a fixed run at that N."""
@@ -208,8 +211,8 @@ def test_top_error_sums_the_estimates_of_the_largest_neurons():
 
 
 def test_memory_model_counts_the_even_point_carries(tiny_bert):
-    from fastnig.engine.model import linear_modules
     from fastnig.engine.memory import chunk_memory
+    from fastnig.engine.model import linear_modules
 
     modules = linear_modules(tiny_bert)
     plain = chunk_memory(tiny_bert, modules, tokens=16, pairs=2)

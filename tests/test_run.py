@@ -90,6 +90,7 @@ def _schemes(out: Path):
             if ".rank" not in p.name}
 
 
+@pytest.mark.slow
 def test_reduced_study_writes_the_report_with_its_numbers(reference):
     out, _ = reference
     schemes = _schemes(out)
@@ -125,6 +126,7 @@ def _wait_for(proc, predicate, timeout=600):
     return False
 
 
+@pytest.mark.slow
 def test_killed_twice_then_resumed_equals_the_uninterrupted_run(tmp_path, reference, irds_home):
     ref_out, config = reference
     out = tmp_path / "out"
@@ -157,6 +159,7 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(tmp_path, refere
     assert _table4(out) == _table4(ref_out)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, reference, irds_home):
     _, config = reference
     # torchrun runs each rank with one thread; the single process gets one too, so that both sum in
@@ -185,6 +188,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference, irds_home):
                 assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,words", [
     ({"attribution__bogus": 1}, "unknown key(s) ['bogus'] in config section 'attribution'"),
     ({"pruning__sets": ["P_cran &"]}, "pruning.sets"),
@@ -203,6 +207,7 @@ def test_bad_config_stops_before_any_work(tmp_path, model_dir, irds_home, change
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_rerun_with_nothing_left_keeps_the_timings(tmp_path, reference, irds_home):
     ref_out, config = reference
     before = json.loads((ref_out / "timings.json").read_text())

@@ -14,10 +14,10 @@ import torch
 
 from fastnig.engine.attribute import Attributions
 from fastnig.neurons.exact_sums import MAX_PAIRS
-from fastnig.neurons.sets import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
-from fastnig.neurons.scheme_storage import scheme_json_path
 from fastnig.neurons.fusion import fuse, fuse_all
 from fastnig.neurons.scheme import Scheme
+from fastnig.neurons.scheme_storage import scheme_json_path
+from fastnig.neurons.sets import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,9 +219,11 @@ def test_merge_of_two_half_runs_equals_one_run_exactly():
     assert not torch.equal(naive, values.double().sum(0))
 
 
+@pytest.mark.slow
 def test_merge_of_half_runs_of_the_engine_equals_the_full_run(tiny_bert, tokenizer):
-    import fastnig
     from tiny_models import PAIRS
+
+    import fastnig
 
     def run(pairs):
         return fastnig.attribute(tiny_bert, pairs, tokenizer=tokenizer, steps=6, progress=False)
@@ -415,6 +417,7 @@ def chunk_attributions(k: int) -> Attributions:
     return make_attributions({A: values[:, :4], B: values[:, 4:]})
 
 
+@pytest.mark.slow
 def test_a_run_killed_by_a_signal_resumes_to_the_uninterrupted_scheme(tmp_path):
     path = tmp_path / "P_ms"
     script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fastnig.analysis.neuron_analyses import analyze
-from fastnig.study.config import ConfigError, load_config
-from fastnig.neurons.fusion import fuse, fuse_all
-from fastnig.report.document import figure_caption, segment_lines
-from fastnig.neurons.scheme import Scheme
-from fastnig.analysis.segments import SEGMENT_COLUMNS, layer_shares, segment_figure_name, segment_table
-from fastnig.engine.encoding import SEGMENTS
-from fastnig.neurons.segment_shares import segment_shares
 from test_labels import graded  # noqa: F401  (fixture: a small graded local collection)
 from test_segments import SIZES, _attributions
+
+from fastnig.analysis.neuron_analyses import analyze
+from fastnig.analysis.segments import SEGMENT_COLUMNS, layer_shares, segment_figure_name, segment_table
+from fastnig.engine.encoding import SEGMENTS
+from fastnig.neurons.fusion import fuse, fuse_all
+from fastnig.neurons.scheme import Scheme
+from fastnig.neurons.segment_shares import segment_shares
+from fastnig.report.document import figure_caption, segment_lines
+from fastnig.study.config import ConfigError, load_config
 
 
 def _scheme(dataset, label, seed, num=4, segments=True):
@@ -165,6 +165,7 @@ def test_the_run_analysis_stage_writes_the_segment_table(tmp_path):
     assert (folder / "segments.csv").exists() and (folder / "segments_ms_at_40pct.png").exists()
 
 
+@pytest.mark.slow
 def test_fastnig_analyze_writes_segments_only_for_schemes_with_segment_sums(tmp_path, capsys):
     from fastnig.cli import main
 

@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
+from test_attribution import _captum_conductance
+from tiny_models import PAIRS, make_model, make_tokenizer
 
 import fastnig
 from fastnig.engine import attribute as attribution
 from fastnig.engine.encoding import SEGMENTS, encode_pairs
 from fastnig.engine.first_token import first_token_cut as cut_of
-from test_attribution import _captum_conductance
-from tiny_models import PAIRS, make_model, make_tokenizer
 
 FAMILIES = [  # (model family, logits, tokenizer family)
     ("bert", 2, "bert"),
@@ -89,6 +89,7 @@ def _captum_segment_conductance(model, tokenizer, query, passage, steps):
             for name, attr in per_token.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,logits,tok_family", FAMILIES)
 def test_left_rule_segments_equal_captum_layer_conductance_per_segment(family, logits, tok_family):
     """Same convention as tests/test_attribution.py: fastnig's "left" rule is Captum's riemann_trapezoid."""
@@ -110,6 +111,7 @@ def test_left_rule_segments_equal_captum_layer_conductance_per_segment(family, l
             assert rel <= 1e-4, f"{name} {segment}: relative error {rel:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step_batch", [1, 3, 7])
 def test_chunked_equals_unchunked(tiny_bert, tokenizer, segmented, step_batch):
     chunked = fastnig.attribute(tiny_bert, PAIRS, tokenizer=tokenizer, steps=20, step_batch=step_batch,

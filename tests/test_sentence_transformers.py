@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_model
 
 import fastnig
 from fastnig.engine.scoring import score_pairs
 from fastnig.training.demo_model import load_cross_encoder
-from tiny_models import make_model
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is a test dependency (.[test])")
 

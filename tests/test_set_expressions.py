@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastnig.neurons.scheme import Scheme
 from fastnig.neurons.expressions import PAPER_SETS, ExpressionError, check, evaluate, parse
+from fastnig.neurons.scheme import Scheme
 
 SIZES = {"m.layer.0.attention.self.query": 5, "m.layer.0.intermediate.dense": 5}
 

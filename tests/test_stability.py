@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_schemes import make_attributions
 
 from fastnig.neurons.fusion import fuse
 from fastnig.neurons.scheme import Scheme, pair_half
 from fastnig.neurons.stability import MIN_HALF_PAIRS, StopRule, stability, top_indices, top_overlap
-from test_schemes import make_attributions
 
 REPO = Path(__file__).resolve().parents[1]
 A, B = "bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.output.dense"
@@ -158,6 +158,7 @@ def test_more_pairs_give_a_higher_estimate():
         assert estimates[0] < estimates[1] < estimates[2], (level, estimates)
 
 
+@pytest.mark.slow
 def test_the_estimate_tracks_the_true_doubling_overlap():
     """Noise model with heavy-tailed means and neuron-specific noise: estimate ≈ truth on average,
     closer than the uncorrected split-half overlap."""
@@ -253,6 +254,7 @@ def assert_bit_identical(a: Scheme, b: Scheme) -> None:
         assert torch.equal(getattr(a, t), getattr(b, t))
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_at_the_rule_and_never_exceeds_max(tmp_path, tiny, collection,
                                                                 monkeypatch):
     import fastnig.neurons.stability as stab
@@ -279,6 +281,7 @@ def test_early_stopping_stops_at_the_rule_and_never_exceeds_max(tmp_path, tiny, 
     assert s.extra["stopping"]["checks"] == [{"pairs_sampled": 8, "pairs_used": 8, "estimate": 1.0}]
 
 
+@pytest.mark.slow
 def test_a_stopped_scheme_equals_a_fixed_run_with_its_pairs_bit_for_bit(tmp_path, tiny, collection, monkeypatch):
     import fastnig.neurons.stability as stab
 
@@ -321,6 +324,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_in_the_middle_of_a_round_gives_the_same_scheme(tmp_path, tiny, model_dir, collection,
                                                                              monkeypatch):
     import fastnig.neurons.stability as stab
@@ -357,6 +361,7 @@ def test_resume_after_a_kill_in_the_middle_of_a_round_gives_the_same_scheme(tmp_
     assert len(list(tmp_path.glob("P.*"))) == 2  # no leftovers
 
 
+@pytest.mark.slow
 def test_sharded_early_stopping_equals_one_process(tmp_path, tiny, collection, monkeypatch):
     """Two shards in two threads (each its own model copy), combined at every round end, as torchrun ranks."""
     import copy

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fastnig.analysis.table1 import baseline_table
-from fastnig.evaluation import table1 as baselines
-from fastnig.engine.scoring import score_pairs
 from fastnig.data import load_collection, sample_pairs
+from fastnig.engine.scoring import score_pairs
+from fastnig.evaluation import table1 as baselines
 
 TOPICS = [
     ("heat transfer wings", "heat transfer of supersonic wings in experimental tests"),

@@ -40,17 +40,15 @@ from itertools import combinations
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-
-
 from ..common import optional_import
-from .writers import level_axis, new_figure, save_figure, write_csv
-from ..neurons.sets import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection
 from ..data.registry import short_name
+from ..neurons.expressions import ExpressionError, evaluate
 from ..neurons.fusion import fuse, fuse_all
 from ..neurons.scheme import LABELS, RANK_BY, Scheme
-from .segments import segment_table
+from ..neurons.sets import COMPONENTS, OTHER_COMPONENTS, NeuronSet, intersection
 from ..neurons.stability import stability_estimates
-from ..neurons.expressions import ExpressionError, evaluate
+from .segments import segment_table
+from .writers import level_axis, new_figure, save_figure, write_csv
 
 DEFAULT_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Pruning levels (% of all neurons) of the overlap curves; the paper's 0.01, 0.1 and 1 among them."""

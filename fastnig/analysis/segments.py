@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..common import PathLike
-from .writers import new_figure, save_figure, write_csv
 from ..data.registry import short_name
-from ..neurons.scheme import Scheme
 from ..engine.encoding import SEGMENTS
+from ..neurons.scheme import Scheme
 from ..neurons.segment_shares import segment_shares
+from .writers import new_figure, save_figure, write_csv
 
 Rows = List[Dict[str, object]]
 

@@ -12,7 +12,6 @@ from typing import Mapping, Optional
 from ..common import PathLike
 from .writers import Rows, new_figure, save_figure, write_csv
 
-
 BASELINE_COLUMNS = ("baseline", "mean_difference", "original_difference", "quality", "pairs", "dataset")
 
 

@@ -10,15 +10,14 @@ from typing import List
 import torch
 
 from ..analysis.neuron_analyses import DEFAULT_LEVELS, analyze
-from ..evaluation.table1 import baseline_differences
 from ..analysis.table1 import baseline_table
 from ..data import LabelledPair, filter_agreeing
 from ..engine.loading import ModelUnavailable
-from ..training.demo_model import load_cross_encoder
+from ..evaluation.table1 import baseline_differences
 from ..neurons.scheme import Scheme
 from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
+from ..training.demo_model import load_cross_encoder
 from .usage import UsageError
-
 
 DESCRIPTION = """\
 Build the paper's analyses (RQ1/RQ2) from attribution schemes written by

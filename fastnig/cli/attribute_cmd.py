@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from ..data import NEGATIVES, label_mapping
-from ..training.demo_model import load_cross_encoder
-from ..engine.settings import AttributionSettings
-from ..study.attribution_job import attribute_dataset
 from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
+from ..engine.settings import AttributionSettings
 from ..neurons.stability import StopRule
+from ..study.attribution_job import attribute_dataset
+from ..training.demo_model import load_cross_encoder
 from .usage import UsageError
 
 DESCRIPTION = """\
@@ -88,7 +88,8 @@ def register(sub) -> None:
                    help="what F is: the class probability (default) or the raw logit")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per pair (default: the model's, at most 512; capped at its position embeddings)")
-    p.add_argument("--step-batch", type=int, default=None, help="path points per forward (default: sized from free memory, ~2048 token rows on CPU)")
+    p.add_argument("--step-batch", type=int, default=None,
+                   help="path points per forward (default: sized from free memory, ~2048 token rows on CPU)")
     p.add_argument("--pair-batch", type=int, default=1, help="pairs per forward (default 1)")
     p.add_argument("--chunk-pairs", type=int, default=8, help="pairs between two saves (default 8)")
     p.add_argument("--segments", action="store_true",

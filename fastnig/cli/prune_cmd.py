@@ -10,15 +10,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..data import DATASETS, load_collection
-from ..training.demo_model import load_cross_encoder
 from ..evaluation.pruning import evaluate_pruning
 from ..evaluation.reranking import build_candidates
 from ..neurons.fusion import fuse
-from ..neurons.sets import NeuronSet, intersection, neuron_universe
 from ..neurons.scheme import Scheme
 from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
+from ..neurons.sets import NeuronSet, intersection, neuron_universe
+from ..training.demo_model import load_cross_encoder
 from .usage import UsageError
-
 
 PAPER_LEVELS = (0.01, 0.1, 1.0)
 PAPER_DATASETS = ("ms-dev", "lotte-lifestyle", "lotte-recreation", "lotte-science", "lotte-technology",

@@ -45,8 +45,15 @@ from .agreement import filter_agreeing
 from .collection import Collection
 from .loading import load_collection
 from .records import DatasetUnavailable, LabelledPair, MissingJudgments
-from .registry import (ATTRIBUTION_DATASETS, DATASETS, GRADES_WITHOUT_METADATA, IN_DOMAIN, PAPER_NAMES,
-                       VALIDATION_DATASETS, WITHOUT_NONRELEVANT)
+from .registry import (
+                       ATTRIBUTION_DATASETS,
+                       DATASETS,
+                       GRADES_WITHOUT_METADATA,
+                       IN_DOMAIN,
+                       PAPER_NAMES,
+                       VALIDATION_DATASETS,
+                       WITHOUT_NONRELEVANT,
+)
 from .sampling import NEGATIVES, LabelMapping, count_labels, known_grades, label_mapping, sample_pairs
 
 __all__ = [

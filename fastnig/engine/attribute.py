@@ -32,10 +32,30 @@ from .encoding import SEGMENTS, EncodedPairs, Pair, baseline_embeddings, encode_
 from .first_token import first_token_only
 from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
-from .model import (accepts_token_type_ids, check_model, compute_autocast, frozen_eval, input_embeddings,
-                    linear_modules, load_tokenizer, move_model, resolve_max_length, single_device, unwrap)
-from .quadrature import (auto_converged, auto_step_levels, error_estimate, kernel_rule, path_nodes, relative_delta,
-                         richardson, top_error, uses_coarse)
+from .model import (
+    accepts_token_type_ids,
+    check_model,
+    compute_autocast,
+    frozen_eval,
+    input_embeddings,
+    linear_modules,
+    load_tokenizer,
+    move_model,
+    resolve_max_length,
+    single_device,
+    unwrap,
+)
+from .quadrature import (
+    auto_converged,
+    auto_step_levels,
+    error_estimate,
+    kernel_rule,
+    path_nodes,
+    relative_delta,
+    richardson,
+    top_error,
+    uses_coarse,
+)
 from .scoring import TargetSpec, normalize_targets, target_function
 from .settings import AttributionSettings
 

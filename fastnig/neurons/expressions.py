@@ -27,9 +27,9 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
-from .sets import NeuronSet, intersection, union
 from .fusion import fuse, fuse_all
 from .scheme import Scheme
+from .sets import NeuronSet, intersection, union
 
 PAPER_SETS = ("P_ms", "N_ms", "inter(O, P)", "inter(O, N)", "inter(A, P)", "inter(A, N)", "F_ms",
               "inter(O, F)", "inter(A, F)", "F_A")

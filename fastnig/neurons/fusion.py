@@ -14,6 +14,7 @@ import torch
 from ..data.registry import short_name
 from .scheme import FUSED_LABEL, LABELS, Scheme, settings_without_target
 
+
 def fuse(*schemes: Scheme, name: Optional[str] = None) -> Scheme:
     """⊕: the scheme whose mean is the average of the schemes' means (docs/method.md §6).
 

@@ -27,13 +27,11 @@ import numpy as np
 import torch
 
 from ..common import PathLike, is_int
-from .exact_sums import BIN_EXPONENTS, MAX_PAIRS, bins_value, split_into_bins, zero_bins
 from ..data.registry import short_name
-from .sets import NeuronSet, check_sizes, top_count
-from .scheme_storage import (expect_tensor, read_scheme, scheme_json_path,
-                             write_scheme)
 from ..engine.encoding import SEGMENTS
-
+from .exact_sums import BIN_EXPONENTS, MAX_PAIRS, bins_value, split_into_bins, zero_bins
+from .scheme_storage import expect_tensor, read_scheme, scheme_json_path, write_scheme
+from .sets import NeuronSet, check_sizes, top_count
 
 LABELS = ("relevant", "non-relevant")
 RANK_BY = ("value", "abs")

@@ -19,8 +19,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..engine.model import linear_modules
 from ..common import is_int
+from ..engine.model import linear_modules
 
 COMPONENTS = ("query", "key", "value", "attention_output", "intermediate", "ff_output")
 """The six Linear components of a Transformer layer, in the order they run."""
@@ -157,7 +157,8 @@ class NeuronSet:
 
     # -- construction
     @classmethod
-    def from_indices(cls, members: Mapping[str, Sequence[int]], sizes: Mapping[str, int], name: str = "") -> "NeuronSet":
+    def from_indices(cls, members: Mapping[str, Sequence[int]], sizes: Mapping[str, int],
+                     name: str = "") -> "NeuronSet":
         """A set from ``{module: unit indices}`` (duplicates collapse)."""
         sizes = check_sizes(sizes)
         offsets = _offsets(sizes)
@@ -294,7 +295,8 @@ def intersection(*sets: NeuronSet, name: Optional[str] = None) -> NeuronSet:
     result = sets[0]
     for s in sets[1:]:
         result = result & s
-    return NeuronSet(result.sizes, result.mask, name if name is not None else "∩(" + ", ".join(s.name for s in sets) + ")")
+    return NeuronSet(result.sizes, result.mask,
+                     name if name is not None else "∩(" + ", ".join(s.name for s in sets) + ")")
 
 
 def union(*sets: NeuronSet, name: Optional[str] = None) -> NeuronSet:
@@ -303,7 +305,8 @@ def union(*sets: NeuronSet, name: Optional[str] = None) -> NeuronSet:
     result = sets[0]
     for s in sets[1:]:
         result = result | s
-    return NeuronSet(result.sizes, result.mask, name if name is not None else "∪(" + ", ".join(s.name for s in sets) + ")")
+    return NeuronSet(result.sizes, result.mask,
+                     name if name is not None else "∪(" + ", ".join(s.name for s in sets) + ")")
 
 
 def _flatten_sets(sets, op: str) -> List[NeuronSet]:

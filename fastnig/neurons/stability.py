@@ -46,8 +46,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..common import check_int, is_int
-from .sets import top_count
 from .scheme import RANK_BY, Scheme
+from .sets import top_count
 
 __all__ = ["MIN_HALF_PAIRS", "StopRule", "stability", "stability_estimates", "top_indices", "top_overlap"]
 

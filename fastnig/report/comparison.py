@@ -12,8 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
-from .run_folder import (PathLike, fmt_number, md_escape, read_csv, read_run_config, run_in_domain, table4_groups,
-                         to_float)
+from .run_folder import (
+    PathLike,
+    fmt_number,
+    md_escape,
+    read_csv,
+    read_run_config,
+    run_in_domain,
+    table4_groups,
+    to_float,
+)
 
 MID_LAYERS = (7, 12)
 """The paper's mid-layer peak, "spread across layers 7 to 12" of BERT-large's 24 (counted from 1); scaled to
@@ -71,10 +79,12 @@ class RunComparison:
             md.append("")
         if self.table4:
             md += ["**Table 4 of both runs** (% nDCG@10 drop, positive = worse, group means)", "",
-                   f"| set | group | level | {md_escape(a)} | {md_escape(b)} | difference |", "|---|---|---|---|---|---|"]
+                   f"| set | group | level | {md_escape(a)} | {md_escape(b)} | difference |",
+                   "|---|---|---|---|---|---|"]
             for r in self.table4:
                 diff = (r["this"] - r["other"]) if r["this"] is not None and r["other"] is not None else None
-                md.append(f"| {md_escape(r['set'])} | {md_escape(r['group'])} | {r['level']:g}% | {fmt_number(r['this'])} | "
+                md.append(f"| {md_escape(r['set'])} | {md_escape(r['group'])} | {r['level']:g}% | "
+                          f"{fmt_number(r['this'])} | "
                           f"{fmt_number(r['other'])} | {'–' if diff is None else f'{diff:+.2f}'} |")
             spread = self.spread()
             if spread:

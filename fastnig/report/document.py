@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from ..common import write_atomic
+from ..engine.encoding import SEGMENTS
 from .comparison import compare_runs
 from .run_folder import NotARunFolder, table4_summary
 from .scorecard import scorecard
-from ..engine.encoding import SEGMENTS
 
 FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows the figure number in the name
     ("figure2a_*.png", "Figure 2a — relevant neurons: overlap of P_x and P_y for every two datasets "

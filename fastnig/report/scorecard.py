@@ -37,8 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .run_folder import (PathLike, fmt_number, md_escape, read_csv, read_run_config, run_in_domain,
-                         table4_groups, to_float, to_level)
+from .run_folder import (
+    PathLike,
+    fmt_number,
+    md_escape,
+    read_csv,
+    read_run_config,
+    run_in_domain,
+    table4_groups,
+    to_float,
+    to_level,
+)
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 NOT_PAPER_SETUP = "not the paper's setup"
@@ -387,7 +396,8 @@ def _check_cap_o_above_cap_a(analysis: Path) -> Claim:
             if path.name not in files:
                 files.append(path.name)
             if not v["cap_O"] > v["cap_A"]:
-                failures.append(f"{label} at {level:g} % ({path.name}): ∩_O {v['cap_O']:.1f} % = ∩_A {v['cap_A']:.1f} %")
+                failures.append(f"{label} at {level:g} % ({path.name}): "
+                                f"∩_O {v['cap_O']:.1f} % = ∩_A {v['cap_A']:.1f} %")
     if not checked:
         return _claim("cap_o_above_cap_a", NA, "needs ∩_O (two or more OOD datasets) and ∩_A of one label, "
                                                "with a non-empty ∩_O")
@@ -431,7 +441,8 @@ def _check_f_top2(summary, in_domain: str) -> Claim:
 
 
 def _check_random(rows: List[Dict[str, str]]) -> Claim:
-    values = [(abs(to_float(r["random_drop_mean"])), r) for r in rows if not math.isnan(to_float(r["random_drop_mean"]))]
+    values = [(abs(to_float(r["random_drop_mean"])), r) for r in rows
+              if not math.isnan(to_float(r["random_drop_mean"]))]
     if not values:
         return _claim("random_small", NA, "no pruning/table4.csv (or no random baseline in it)")
     worst, r = max(values, key=lambda x: x[0])

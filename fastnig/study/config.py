@@ -170,7 +170,8 @@ def _read_config_file(source: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
 
 
 def shared_data_dir() -> Optional[Path]:
-    """The folder ``${data}`` stands for in configs: $FASTNIG_DATA, else a ``shared/data`` folder beside the checkout or the current folder."""
+    """The folder ``${data}`` stands for in configs: $FASTNIG_DATA, else a ``shared/data`` folder beside
+    the checkout or the current folder."""
     if os.environ.get("FASTNIG_DATA"):
         return Path(os.environ["FASTNIG_DATA"])
     for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
@@ -253,7 +254,8 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
     if not isinstance(att["datasets"], Mapping) or not att["datasets"]:
         raise ConfigError("attribution.datasets must map names to dataset specs, e.g. {ms: ms, nf: nf}")
     if not is_int(att["relevance_threshold"]) or att["relevance_threshold"] < 1:
-        raise ConfigError(f"attribution.relevance_threshold must be an integer >= 1, got {att['relevance_threshold']!r}")
+        raise ConfigError(f"attribution.relevance_threshold must be an integer >= 1, "
+                          f"got {att['relevance_threshold']!r}")
     if att["negatives"] not in NEGATIVES:
         raise ConfigError(f"negatives: {att['negatives']!r} is not one of {list(NEGATIVES)}")
     att["datasets"] = {str(k): dataset_entry(str(k), v, att["negatives"], att["relevance_threshold"])

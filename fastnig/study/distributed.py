@@ -16,6 +16,7 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
+
 @dataclass
 class Ranks:
     """This process's place in a torchrun launch (rank 0 of 1 without one)."""

@@ -25,24 +25,22 @@ import numpy as np
 import torch
 
 from ..analysis.neuron_analyses import analyze
-from ..evaluation.table1 import baseline_differences, table1_pairs
 from ..analysis.table1 import baseline_table
-from .attribution_job import attribute_dataset, bm25_ranker, pair_id
 from ..common import write_atomic
-from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files
 from ..data import count_labels, label_mapping, load_collection, sample_pairs
-from .distributed import Ranks, init_ranks
-from ..training.demo_model import OFFLINE_DEMO, demo_model_quality, offline_demo_model
 from ..engine.loading import ModelUnavailable
-from ..training.demo_model import load_cross_encoder
 from ..evaluation.pruning import PruningBenchmark, module_counts, table_row
-from ..evaluation.table4 import PruningTable
-from ..report.document import write_report
 from ..evaluation.reranking import EncodedCandidates, build_candidates, score_candidates
+from ..evaluation.table1 import baseline_differences, table1_pairs
+from ..evaluation.table4 import PruningTable
+from ..neurons.expressions import evaluate
 from ..neurons.scheme import Scheme
 from ..neurons.stability import StopRule
-from ..neurons.expressions import evaluate
-
+from ..report.document import write_report
+from ..training.demo_model import OFFLINE_DEMO, demo_model_quality, load_cross_encoder, offline_demo_model
+from .attribution_job import attribute_dataset, bm25_ranker, pair_id
+from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files
+from .distributed import Ranks, init_ranks
 
 # =============================================================== the study
 # `fastnig run CONFIG`: every stage of the paper, each skipped when its output

@@ -28,14 +28,21 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..common import check_int, sample_key
-from ..engine.loading import OFFLINE_MINILM, load_pretrained_cross_encoder, offline_minilm_path
-from ..engine.scoring import score_pairs
 from ..data.loading import load_collection
 from ..data.splits import split_queries
+from ..engine.loading import OFFLINE_MINILM, load_pretrained_cross_encoder, offline_minilm_path
+from ..engine.scoring import score_pairs
 from ..evaluation.reranking import bm25_run, ndcg_at_k
-from .finetune import (DEMO_HEAD_LR, DEMO_LR, DEMO_MAX_LENGTH, DEMO_RANDOM_NEGATIVES, DEMO_STEPS, _dtype_name,
-                       finetune_cross_encoder, training_dtype)
-
+from .finetune import (
+    DEMO_HEAD_LR,
+    DEMO_LR,
+    DEMO_MAX_LENGTH,
+    DEMO_RANDOM_NEGATIVES,
+    DEMO_STEPS,
+    _dtype_name,
+    finetune_cross_encoder,
+    training_dtype,
+)
 
 #: Model name of the offline demo cross-encoder (:func:`offline_demo_model` with its defaults).
 OFFLINE_DEMO = "minilm-l6-cranfield"

@@ -17,11 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common import check_int, check_number, sample_key
-from ..engine.model import compute_autocast, move_model
-from ..engine.encoding import encode_batch
 from ..data.loading import load_collection
+from ..engine.encoding import encode_batch
+from ..engine.model import compute_autocast, move_model
 from ..evaluation.reranking import bm25_run
-
 
 # Fine-tuning of the demo model: bf16 autocast where the CPU has it natively (training_dtype; the model's
 # forward + backward: 0.37 s a step on 2 idle AVX512-BF16 cores, batch 16, 64 tokens, against 0.62 s in fp32),
