@@ -85,12 +85,19 @@ def run_metadata() -> Dict[str, object]:
     }
 
 
-def with_run(report: Dict, run: Optional[Dict] = None) -> Dict:
+NOW = "now"  # default of the ``run`` arguments below: this run's metadata (None = not recorded, written as null)
+
+
+def _resolve(run):
+    return run_metadata() if isinstance(run, str) and run == NOW else run
+
+
+def with_run(report: Dict, run=NOW) -> Dict:
     """``report`` with the run metadata as its first key, ``"run"``."""
-    return {"run": run if run is not None else run_metadata(), **{k: v for k, v in report.items() if k != "run"}}
+    return {"run": _resolve(run), **{k: v for k, v in report.items() if k != "run"}}
 
 
-def write_json(path, report: Dict, run: Optional[Dict] = None, indent: int = 2) -> Path:
+def write_json(path, report: Dict, run=NOW, indent: int = 2) -> Path:
     path = Path(path)
     path.write_text(json.dumps(with_run(report, run), indent=indent))
     return path
@@ -102,19 +109,20 @@ def meta_path(csv_path) -> Path:
     return csv_path.with_name(csv_path.stem + ".meta.json")
 
 
-def write_csv_meta(csv_path, run: Optional[Dict] = None) -> Path:
-    """Writes the run metadata of ``csv_path`` beside it, as ``<name>.meta.json``."""
+def write_csv_meta(csv_path, run=NOW, **extra) -> Path:
+    """Writes the run metadata of ``csv_path`` beside it, as ``<name>.meta.json`` (``extra``: more keys)."""
     path = meta_path(csv_path)
-    path.write_text(json.dumps({"file": Path(csv_path).name,
-                                "run": run if run is not None else run_metadata()}, indent=2) + "\n")
+    path.write_text(json.dumps({"file": Path(csv_path).name, "run": _resolve(run), **extra}, indent=2) + "\n")
     return path
 
 
-def run_markdown(run: Optional[Dict] = None) -> str:
+def run_markdown(run=NOW) -> str:
     """One Markdown line naming the run (closing line of every Markdown result)."""
-    r = run if run is not None else run_metadata()
+    r = _resolve(run)
+    if r is None:
+        return "Run: not recorded (measured before the bench scripts recorded it)."
     return (f"Run: commit `{r['git_commit']}`, {r['date_utc']}, CPU {r['cpu']} ({r.get('cpu_count')} cores), "
-            f"GPU {r['gpu']}, {r['torch_threads']} torch threads, torch {r['torch']}, Python {r['python']}.")
+            f"GPU {r['gpu']}, torch threads {r['torch_threads']}, torch {r['torch']}, Python {r['python']}.")
 
 
 # ------------------------------------------------------------------ random-weight models

@@ -2,7 +2,9 @@
 
 Owns: argument checks that name the argument and the fix (:func:`check_int`,
 :func:`check_number`), crash-safe file writes (:func:`write_atomic`,
-:func:`fsync_path`), the deterministic sampling key (:func:`sample_key`)
+:func:`fsync_path`), one writer per output (:func:`exclusive_lock`,
+:class:`OutputLocked`), the error for a damaged file fastnig wrote
+(:class:`CorruptFile`), the deterministic sampling key (:func:`sample_key`)
 that every seeded draw of pairs, queries and negatives sorts by, and the
 import of optional dependencies with a one-line fix when they are missing
 (:func:`optional_import`).
@@ -12,12 +14,15 @@ anything specific to one stage (that belongs in the stage's module).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib
 import numbers
 import os
+import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -28,6 +33,14 @@ EXTRAS = {"ir_datasets": "ir", "ranx": "ir", "numba": "ir", "bm25s": "ir", "safe
 
 class MissingExtra(ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class OutputLocked(ValueError):
+    """Another fastnig job (process or thread) is writing the same output; the message names it and the lock."""
+
+
+class CorruptFile(ValueError):
+    """A file fastnig wrote is truncated or damaged; the message names the file (a number is never guessed)."""
 
 
 def optional_import(module: str, purpose: str = ""):
@@ -101,19 +114,92 @@ def fsync_path(path: PathLike) -> None:
 def write_atomic(path: PathLike, data: Union[str, bytes], *, durable: bool = False) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it.
 
-    Writes a temporary file in the same folder, then ``os.replace``s it;
-    ``durable`` also fsyncs the file and the folder (survives a power loss,
-    not only a killed process).  Creates the parent folder.
+    Writes a temporary file ``.<name>.tmp<pid>`` in the same folder, then
+    ``os.replace``s it; ``durable`` also fsyncs the file and the folder
+    (survives a power loss, not only a killed process).  Creates the parent
+    folder.  A write that fails (a full disk, an interrupt) removes its
+    temporary file and leaves the old ``path`` as it was (an ``OSError``
+    keeps its errno and names ``path``); temporary files of this path left
+    by processes that were killed are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, f"could not write the file ({exc.strerror or exc}); the previous file (if "
+                                     "any) is unchanged", str(path)) from exc
+        raise
     if durable:
         fsync_path(path.parent)
     return path
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Remove ``.<name>.tmp<pid>`` files of ``path`` whose process is gone (a kill during :func:`write_atomic`)."""
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.tmp(\d+)$")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the ``with`` block.
+
+    One writer per output: a second holder — another process, or another
+    thread of this one — is refused at once with :class:`OutputLocked`
+    (naming ``what``, the lock file and the holder's pid), never made to
+    wait.  The lock is ``flock`` on an open file: the system releases it when
+    the block ends or the process dies, so a killed run leaves no stale lock
+    (the file itself stays; it holds the last holder's pid).  Not on
+    platforms without ``fcntl`` (there the block runs unlocked).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield Path(path)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise OutputLocked(f"{what} is being written by another fastnig job (pid {holder}, lock {path}); "
+                               "wait for it to finish or stop it — two jobs must not write one output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock

@@ -103,6 +103,28 @@ def test_render_times_follow_the_stated_rates():
     assert set(ACCELERATORS) >= {"h100", "h200", "a100", "l4", "t4"}
 
 
+def test_plan_prices_a_gpu_reference_by_default(cli, monkeypatch, no_network):
+    """Without --device the plan also prints the time on 1 and 8 H100s (the paper's run is a GPU job; this
+    machine's time alone said only "10.4 years"); with --device, that accelerator instead."""
+    from fastnig.cli import run_cmd
+    from fastnig.study.plan import duration
+
+    monkeypatch.setattr(run_cmd, "measure_cpu_flops", lambda hidden: 5e10)  # no 1.5 s measurement
+    code, out, err = cli("run", "paper", "--plan")
+    assert code == 0, err
+    plan = plan_config("paper")
+    lines = [line.strip() for line in out.splitlines()]
+    assert duration(plan.seconds(5e10)) in next(line for line in lines if line.startswith("this machine:"))
+    assert any(line.startswith("GPU reference, h100 (another accelerator: --device") for line in lines)
+    for gpus in (1, 8):
+        line = next(line for line in lines if line.startswith(f"{gpus} x h100:"))
+        assert "989 TFLOP/s peak" in line and f"35% x {gpus})" in line
+        assert line.endswith(f"= {duration(plan.seconds(accelerator_rate('h100', gpus)))}")
+    code, out, _ = cli("run", "paper", "--plan", "--device", "a100", "--gpus", "2")
+    assert code == 0 and "2 x a100:" in out and "x h100" not in out and "GPU reference" not in out
+    assert "x h100" not in render(plan, cpu_flops=5e10, reference=None)
+
+
 def test_shape_from_a_local_model_folder_matches_the_model(saved_tiny_model, tmp_path):
     from tiny_models import make_model
 

@@ -55,7 +55,11 @@ def _env(home):
 
 
 def _start(args, home, launcher=(sys.executable, "-m", "fastnig"), threads=None):
-    env = _env(home) if threads is None else dict(_env(home), OMP_NUM_THREADS=str(threads))
+    """``fastnig ARGS`` in a subprocess; ``threads`` pins torch's thread count (OMP_NUM_THREADS and
+    MKL_NUM_THREADS, whatever the caller exported); ``None`` keeps the caller's environment."""
+    env = _env(home)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return subprocess.Popen([*launcher, *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -162,15 +166,22 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(tmp_path, refere
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, reference, irds_home):
     _, config = reference
-    # torchrun runs each rank with one thread; the single process gets one too, so that both sum in
-    # the same order (with another thread count, float rounding may swap near-tied candidates)
+    # The single process and every torchrun rank run with one thread, whatever the caller exported
+    # (torchrun keeps an exported OMP_NUM_THREADS): both then sum in the same order; with other thread
+    # counts float rounding may swap near-tied candidates and Table 4 differs in the 4th digit.
     ref_out = tmp_path / "single"
     _finish(_start(["run", config, "--output", ref_out, "--quiet"], irds_home, threads=1))
     out = tmp_path / "out"
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = _start(["--nproc-per-node", "2", "--standalone", "-m", "fastnig", "run", config, "--output", out,
-                   "--quiet"], irds_home, launcher=(str(torchrun),))
+                   "--quiet"], irds_home, launcher=(str(torchrun),), threads=1)
     _finish(proc)
+    # timings.json (and the report's settings) record the thread counts each run computed with
+    for folder, processes in ((ref_out, 1), (out, 2)):
+        threads = json.loads((folder / "timings.json").read_text())["threads"]
+        assert [(t["processes"], t["torch_threads"], t["OMP_NUM_THREADS"]) for t in threads] == [
+            (processes, 1, "1")], threads
+        assert '"torch_threads": 1' in (folder / "report.md").read_text()
     assert "2 process(es)" in (out / "run.log").read_text()
     assert sorted(p.name for p in (out / "schemes").glob("P_cran.rank*.json")) == [
         "P_cran.rank0-of-2.json", "P_cran.rank1-of-2.json"]  # each rank attributed its shard

@@ -343,8 +343,9 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_scheme(tmp_path, p_
     pos, _ = p_and_n
     pos.save(tmp_path / "P_ms")
     before = Scheme.load(tmp_path / "P_ms")
-    # Leftovers of a save killed while writing its tensors.
+    # Leftovers of saves killed (SIGKILL: no clean-up ran) while writing their tensors / before their commit.
     (tmp_path / ".P_ms.0123456789ab.safetensors.tmp").write_bytes(b"half a tensor file")
+    (tmp_path / "P_ms.abcdef012345.safetensors").write_bytes(b"an orphan tensor file")
     pos.add(make_attributions({Q: [[9, 9]], O: [[9]]}), ["new"])
 
     real_replace = os.replace
@@ -358,7 +359,8 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_scheme(tmp_path, p_
     with pytest.raises(KeyboardInterrupt):
         pos.save(tmp_path / "P_ms")
     monkeypatch.setattr(os, "replace", real_replace)
-    assert len(list(tmp_path.glob("P_ms.*.safetensors"))) == 2  # the new one is an orphan
+    # an interrupt (not a SIGKILL) removes what the save wrote; the orphans of killed saves stay till the next
+    assert len(list(tmp_path.glob("P_ms.*.safetensors"))) == 2 and len(list(tmp_path.glob(".*.tmp"))) == 1
     assert_same_scheme(before, Scheme.load(tmp_path / "P_ms"))
     # The next save commits and clears every leftover.
     pos.save(tmp_path / "P_ms")

@@ -30,7 +30,7 @@ run's metadata (commit, date, CPU, GPU, threads, versions) goes into the JSON
 (``"run"``), the Markdown (last line) and a ``<name>.meta.json`` beside each CSV.
 
     python bench/accuracy/stability.py --out bench/results          # ~30 min on 2 busy CPU cores (4 steps)
-    python bench/accuracy/stability.py --quick --out /tmp/fastnig-bench   # smoke run: P_cranfield, pool 32
+    python bench/accuracy/stability.py --quick --out /tmp/fastnig-bench   # smoke run: P_cranfield + N_med, pool 32
 
 Needs the demo model (fine-tuned once, cached under ~/.cache/fastnig/models).
 """
@@ -48,12 +48,12 @@ import numpy as np
 import torch
 
 import fastnig
-from fastnig.engine.attribute import Attributions
 from fastnig.data import filter_agreeing, load_collection, sample_pairs
-from fastnig.neurons.sets import neuron_universe, top_count
-from fastnig.study.pipeline import pair_id
+from fastnig.engine.attribute import Attributions
 from fastnig.neurons.scheme import Scheme
+from fastnig.neurons.sets import neuron_universe, top_count
 from fastnig.neurons.stability import StopRule, stability_estimates, top_overlap
+from fastnig.study.pipeline import pair_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
 from _common import RESULTS, run_markdown, run_metadata, write_csv_meta, write_json  # noqa: E402
@@ -148,10 +148,10 @@ def main(argv=None) -> int:
                     help="only these of P_cranfield N_cranfield P_med N_med (e.g. to fill the cache in two "
                          "processes; a last run with all of them then reads the cache)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: P_cranfield only, pool 32, n = 8 and 16")
+                    help="smoke run: P_cranfield and N_med, pool 32, n = 8 and 16")
     args = ap.parse_args(argv)
     if args.quick:
-        args.pool, args.ns, args.schemes = 32, [8, 16], ["P_cranfield"]
+        args.pool, args.ns, args.schemes = 32, [8, 16], ["P_cranfield", "N_med"]
     if args.cache is None:
         args.cache = str(Path.home() / ".cache" / "fastnig" / ("bench_stability_quick" if args.quick
                                                                 else "bench_stability"))
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
             continue
         if len(pool) < 2 * max(args.ns):
             log(f"{name}: only {len(pool)} agreeing pairs exist: n > {len(pool) // 2} is left out")
-        cache = Path(args.cache) / f"{Path(str(model.config.name_or_path)).name}-s{args.steps}-t{args.max_length}" / name
+        model_name = Path(str(model.config.name_or_path)).name
+        cache = Path(args.cache) / f"{model_name}-s{args.steps}-t{args.max_length}" / name
         att = attribute_pool(model, tokenizer, pool, label, cache, args.steps, args.max_length)
         ids = [pair_id(p) for p in pool]
         n_pool = len(pool)
@@ -203,16 +204,18 @@ def main(argv=None) -> int:
                         "estimate_pool": estp[level],
                         "true_pool": top_overlap(small.mean_vector().numpy(), whole.mean_vector().numpy(), k)})
         # early stopping on the pool's prefix
-        stop_n, checks = n_pool, []
+        stop_n, checks, estimates = n_pool, [], []
         for end in rule.round_ends(n_pool)[:-1]:
-            holds, estimate = rule.check(scheme_of(att, ids, sizes, dataset, 0, end))
+            holds, estimate = rule.check(scheme_of(att, ids, sizes, dataset, 0, end), estimates)
+            estimates.append(estimate)
             checks.append(f"{end}:{estimate:.3f}")
             if holds:
                 stop_n = end
                 break
         stopped = scheme_of(att, ids, sizes, dataset, 0, stop_n)
         k = top_count(rule.level, stopped.total_neurons)
-        stop_rows.append({"scheme": name, "pool": n_pool, "rule": f"level {rule.level:g} %, overlap {rule.overlap:g}",
+        stop_rows.append({"scheme": name, "pool": n_pool,
+                          "rule": f"level {rule.level:g} %, overlap {rule.overlap:g}, confirm {rule.confirm}",
                           "stopped_at": stop_n, "stopped_before_pool": stop_n < n_pool,
                           "true_overlap_with_pool": top_overlap(stopped.mean_vector().numpy(),
                                                                 whole.mean_vector().numpy(), k),

@@ -34,7 +34,8 @@ first pair (every rule) and writes the difference.
     python bench/accuracy/steps_accuracy.py --out bench/results           # ~35 min on 2 CPU cores
     python bench/accuracy/steps_accuracy.py --out bench/results --nodes uniform --reference 256 --max-length 64 \
         --pairs 24 --med-pairs 24                                         # what bench/results holds
-    python bench/accuracy/steps_accuracy.py --out /tmp/fastnig-bench --quick   # smoke run (QUICK below)
+    python bench/accuracy/steps_accuracy.py --out /tmp/fastnig-bench --quick   # smoke run: 2 + 2 pairs, N <= 16,
+                                                                       # reference 32, 64 tokens
 
 Outputs in ``--out``: ``steps_accuracy.csv`` (one row per collection x rule x nodes x N),
 ``steps_accuracy_auto.csv`` (the steps="auto" simulation), ``steps_accuracy_estimate.csv``
@@ -80,7 +81,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(RESULTS), help="output folder (default bench/results)")
-    p.add_argument("--quick", action="store_true", help="2 + 2 pairs, N = 4..32, reference N = 128 (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 + 2 pairs, N = 4, 8, 16, reference N = 32, 64 tokens (a smoke run, ~1 min on 2 cores)")
     p.add_argument("--pairs", type=int, default=16, help="relevant pairs of held-out Cranfield queries")
     p.add_argument("--med-pairs", type=int, default=16, help="relevant MEDLINE pairs (packaged, out of domain)")
     p.add_argument("--nodes", default="uniform,chebyshev", help="node sets compared (uniform always)")
@@ -100,7 +102,8 @@ def parse_args(argv=None):
                    help="keep pairs the model does not score relevant (P(rel) <= 0.5)")
     args = p.parse_args(argv)
     if args.quick:
-        args.pairs, args.med_pairs, args.nfcorpus_pairs, args.steps, args.reference = 2, 2, 0, "4,8,16,32", 128
+        args.pairs, args.med_pairs, args.nfcorpus_pairs, args.steps, args.reference = 2, 2, 0, "4,8,16", 32
+        args.max_length = 64
     args.steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
     args.nodes = [n for n in NODES if n == "uniform" or n in str(args.nodes).split(",")]
     for n in args.steps + [args.reference]:
@@ -163,11 +166,12 @@ def nested_nig(model, tokenizer, pair, family, n_max, levels, step_batch, max_le
     import torch
 
     from fastnig.engine.encoding import baseline_embeddings, encode_pairs
-    from fastnig.engine.quadrature import path_nodes
-    from fastnig.engine.model import frozen_eval as _frozen_eval, input_embeddings as _input_embeddings
-    from fastnig.engine.model import linear_modules
-    from fastnig.engine.scoring import target_function
     from fastnig.engine.kernels import Carry, accumulate_conductance
+    from fastnig.engine.model import frozen_eval as _frozen_eval
+    from fastnig.engine.model import input_embeddings as _input_embeddings
+    from fastnig.engine.model import linear_modules
+    from fastnig.engine.quadrature import path_nodes
+    from fastnig.engine.scoring import target_function
 
     modules = linear_modules(model)
     embeddings = _input_embeddings(model)
@@ -271,7 +275,8 @@ def top_sets(mean_by_module, sizes, percents):
     from fastnig.neurons.scheme import Scheme
 
     scores = {m: v.unsqueeze(0).float() for m, v in mean_by_module.items()}
-    att = Attributions(scores, torch.zeros(1), torch.ones(1), torch.zeros(1), ["relevant"], torch.ones(1, dtype=torch.long),
+    att = Attributions(scores, torch.zeros(1), torch.ones(1), torch.zeros(1), ["relevant"],
+                       torch.ones(1, dtype=torch.long),
                        {"model": "demo", "target": "relevant"})
     scheme = Scheme.from_attributions(att, ["mean"], "study", sizes=sizes)
     return {p: scheme.top(p) for p in percents}
@@ -424,15 +429,15 @@ def auto_rows_for(results, estimates, info, members, dataset, sizes, ref_sets, l
 
 
 # ------------------------------------------------------------------ output
-def _write_csv(path, rows, cols, run):
+def _write_csv(path, rows, cols, run, replotted=None):
     """``rows`` (dicts) as CSV with columns ``cols``; floats to 6 significant digits; ``run`` beside it
-    (``<name>.meta.json``)."""
+    (``<name>.meta.json``, with ``replotted`` when given)."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
-    write_csv_meta(path, run)
+    write_csv_meta(path, run, **({"replotted": replotted} if replotted is not None else {}))
 
 
 ROW_COLUMNS = ["dataset", "rule", "nodes", "steps", "points", "median_rel_delta", "p90_rel_delta", "max_rel_delta",
@@ -454,9 +459,9 @@ def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, 
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "steps_accuracy.csv", rows, ROW_COLUMNS, run)
-    _write_csv(out / "steps_accuracy_auto.csv", auto_rows, AUTO_COLUMNS, run)
-    _write_csv(out / "steps_accuracy_estimate.csv", estimate, ESTIMATE_COLUMNS, run)
+    _write_csv(out / "steps_accuracy.csv", rows, ROW_COLUMNS, run, replotted)
+    _write_csv(out / "steps_accuracy_auto.csv", auto_rows, AUTO_COLUMNS, run, replotted)
+    _write_csv(out / "steps_accuracy_estimate.csv", estimate, ESTIMATE_COLUMNS, run, replotted)
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     colors = {"left": "tab:blue", "trapezoid": "tab:red", "richardson": "tab:green"}
@@ -505,7 +510,7 @@ def write_outputs(out, args, rows, auto_rows, estimate, per_pair_info, timings, 
     if replotted is not None:
         saved["replotted"] = replotted
     write_json(out / "steps_accuracy.json", saved, run, indent=1)
-    lines = [run_markdown(run) if run else "Run: not recorded (measured before the bench scripts recorded it)."]
+    lines = [run_markdown(run)]
     if replotted is not None:
         lines.append(f"Replotted at commit `{replotted['git_commit']}`, {replotted['date_utc']}.")
     (out / "steps_accuracy.md").write_text(markdown(args, rows, auto_rows, estimate, per_pair_info, timings, check,
@@ -535,7 +540,8 @@ def points_needed(rows, datasets, nodes_list):
 def markdown(args, rows, auto_rows, estimate, pairs, timings, check, model_info, reference_n):
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     nodes_list = list(dict.fromkeys(r["nodes"] for r in rows))
-    command = (f"python bench/accuracy/steps_accuracy.py --out {args.out} --pairs {args.pairs} --med-pairs {args.med_pairs} "
+    command = (f"python bench/accuracy/steps_accuracy.py --out {args.out} --pairs {args.pairs} "
+               f"--med-pairs {args.med_pairs} "
                f"--nodes {','.join(args.nodes)} --reference {reference_n} --max-length {args.max_length}"
                + (" --quick" if args.quick else ""))
     lines = [
@@ -694,9 +700,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
     from fastnig.data import load_collection
-    from fastnig.training.demo_model import offline_demo_model
     from fastnig.data.splits import split_queries
     from fastnig.neurons.sets import neuron_universe
+    from fastnig.training.demo_model import offline_demo_model
 
     cranfield = load_collection("cranfield")
     train_ids, test_ids = split_queries(cranfield, seed=args.seed)

@@ -24,7 +24,7 @@ PyTorch expression (``accumulate_conductance_ref``) on the same tensors.
 
     python bench/throughput/bench_attribute.py                 # MiniLM shape + BERT-large shape
     python bench/throughput/bench_attribute.py --shapes minilm --repeats 15 --captum-repeats 4
-    python bench/throughput/bench_attribute.py --shapes minilm --segments-only --repeats 7   # segments=True vs False only
+    python bench/throughput/bench_attribute.py --shapes minilm --segments-only --repeats 7   # segments only
     python bench/throughput/bench_attribute.py --quick         # smoke run, < 1 min on 2 cores
 
 The JSON carries the run's metadata (commit, date, CPU, GPU, threads,
@@ -45,15 +45,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
+from _common import make_model, make_tokenizer, with_run  # noqa: E402
+
 import fastnig  # noqa: E402
 from fastnig.engine import first_token
-from fastnig.engine.encoding import baseline_embeddings, encode_pairs
 from fastnig.engine.attribute import path_chunks
-from fastnig.engine.model import linear_modules
-from fastnig.engine.memory import auto_step_batch
-from fastnig.engine.scoring import target_function
+from fastnig.engine.encoding import baseline_embeddings, encode_pairs
 from fastnig.engine.kernels import Carry, accumulate_conductance, accumulate_conductance_ref
-from _common import make_model, make_tokenizer, with_run  # noqa: E402
+from fastnig.engine.memory import auto_step_batch
+from fastnig.engine.model import linear_modules
+from fastnig.engine.scoring import target_function
 
 SHAPES = {
     # name: (layers, hidden, intermediate, heads, tokens, steps)
@@ -271,12 +272,12 @@ def main():
     parser.add_argument("--segments-only", action="store_true",
                         help="time only attribute with segments=True against False (interleaved)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: MiniLM shape only, 1 repeat, Captum once on 2 Linears (extrapolated), "
+                        help="smoke run: MiniLM shape only, 1 repeat, Captum once on 1 Linear (extrapolated), "
                              "no peak-memory subprocesses")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args()
     if args.quick:
-        args.shapes, args.repeats, args.captum_repeats, args.captum_sample = ["minilm"], 1, 1, 2
+        args.shapes, args.repeats, args.captum_repeats, args.captum_sample = ["minilm"], 1, 1, 1
         args.no_peak_memory = True
     if args.threads:
         torch.set_num_threads(args.threads)

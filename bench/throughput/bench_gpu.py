@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
-import fastnig  # noqa: E402
 from _common import make_model, make_tokenizer, with_run  # noqa: E402
+
+import fastnig  # noqa: E402
 
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40": 362.0, "A10": 125.0}
 WORDS = "heat transfer boundary layer supersonic wings pressure shock wave results".split()

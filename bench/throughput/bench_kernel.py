@@ -66,7 +66,8 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         mb = 2 * a.numel() * a.element_size() / 1e6
         med = statistics.median(times)
-        print(f"H={H:5d}: median {med * 1e3:7.3f} ms  min {min(times) * 1e3:7.3f} ms  ({mb / 1e3 / med:5.2f} GB/s of a+g)")
+        print(f"H={H:5d}: median {med * 1e3:7.3f} ms  min {min(times) * 1e3:7.3f} ms  "
+              f"({mb / 1e3 / med:5.2f} GB/s of a+g)")
         results.append({"H": H, "shape": list(a.shape), "median_ms": med * 1e3, "min_ms": min(times) * 1e3,
                         "gb_per_s": mb / 1e3 / med, "times_s": times})
     if args.out:

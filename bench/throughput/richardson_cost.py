@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 import fastnig
-from fastnig.engine.model import linear_modules
-from fastnig.engine.attribute import path_chunks
 from fastnig.data import load_collection, sample_pairs
+from fastnig.engine.attribute import path_chunks
 from fastnig.engine.kernels import Carry, accumulate_conductance, cpu_kernel_isa
 from fastnig.engine.memory import auto_step_batch
+from fastnig.engine.model import linear_modules
 from fastnig.training.demo_model import load_cross_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared _common module
@@ -66,10 +66,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 pair, 2 calls per rule, 3 op repetitions")
+                        help="smoke run: 1 pair, 1 timed call per rule (after a warm-up round), 3 op repetitions")
     args = parser.parse_args()
     if args.quick:
-        args.pairs, args.reps, args.kernel_reps = 1, 2, 3
+        args.pairs, args.reps, args.kernel_reps = 1, 1, 3
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
@@ -119,7 +119,8 @@ def main() -> None:
     lines = [
         "# Cost of the Richardson accumulator",
         "",
-        f"`python bench/throughput/richardson_cost.py{' --quick' if args.quick else ''} --out {args.out}`: demo MiniLM-L6 cross-encoder, {len(pairs)} "
+        f"`python bench/throughput/richardson_cost.py{' --quick' if args.quick else ''} --out {args.out}`: "
+        f"demo MiniLM-L6 cross-encoder, {len(pairs)} "
         f"Cranfield pairs, {tokens} tokens, N = {args.steps} ({chunks} chunks per pair), {args.threads} torch "
         f"threads, CPU op `{cpu_kernel_isa()}`, 1-min load average {load_start:.1f} → {os.getloadavg()[0]:.1f} "
         "(2 cores shared with other jobs).",

@@ -9,7 +9,7 @@ from typing import List
 
 import torch
 
-from ..analysis.neuron_analyses import DEFAULT_LEVELS, analyze
+from ..analysis.neuron_analyses import DEFAULT_LEVELS, analyze, index_schemes
 from ..analysis.table1 import baseline_table
 from ..data import LabelledPair, filter_agreeing
 from ..engine.loading import ModelUnavailable
@@ -116,6 +116,14 @@ def find_scheme_files(paths: List[str]) -> List[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
+def _load_scheme(path: Path) -> Scheme:
+    """A scheme file given on the command line; one it cannot read is the user's to fix (one line, exit 2)."""
+    try:
+        return Scheme.load(path)
+    except ValueError as exc:
+        raise UsageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+
+
 def read_pairs(path: str, limit: int) -> list:
     """(query, passage) pairs from a TSV or JSONL file, the first ``limit``."""
     file = Path(path)
@@ -152,19 +160,28 @@ def run(args) -> int:
         raise UsageError("--baseline-model and --baseline-pairs go together")
     if args.baseline_max_pairs < 1:
         raise UsageError("--baseline-max-pairs must be >= 1")
+    bad = [x for x in args.levels or () if not 0 < x <= 100]
+    if bad:
+        raise UsageError(f"--levels must be in (0, 100] (percent of all neurons), got {bad}")
+    if not 0 < args.layer_percent <= 100:
+        raise UsageError(f"--layer-percent must be in (0, 100], got {args.layer_percent}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time() - 1
 
     if args.schemes:
         files = find_scheme_files(args.schemes)
-        schemes = [Scheme.load(f) for f in files]
+        schemes = [_load_scheme(f) for f in files]
         for s in [s for s in schemes if s.is_fused]:
             print(f"skipping {s.name}: a fusion (fusions are derived here from the P_x / N_x schemes)")
         schemes = [s for s in schemes if not s.is_fused]
         if not schemes:
             raise UsageError("no P_x / N_x scheme among the files given (only fusions)")
         print(f"read {len(schemes)} scheme(s): " + ", ".join(f"{s.name} ({s.count} pairs)" for s in schemes))
+        try:  # schemes of other models or settings, the same pairs twice, a scheme without pairs
+            schemes = list(index_schemes(schemes, args.in_domain).values())
+        except ValueError as exc:
+            raise UsageError(f"the schemes given cannot be analysed together: {exc}") from None
         tables = analyze(schemes, out, levels=args.levels or DEFAULT_LEVELS, in_domain=args.in_domain,
                          exclude=args.exclude, by=args.by, layer_percent=args.layer_percent)
         for row in tables["schemes"]:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import NEGATIVES, label_mapping
+from ..data import NEGATIVES, label_mapping, load_collection
 from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
 from ..engine.settings import AttributionSettings
 from ..neurons.stability import StopRule
-from ..study.attribution_job import attribute_dataset
+from ..study.attribution_job import ResumeRefused, attribute_dataset
 from ..training.demo_model import load_cross_encoder
 from .usage import UsageError
 
@@ -132,15 +132,25 @@ def run(args) -> int:
                                        pair_batch=args.pair_batch, segments=args.segments)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    for option, value in (("--pairs", args.pairs), ("--chunk-pairs", args.chunk_pairs)):
+        if value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    try:
+        collection = load_collection(args.dataset)
+    except (ValueError, TypeError) as exc:  # the spec's own checks (DatasetUnavailable is one too)
+        raise UsageError(f"--dataset {args.dataset!r}: {exc}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_cross_encoder(args.model, device=device)
     bm25_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "fastnig" / "bm25"
-    scheme = attribute_dataset(
-        model, tokenizer, args.dataset, label=args.label, num_pairs=args.pairs, out=args.out, seed=args.seed,
-        negatives=args.negatives, relevance_threshold=args.relevance_threshold, relevant=relevant,
-        nonrelevant=nonrelevant, bm25_cache_dir=bm25_dir,
-        agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, settings=settings,
-        progress=not args.quiet, stop_when=stop_when)
+    try:
+        scheme = attribute_dataset(
+            model, tokenizer, collection, label=args.label, num_pairs=args.pairs, out=args.out, seed=args.seed,
+            negatives=args.negatives, relevance_threshold=args.relevance_threshold, relevant=relevant,
+            nonrelevant=nonrelevant, bm25_cache_dir=bm25_dir,
+            agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, settings=settings,
+            progress=not args.quiet, stop_when=stop_when)
+    except ResumeRefused as exc:  # the scheme already at --out was made another way
+        raise UsageError(f"--out {args.out}: {exc}") from None
     if not args.quiet:
         print(f"{scheme.name}: {scheme.count} pairs attributed, {scheme.num_dropped} dropped by the agreement "
               f"filter -> {args.out}")

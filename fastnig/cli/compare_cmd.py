@@ -5,7 +5,7 @@ import argparse
 
 from ..report.comparison import compare_runs
 from ..report.run_folder import NotARunFolder
-from ..report.scorecard import scorecard
+from ..report.scorecard import REFERENCE_DIR, scorecard
 from .usage import UsageError
 
 DESCRIPTION = """\
@@ -51,8 +51,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def reference_names():
+    """The packaged reference numbers --reference can name (``fastnig/report/reference/*.json``)."""
+    return sorted(p.stem for p in REFERENCE_DIR.glob("*.json"))
+
+
 def run(args) -> int:
 
+    if args.reference not in reference_names():
+        raise UsageError(f"--reference {args.reference!r} is not one of the packaged references "
+                         f"({', '.join(reference_names())})")
     try:
         card = scorecard(args.run_dir, reference=args.reference)
     except NotARunFolder as exc:

@@ -175,6 +175,14 @@ def parse_set(text: str):
     return ("fixed" if level is not None else "scheme"), name, rest.strip(), level
 
 
+def _load_scheme(path, text: str) -> Scheme:
+    """The scheme file of ``--set text``; a file it cannot read is the user's to fix (one line, exit 2)."""
+    try:
+        return Scheme.load(path)
+    except ValueError as exc:
+        raise UsageError(f"--set {text!r}: {exc}") from None
+
+
 def build_neuron_sets(specs: List[str], levels: List[float], by: str, model_sizes: Dict[str, int]):
     """--set values -> {name: {level: NeuronSet}} in definition order."""
 
@@ -189,7 +197,7 @@ def build_neuron_sets(specs: List[str], levels: List[float], by: str, model_size
             if not is_scheme_file(path):
                 raise UsageError(f"--set {text!r}: {path} is not a scheme written by fastnig attribute; "
                                  "a fixed neuron-set JSON needs a level: NAME@LEVEL=FILE.json")
-            scheme = Scheme.load(path)
+            scheme = _load_scheme(path, text)
             name = name or scheme.name
             schemes[name] = scheme
             sets[name] = {lv: scheme.top(lv, by=by) for lv in levels}
@@ -201,7 +209,10 @@ def build_neuron_sets(specs: List[str], levels: List[float], by: str, model_size
                                  f"(known: {', '.join(schemes) or 'none'})")
             if not chosen:
                 raise UsageError(f"--set {text!r}: fuse:* needs schemes given by earlier --set options")
-            fused = fuse(*[schemes[n] for n in chosen], name=name)
+            try:
+                fused = fuse(*[schemes[n] for n in chosen], name=name)
+            except ValueError as exc:  # schemes of other models or settings
+                raise UsageError(f"--set {text!r}: {exc}") from None
             schemes[name] = fused
             sets[name] = {lv: fused.top(lv, by=by) for lv in levels}
         elif kind == "and":
@@ -220,7 +231,7 @@ def build_neuron_sets(specs: List[str], levels: List[float], by: str, model_size
             if not file.is_file():
                 raise UsageError(f"--set {text!r}: no such file {file}")
             if is_scheme_file(file):  # a scheme at one level only
-                fixed = Scheme.load(file).top(level, by=by)
+                fixed = _load_scheme(file, text).top(level, by=by)
             else:
                 try:
                     fixed = NeuronSet.from_dict(json.loads(file.read_text(encoding="utf-8")))
@@ -267,7 +278,10 @@ def run(args) -> int:
     datasets, groups = {}, {}
     for text in args.datasets or list(PAPER_DATASETS):
         spec, label = parse_dataset(text)
-        collection = load_collection(spec)
+        try:
+            collection = load_collection(spec)
+        except (ValueError, TypeError) as exc:  # the spec's own checks (DatasetUnavailable is one too)
+            raise UsageError(f"--dataset {text!r}: {exc}") from None
         candidates = build_candidates(collection, num_queries=args.queries or None, seed=args.seed,
                                       depth=args.depth, cache_dir=args.bm25_cache, progress=progress)
         print(f"{spec}: {candidates.num_queries} queries, {candidates.num_pairs} candidates "

@@ -32,8 +32,9 @@ unfinished work is redone.  Several processes: launch with torchrun, e.g.
 --plan prints what the configuration costs instead of running it: schemes,
 pairs, path points, token rows and FLOPs (from the model's config.json or
 its known shape), with the estimated time on this machine (a short measured
-matmul) and, with --device, on --gpus accelerators at a stated efficiency.
-It needs no network, data or model weights and takes a few seconds.
+matmul) and on 1 and 8 H100 GPUs (with --device: on --gpus of that
+accelerator instead), at a stated efficiency.  It needs no network, data or
+model weights and takes a few seconds.
 """
 
 EPILOG = """\
@@ -69,7 +70,8 @@ def register(sub) -> None:
         plan.add_argument("--plan", action="store_true",
                           help="print the work and estimated time of the config, offline, in seconds")
         plan.add_argument("--device", default=None, metavar="NAME",
-                          help="with --plan: also estimate on this accelerator (h100, h200, a100, l4, t4)")
+                          help="with --plan: estimate on this accelerator (h100, h200, a100, l4, t4) instead of "
+                               "the default reference, 1 and 8 x h100")
         plan.add_argument("--gpus", type=int, default=1, metavar="N",
                           help="with --plan --device: number of accelerators (default: 1)")
         plan.add_argument("--tokens", type=int, default=None, metavar="N",
@@ -108,7 +110,7 @@ def _plan(args, datasets) -> int:
         raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
     if args.gpus != 1 and not args.device:
         raise UsageError("--gpus needs --device (e.g. --device h100 --gpus 8)")
-    # A ConfigError (a ValueError) is printed as one line with exit code 2 by fastnig.cli.main.
+    # A ConfigError is a user error: fastnig.cli.main prints it as one line with exit code 2.
     plan = plan_config(args.config, tokens=args.tokens, model=args.model, datasets=datasets or None)
     print(render(plan, cpu_flops=measure_cpu_flops(min(plan.shape.hidden, 1024)), device=args.device,
                  gpus=args.gpus))

@@ -21,6 +21,8 @@ model of everything a chunk holds (:func:`chunk_memory`).
 """
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -34,8 +36,10 @@ from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
 from .model import (
     accepts_token_type_ids,
+    check_compute_dtype,
     check_model,
     compute_autocast,
+    detached_parameters,
     frozen_eval,
     input_embeddings,
     linear_modules,
@@ -84,9 +88,11 @@ class Attributions:
             ``None`` otherwise.
         error_estimate: with ``rule="richardson"``, module name -> float32
             ``[num_pairs, out_features]``: |T_N - T_{N/2}| / 3 per neuron
-            (:func:`fastnig.engine.quadrature.error_estimate`), the estimated error of
-            the trapezoid sum T_N; R_N's own error is of higher order, so it is
-            a conservative bound for ``scores``.  ``None`` for other rules.
+            (:func:`fastnig.engine.quadrature.error_estimate`), an estimate of the
+            error of the trapezoid sum T_N (asymptotic, not a bound: a transition
+            narrower than 2h can leave T_N ≈ T_{N/2} while both are wrong); R_N's
+            own error is of higher order, so where the asymptotics hold it is
+            smaller than this.  ``None`` for other rules.
     """
 
     scores: Dict[str, torch.Tensor]
@@ -128,12 +134,24 @@ class _HookState:
     ``carries[name]``: the previous chunk's last point; both live on the module's device.
     ``coarse[name]``: accumulators of ``out``'s shape for the half-step trapezoid
     sum (``rule="richardson"``), else ``None``; ``rule`` is the op's rule (:func:`kernel_rule`).
+    ``first_point``: the global index of the chunk's first path point, given to the op
+    (it decides the even points; with a half-step sum, a carry that does not end just
+    before it is an error, never a silent wrong step).  ``unscale``: ``None``, or with
+    fp16 compute the ``[P, S]`` powers of two that undo each path point's gradient scale
+    (:func:`_gradient_scale`), applied in float32 before the op.
+
+    The forward hooks act only in the thread that made the state (the one running
+    :func:`attribute`): another thread's forward of the same model passes them untouched.
     """
 
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
                  out: Dict[str, torch.Tensor], carries: Dict[str, Carry],
-                 segments: Optional[torch.Tensor] = None, coarse: Optional[Dict[str, torch.Tensor]] = None):
+                 segments: Optional[torch.Tensor] = None, coarse: Optional[Dict[str, torch.Tensor]] = None,
+                 first_point: int = 0):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
+        self.first_point = first_point
+        self.thread = threading.get_ident()
+        self.unscale: Optional[torch.Tensor] = None
         self.segments, self.coarse = segments, coarse
         # segment ids of outputs of T tokens: the first T tokens' (T = 1: the first token, [CLS])
         self.segments_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
@@ -144,7 +162,7 @@ class _HookState:
         self.activations: Dict[str, torch.Tensor] = {}
 
     def on_forward(self, name: str, output: torch.Tensor) -> None:
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if threading.get_ident() != self.thread or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         if name in self.activations:
             raise RuntimeError(f"module {name} ran twice in one forward pass; fastnig attributes each Linear once")
@@ -160,6 +178,8 @@ class _HookState:
             a, grad = a.unsqueeze(1), grad.unsqueeze(1)
         a4 = a.unflatten(0, (self.pairs, self.steps))
         g4 = grad.unflatten(0, (self.pairs, self.steps))
+        if self.unscale is not None:  # fp16: exact powers of two, undone in float32
+            a4, g4 = _unscaled(a4, g4, self.unscale)
         carry = self.carries.get(name)
         if carry is None:
             carry = self.carries[name] = Carry.like(a4, coarse=self.coarse is not None)
@@ -174,11 +194,35 @@ class _HookState:
             if segments is None:
                 segments = self.segments_for[key] = self.segments[:, :tokens].to(a4.device).contiguous()
         accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS,
-                               segments=segments, coarse_out=self.coarse[name] if self.coarse is not None else None)
+                               segments=segments, coarse_out=self.coarse[name] if self.coarse is not None else None,
+                               first_point=self.first_point)
 
     def clear(self) -> None:
         """Drop the activations of a failed pass (each holds a hook that refers back to this state)."""
         self.activations.clear()
+
+
+def _gradient_scale(f: torch.Tensor, output: str) -> Optional[torch.Tensor]:
+    """``[rows]`` float32 powers of two to seed the backward of fp16 compute with, or ``None``.
+
+    fp16 has no loss scaling of its own: for a saturated pair dF/dz = F (1 - F)
+    (``output="probability"``) is tiny, and the gradients of deep activations
+    underflow to zero before the float32 op sees them.  Seeding each path
+    point's backward with s = 2^k such that s · F (1 - F) lies in [1, 2) scales
+    every gradient of that point by s exactly (a power of two commutes with
+    rounding), which the hooks undo in float32 (:func:`_unscaled`).  With
+    ``output="logit"`` dF/dz = ±1 and nothing is scaled.
+    """
+    if output != "probability":
+        return None
+    _, exponent = torch.frexp((f * (1 - f)).detach().float())  # F(1 - F) = m 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(f, dtype=torch.float32), (1 - exponent).clamp(0, 100))
+
+
+def _unscaled(a4: torch.Tensor, g4: torch.Tensor, unscale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a4``, ``g4`` ``[P, S, T, F]`` in float32 (at least), ``g4`` times the ``[P, S]`` powers of two ``unscale``."""
+    dtype = torch.promote_types(a4.dtype, torch.float32)
+    return a4.to(dtype), g4.to(dtype) * unscale.to(g4.device, dtype)[:, :, None, None]
 
 
 def path_chunks(total: int, size: int) -> List[Tuple[int, int]]:
@@ -237,6 +281,9 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     move_model(model, device)
     device = single_device(model)
     accepts_types = accepts_token_type_ids(model, tokenizer)
+    weights = check_compute_dtype(model, settings.dtype)
+    parameters = detached_parameters(model)
+    fp16 = torch.float16 in (settings.dtype, weights)
 
     steps, rule, segments = settings.steps, settings.rule, settings.segments
     levels = auto_step_levels(settings.max_steps) if steps == "auto" else [steps]
@@ -271,7 +318,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
                                             settings.dtype, first_token_cut=settings.first_token_cut,
                                             coarse=uses_coarse(rule))
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
-                run = _BatchRun(model, modules, settings, enc, relevant, device)
+                run = _BatchRun(model, modules, settings, enc, relevant, device, parameters, fp16)
                 out, nig_in, f_in, f_b, err = _attribute_batch(run, embeddings, tokenizer.pad_token_id, alphas,
                                                                min(chunk, level + 1), limit)
                 out = {n: o.cpu() for n, o in out.items()}
@@ -317,8 +364,9 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
 @dataclass
 class _BatchRun:
     """What every forward + backward of one batch of P pairs shares: the model, its attributed
-    Linears, the settings, the encoded pairs (``mask``, ``types``, ``lengths`` on ``device``)
-    and the ``[P]`` bool targets."""
+    Linears, the settings, the encoded pairs (``mask``, ``types``, ``lengths`` on ``device``),
+    the ``[P]`` bool targets, the model's parameters seen detached in this thread, and whether
+    the compute is float16."""
 
     model: nn.Module
     modules: Dict[str, nn.Module]
@@ -326,6 +374,8 @@ class _BatchRun:
     enc: EncodedPairs
     relevant: torch.Tensor
     device: torch.device
+    parameters: object = None  # detached_parameters(model), entered around every forward
+    fp16: bool = False  # compute in float16: gradients scaled per path point (_gradient_scale)
 
     def __post_init__(self) -> None:
         self.lengths = self.enc.lengths.to(self.device)
@@ -336,7 +386,10 @@ class _BatchRun:
 
 def _forward_backward(run: _BatchRun, state: _HookState, path: torch.Tensor) -> torch.Tensor:
     """One chunk: forward of ``path`` ``[P * S, T, D]`` with the hooks of ``state``, backward of
-    ΣF to ``path`` (its ``.grad``).  Returns F detached, ``[P * S]``."""
+    ΣF to ``path`` alone (its ``.grad``; the parameters are seen detached, so nothing else gets a
+    gradient, and ``requires_grad`` is left alone for other threads).  With fp16 compute each
+    point's backward is seeded with its power of two (``state.unscale`` undoes it).
+    Returns F detached, ``[P * S]``."""
     S = state.steps
     handles = [m.register_forward_hook(lambda mod, inp, o, name=name: state.on_forward(name, o))
                for name, m in run.modules.items()]
@@ -345,10 +398,17 @@ def _forward_backward(run: _BatchRun, state: _HookState, path: torch.Tensor) -> 
         if run.types is not None:
             kwargs["token_type_ids"] = run.types.repeat_interleave(S, dim=0)
         settings = run.settings
-        with compute_autocast(path.device, settings.dtype), first_token_only(run.model, settings.first_token_cut):
+        with run.parameters or nullcontext(), compute_autocast(path.device, settings.dtype), \
+                first_token_only(run.model, settings.first_token_cut):
             logits = run.model(**kwargs).logits
+        if run.model.training:
+            raise RuntimeError("the model was switched to training mode while fastnig.attribute ran (by another "
+                               "thread?): its dropout would change the attributions; keep it in eval mode meanwhile")
         f = target_function(logits, run.relevant.to(logits.device).repeat_interleave(S), settings.output)
-        torch.autograd.backward(f.sum(), inputs=[path])
+        seed = _gradient_scale(f, settings.output) if run.fp16 else None
+        if seed is not None:
+            state.unscale = (1 / seed).view(run.pairs, S)
+        torch.autograd.backward(f if seed is not None else f.sum(), seed, inputs=[path])
     finally:
         for h in handles:
             h.remove()
@@ -363,21 +423,31 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
                      chunk: int, limit: ChunkLimit):
     """Attribute one batch of P pairs over all path points ``alphas``, ``chunk`` points per forward at most.
 
-    A chunk that runs out of memory is undone (accumulators restored from a
-    copy taken before it, the carries rebuilt from the previous points) and
-    redone in halves (``limit``).  Returns ``(scores {name: [P, features]},
-    input NIG [P], F at the input [P], F at the baseline [P], errors)``; with
-    ``segments``, scores are ``[P, 3, features]`` per :data:`SEGMENTS`.
-    With ``rule="richardson"`` scores and input NIG are R_N, and ``errors``
-    ``{name: [P, features]}`` is :func:`error_estimate` of each neuron's
-    token sum; otherwise ``errors`` is ``None``.
+    Returns ``(scores {name: [P, features]}, input NIG [P], F at the input [P],
+    F at the baseline [P], errors)``; with ``segments``, scores are
+    ``[P, 3, features]`` per :data:`SEGMENTS`.  With ``rule="richardson"``
+    scores and input NIG are R_N, and ``errors`` ``{name: [P, features]}`` is
+    :func:`error_estimate` of each neuron's token sum; otherwise ``errors`` is ``None``.
+
+    Out of memory anywhere in a chunk (a forward hook, a gradient hook, the
+    input side's accumulation) is undone and redone, exactly: the accumulators
+    are restored from a copy taken before the chunk, every carry is dropped
+    (some hooks may have overwritten theirs with the failed chunk's points),
+    the limit is halved (``limit``), and the carries are rebuilt by *replaying*
+    the points before the failed chunk that they need (the last one; with a
+    half-step sum from the last even one on) into scratch accumulators, in
+    chunks within the halved limit.  The replay is an ordinary chunk of the
+    loop, so an out-of-memory error there is handled the same way (halve and
+    replay again; a clear ``MemoryError`` at one point per forward).  A failed
+    chunk that starts at point 0 needs no replay: the redo starts from empty carries.
     """
     device, P, enc = run.device, run.pairs, run.enc
     rule, segments = run.settings.rule, run.settings.segments
     with torch.no_grad():
         x_in, x_base = baseline_embeddings(embeddings, enc, run.settings.baseline, pad_id)
-        path_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
-        x_in, x_base = x_in.to(path_dtype), x_base.to(path_dtype)
+        # the path in the embeddings' dtype (a bf16 model gets bf16 points), its points computed in float32
+        path_dtype, exact = x_in.dtype, torch.promote_types(x_in.dtype, torch.float32)
+        x_in, x_base = x_in.to(exact), x_base.to(exact)
         direction = x_in - x_base
     token_segments = enc.segments if segments else None
     if segments and token_segments is None:
@@ -386,60 +456,73 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
     out = {n: torch.zeros(*shape, m.out_features, dtype=torch.float32, device=m.weight.device)
            for n, m in run.modules.items()}
     coarse = {n: torch.zeros_like(o) for n, o in out.items()} if uses_coarse(rule) else None
-    op_rule = kernel_rule(rule)
-    carries: Dict[str, Carry] = {}
     input_out = torch.zeros(P, x_in.shape[-1], dtype=torch.float64, device=device)
     input_coarse = torch.zeros_like(input_out) if coarse is not None else None
+    sums = _Sums(out, coarse, input_out, input_coarse)
+    scratch: Optional[_Sums] = None  # where a replay's sums go (discarded)
+    op_rule = kernel_rule(rule)
+    carries: Dict[str, Carry] = {}
     input_carry: Optional[Carry] = None
     f_in = torch.zeros(P, device=device)
     f_b = torch.zeros(P, device=device)
     total = len(alphas)
 
     def path_at(start: int, stop: int) -> torch.Tensor:
-        alpha = alphas[start:stop].to(device=device, dtype=path_dtype)
+        alpha = alphas[start:stop].to(device=device, dtype=exact)
         path = x_base.unsqueeze(1) + alpha.view(1, stop - start, 1, 1) * direction.unsqueeze(1)
-        return path.flatten(0, 1).requires_grad_(True)
+        return path.flatten(0, 1).to(path_dtype).requires_grad_(True)
 
-    start = 0
-    size = limit.cap(chunk)
+    start = committed = 0  # the points before `committed` are in the accumulators; [start, committed): a replay
+    before = None
     while start < total:
-        stop = start + path_chunks(total - start, size)[0][1]
+        replay = start < committed
+        stop = start + path_chunks(total - start, limit.cap(chunk))[0][1]
+        if replay:
+            stop = min(stop, committed)
+            if scratch is None:
+                scratch = sums.zeros_like()
+        else:
+            before = sums.copy()
+        target = scratch if replay else sums
         S = stop - start
-        before = {n: o.clone() for n, o in out.items()}
-        coarse_before = {n: o.clone() for n, o in coarse.items()} if coarse is not None else None
-        path = path_at(start, stop)
-        state = _HookState(P, S, run.lengths, op_rule, out, carries, token_segments, coarse)
-        failure = None
+        path = state = failure = None
         try:
+            path = path_at(start, stop)
+            state = _HookState(P, S, run.lengths, op_rule, target.out, carries, token_segments, target.coarse,
+                               start)
             f = _forward_backward(run, state, path)
+            path4 = path.detach().unflatten(0, (P, S))
+            grad4 = path.grad.unflatten(0, (P, S))
+            if state.unscale is not None:
+                path4, grad4 = _unscaled(path4, grad4, state.unscale)
+            if input_carry is None:
+                input_carry = Carry.like(path4, coarse=coarse is not None)
+            accumulate_conductance(path4, grad4, run.lengths, target.input_out, input_carry, op_rule,
+                                   ENGINE_CPU_KERNEL_THREADS, coarse_out=target.input_coarse, first_point=start)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, anything else re-raised
             if not is_out_of_memory(exc):
                 raise
             failure = first_line(exc)
         if failure is not None:  # undo the chunk: hooks may have accumulated some layers already
-            state.clear()
-            del path, state
-            for n, o in out.items():
-                o.copy_(before[n])
-                if coarse is not None:
-                    coarse[n].copy_(coarse_before[n])
+            if state is not None:
+                state.clear()
+            path = state = path4 = grad4 = None
+            if not replay:
+                sums.restore(before)
+            carries.clear()  # the redo rebuilds every carry: from empty, or by a replay
+            input_carry = None
             release_memory(device)
-            size = limit.halve(S, P, enc.input_ids.shape[1], device, failure)
-            if start > 0:  # from the last even point on with a half-step sum (its carry holds that one too)
-                first = start - 1 - ((start - 1) % 2 if coarse is not None else 0)
-                _refill_carries(run, path_at(first, start), first, op_rule, carries, coarse is not None)
+            limit.halve(S, P, enc.input_ids.shape[1], device, failure)
+            # replay from the point before `committed` (with a half-step sum: from the last even one)
+            start = 0 if committed == 0 else committed - 1 - ((committed - 1) % 2 if coarse is not None else 0)
             continue
-        f = f.view(P, S)
-        if start == 0:
-            f_b = f[:, 0]
-        if stop == total:
-            f_in = f[:, -1]
-        path4 = path.detach().unflatten(0, (P, S))
-        grad4 = path.grad.unflatten(0, (P, S))
-        if input_carry is None:
-            input_carry = Carry.like(path4, coarse=coarse is not None)
-        accumulate_conductance(path4, grad4, run.lengths, input_out, input_carry, op_rule,
-                               ENGINE_CPU_KERNEL_THREADS, coarse_out=input_coarse)
+        if not replay:
+            f = f.view(P, S)
+            if start == 0:
+                f_b = f[:, 0]
+            if stop == total:
+                f_in = f[:, -1]
+            committed = stop
         start = stop
     if coarse is None:
         return out, input_out.sum(dim=1), f_in, f_b, None
@@ -449,22 +532,33 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
     return scores, richardson(input_out, input_coarse).sum(dim=1), f_in, f_b, errors
 
 
-def _refill_carries(run: _BatchRun, points: torch.Tensor, first: int, rule: str, carries: Dict[str, Carry],
-                    coarse: bool) -> None:
-    """Rewrite every layer's carry from path points ``points`` (``[P * S, T, D]``, global indices
-    ``first``, ..., the point before a failed chunk).
+@dataclass
+class _Sums:
+    """The accumulators of one batch: every layer's (``out``; ``coarse``: the half-step sums, or
+    ``None``) and the input side's (float64)."""
 
-    A failed chunk may have overwritten some carries with its own points; a
-    pass over these points with the carries marked empty adds only to scratch
-    accumulators and leaves in every carry the last point (and, with
-    ``coarse``, the last even-indexed one: ``first`` is then even).
-    """
-    for carry in carries.values():
-        carry.filled = carry.even_filled = False
-        carry.next_point = first
-    scratch = {n: torch.zeros(run.pairs, m.out_features, dtype=torch.float32, device=m.weight.device)
-               for n, m in run.modules.items()}
-    scratch_coarse = {n: torch.zeros_like(o) for n, o in scratch.items()} if coarse else None
-    state = _HookState(run.pairs, points.shape[0] // run.pairs, run.lengths, rule, scratch, carries,
-                       coarse=scratch_coarse)
-    _forward_backward(run, state, points)
+    out: Dict[str, torch.Tensor]
+    coarse: Optional[Dict[str, torch.Tensor]]
+    input_out: torch.Tensor
+    input_coarse: Optional[torch.Tensor]
+
+    def _tensors(self) -> List[torch.Tensor]:
+        tensors = list(self.out.values()) + [self.input_out]
+        if self.coarse is not None:
+            tensors += list(self.coarse.values()) + [self.input_coarse]
+        return tensors
+
+    def _map(self, fn) -> "_Sums":
+        coarse = {n: fn(t) for n, t in self.coarse.items()} if self.coarse is not None else None
+        return _Sums({n: fn(t) for n, t in self.out.items()}, coarse, fn(self.input_out),
+                     fn(self.input_coarse) if self.input_coarse is not None else None)
+
+    def copy(self) -> "_Sums":
+        return self._map(torch.clone)
+
+    def zeros_like(self) -> "_Sums":
+        return self._map(torch.zeros_like)
+
+    def restore(self, saved: "_Sums") -> None:
+        for t, s in zip(self._tensors(), saved._tensors()):
+            t.copy_(s)

@@ -84,8 +84,11 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     one per path point instead of ``tokens``; a ``[batch, features]`` output
     (the pooler) has one row.  Fixed: the carries (two points of every
     attributed output, c; four with ``coarse``, the Richardson rule's last even
-    point), the input's carry, input and baseline embeddings and their
-    difference (f); under autocast, every Linear's weight cast to c.
+    point), the input's carry (the embeddings' dtype), input and baseline
+    embeddings and their difference (float32 at least); under autocast, every
+    Linear's weight cast to c.  With float16 compute (autocast or weights) the
+    gradients are unscaled in float32 before the op: a float32 copy of one
+    layer's activations and gradients at a time, and float32 carries.
     Calibrated on CPU against the allocator's peak (tests/test_engine_robustness.py):
     within 10 % on the MiniLM shape, SDPA or eager, float32 or bfloat16.
     """
@@ -142,12 +145,20 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     per_point["path and embeddings"] = full * (2 * embedding * f + hidden * f)
     per_point["attention mask"] = full * tokens * (f if eager else 1)
     per_point["backward transients"] = full * c * (2 * intermediate + (3 * heads * tokens if eager else hidden))
+    half = torch.float16 in (dtype, param_dtype)  # gradients unscaled in float32 before the op, carries float32
+    if half:
+        per_point["backward transients"] += full * 4 * 2 * max(intermediate, hidden)
 
     carry_rows = {n: (1 if n in single else tokens) for n in modules}
     carry_points = 4 if coarse else 2
+    carry_bytes = 4 if half else c
+    path_bytes = torch.finfo(param_dtype).bits // 8  # the path is in the embeddings' dtype
     fixed = {
-        "carries": sum(carry_points * pairs * carry_rows[n] * m.out_features * c for n, m in modules.items()),
-        "input carry and embeddings": pairs * tokens * embedding * f * (3 + carry_points),
+        "carries": sum(carry_points * pairs * carry_rows[n] * m.out_features * carry_bytes
+                       for n, m in modules.items()),
+        # input and baseline embeddings and their difference in float32 at least, the input's carry
+        "input carry and embeddings": pairs * tokens * embedding * (
+            3 * max(4, path_bytes) + carry_points * (4 if half else path_bytes)),
     }
     if autocast:  # each Linear's weight cast to the compute dtype, kept for its input gradient
         fixed["weights cast by autocast"] = sum(m.weight.numel() * c for m in model.modules()

@@ -4,7 +4,8 @@ Owns: unwrapping a ``sentence_transformers.CrossEncoder``; the input
 embeddings, the attributed Linears (:func:`linear_modules`) and whether the
 model takes ``token_type_ids``; ``max_length`` from the tokenizer and the
 position embeddings; the frozen-eval context; devices (one device, moving a
-model) and the autocast context.
+model) and the autocast context; the thread-local view of the parameters as
+detached (:func:`detached_parameters`).
 
 Must not: tokenise (:mod:`fastnig.engine.encoding`), read logits
 (:mod:`fastnig.engine.scoring`), know about path integrals, datasets, neuron
@@ -19,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import AutoTokenizer
 
 from ..common import check_int
@@ -116,18 +118,62 @@ def accepts_token_type_ids(model: nn.Module, tokenizer) -> bool:
 
 @contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the duration, both restored after."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
+    """Eval mode for the duration, each module's ``training`` flag restored after.
+
+    Parameters are not touched: no global ``requires_grad`` flip, which would
+    break another thread's grad-enabled use of the same model (its backward
+    would find no parameter requiring a gradient, and a second ``frozen_eval``
+    entered meanwhile would restore the flags it saw flipped).  Where gradients
+    flow, :func:`detached_parameters` keeps them off the parameters in the
+    calling thread only.  Switching to eval mode is global (PyTorch keeps one
+    ``training`` flag per module): a model that another thread trains at the
+    same time cannot be attributed meanwhile; :func:`fastnig.attribute` checks
+    that it stays in eval mode.
+    """
+    training = [(m, m.training) for m in model.modules()]
+    if any(flag for _, flag in training):
+        model.eval()
     try:
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+        for m, flag in training:
+            if m.training != flag:
+                m.training = flag
+
+
+class _DetachedParameters(TorchFunctionMode):
+    """Every torch function called in this thread sees ``model``'s parameters detached."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # by id, the parameter kept too: an id alone could be reused by another tensor
+        self.swap = {id(p): (p, p.detach()) for p in model.parameters()}
+
+    def _sub(self, value):
+        entry = self.swap.get(id(value))
+        if entry is not None and entry[0] is value:
+            return entry[1]
+        if type(value) in (list, tuple) and any(id(v) in self.swap for v in value):
+            return type(value)(self._sub(v) for v in value)
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        swap = self.swap
+        if any(id(a) in swap or type(a) in (list, tuple) for a in args):
+            args = tuple(self._sub(a) for a in args)
+        if kwargs and any(id(v) in swap for v in kwargs.values()):
+            kwargs = {k: self._sub(v) for k, v in kwargs.items()}
+        return func(*args, **(kwargs or {}))
+
+
+def detached_parameters(model: nn.Module) -> TorchFunctionMode:
+    """A context in which ``model``'s forward, in the calling thread only, uses its parameters
+    detached: the autograd graph reaches the inputs alone (no parameter gradient is computed
+    or kept for, and the memory is that of frozen parameters), while ``requires_grad`` stays as
+    it is for every other thread (a torch function mode is thread-local).  A parameter that
+    reaches an op some other way (e.g. inside a custom autograd function) only costs memory:
+    :func:`fastnig.attribute` differentiates with respect to the path alone."""
+    return _DetachedParameters(model)
 
 
 def load_tokenizer(model):
@@ -224,6 +270,19 @@ def compute_autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None or dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def check_compute_dtype(model: nn.Module, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 without any); ``ValueError`` when
+    ``dtype`` asks for more precision than they have: autocast only lowers precision, so
+    ``dtype=torch.float32`` on a bf16 model would still compute in bf16 and say float32."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype is not None and torch.finfo(dtype).bits > torch.finfo(weights).bits:
+        name = str(weights).replace("torch.", "")
+        raise ValueError(f"dtype={str(dtype).replace('torch.', '')} but the model's weights are {name}: "
+                         f"autocast cannot compute above the weights' precision; pass dtype=None (computes in "
+                         f"{name}) or load the model in {str(dtype).replace('torch.', '')}")
+    return weights
 
 
 def move_model(model: nn.Module, device: Union[str, torch.device, None], *, warn: bool = True) -> torch.device:

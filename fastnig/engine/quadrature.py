@@ -5,7 +5,8 @@ rule the fused op runs for each (:func:`kernel_rule`), the path nodes
 (:func:`path_nodes`) and the levels of ``steps="auto"``, the checks that a
 rule fits its nodes and steps (:func:`check_rule`), the Richardson
 combination R_N = (4 T_N - T_{N/2}) / 3 (:func:`richardson`), the per-neuron
-error estimate |T_N - T_{N/2}| / 3 (:func:`error_estimate`) and the stopping
+error estimate |T_N - T_{N/2}| / 3 (:func:`error_estimate`: an asymptotic
+estimate of T_N's error, not a bound) and the stopping
 test of ``steps="auto"`` (:func:`auto_converged`).  Must not: run a model,
 hold hooks, chunks or carries (:mod:`fastnig.engine.attribute`), know about
 schemes or files.
@@ -104,7 +105,10 @@ def error_estimate(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """|T_N - T_{N/2}| / 3, elementwise: the estimated error of the trapezoid sum T_N.
 
     From T_N - I ≈ c h² and T_{N/2} - I ≈ 4 c h², T_N - T_{N/2} ≈ -3 c h².
-    For R_N it is conservative: R_N's error is of higher order (h⁴ for smooth paths).
+    An estimate, not a bound: it holds when h is small against the scale on which
+    the integrand changes; a transition narrower than 2h can leave T_N ≈ T_{N/2}
+    while both are wrong.  R_N's error is of higher order (h⁴ for smooth paths), so
+    where the asymptotics hold it is smaller than this estimate.
     """
     return (fine - coarse).abs() / 3
 
@@ -138,7 +142,8 @@ def auto_converged(delta: torch.Tensor, f_input: torch.Tensor, f_baseline: torch
     One tolerance, two relative errors: |delta| <= tolerance · max(|F(x) - F(x')|, 0.01)
     (the input side) and, when ``neuron_error`` (``[P]``, :func:`top_error` of the
     level: the top neurons' estimated relative L1 error) is given, also
-    neuron_error <= tolerance.
+    neuron_error <= tolerance.  Both are estimates of the error, not bounds
+    (:func:`error_estimate`).
     """
     done = relative_delta(delta, f_input, f_baseline, floor=AUTO_MOVED_FLOOR) <= tolerance
     if neuron_error is not None:

@@ -28,6 +28,10 @@ DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": tor
 """Names a config or the CLI may give for :attr:`AttributionSettings.dtype`."""
 
 
+def _weights_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @dataclass(frozen=True)
 class AttributionSettings:
     """Settings of one attribution (docs/method.md §2-5); invalid values raise ``ValueError`` / ``TypeError``.
@@ -41,7 +45,9 @@ class AttributionSettings:
             ``tolerance`` · max(|F(x) - F(x')|, 0.01) and, with
             ``rule="richardson"``, also the estimated relative L1 error of the
             pair's top 1 % neurons (by |NIG|) is <= ``tolerance``
-            (:func:`fastnig.engine.quadrature.auto_converged`); each level is a
+            (:func:`fastnig.engine.quadrature.auto_converged`; an asymptotic
+            estimate, not a bound: a transition narrower than two steps can
+            stop a pair too early); each level is a
             fresh run, so a pair's result equals a fixed-``steps`` run at its
             final N (``Attributions.steps_used``).
         rule: ``"richardson"`` (default), ``"trapezoid"``, ``"left"`` (= Captum
@@ -67,7 +73,14 @@ class AttributionSettings:
         layers: Linear module names to attribute; ``None`` = every encoder Linear.
         include_pooler: with ``layers=None``, also attribute the pooler.
         dtype: compute dtype under autocast (e.g. ``torch.bfloat16`` or
-            ``"bfloat16"``); ``None`` = float32.  The accumulation stays float32.
+            ``"bfloat16"``); ``None`` = the model's own dtype (float32, or a
+            bf16 / fp16 model's: the path is then in that dtype too).  F and
+            the accumulation stay float32.  With float16 (autocast or weights),
+            which has no loss scaling of its own, each path point's backward is
+            seeded with a power of two that brings dF/dz near 1, undone exactly
+            in float32 before accumulation, so that gradients do not underflow
+            for saturated pairs.  A dtype above the weights' precision (float32
+            on a bf16 model) is refused: autocast cannot raise precision.
         first_token_cut: run the last layer past self-attention on the first
             token only where the head reads just that token (exact, faster;
             :func:`fastnig.engine.first_token.first_token_only`).
@@ -160,7 +173,7 @@ class AttributionSettings:
             "model": getattr(getattr(model, "config", None), "name_or_path", "") or "",
             "target": target, "output": self.output, "baseline": self.baseline, "steps": self.steps,
             "rule": self.rule, "nodes": self.nodes, "max_length": max_length,
-            "dtype": str(self.dtype or torch.float32).replace("torch.", ""),
+            "dtype": str(self.dtype or _weights_dtype(model)).replace("torch.", ""),
         }
         if self.steps == "auto":
             record.update(tolerance=float(self.tolerance), max_steps=self.max_steps)

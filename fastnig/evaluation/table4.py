@@ -2,14 +2,20 @@
 
 Owns: :data:`CSV_COLUMNS`, :class:`PruningTable` (rows of set x level x
 dataset; reading and writing ``table4.csv``; the per-group summary; the
-paper's layout with bold / underlined marks).
+paper's layout with bold / underlined marks), and the strict parsing of
+``table4.csv`` (:func:`parse_table4_rows`): a truncated or damaged file is
+refused with the file and line named, never read as a wrong number.  Every
+file is written atomically (:func:`fastnig.common.write_atomic`): a write
+killed or failing half-way leaves the previous file.
 
 Must not: run models or compute metrics (it renders what
-:mod:`fastnig.evaluation.pruning` measured); depends on the standard library and NumPy only.
+:mod:`fastnig.evaluation.pruning` measured); depends on the standard library, NumPy and
+:mod:`fastnig.common` only.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +24,8 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
+from ..common import CorruptFile, write_atomic
+
 CSV_COLUMNS = (
     "set", "level_percent", "dataset", "group", "num_neurons", "num_queries", "num_candidates",
     "ndcg_original", "ndcg_pruned", "drop_percent", "p_value", "significant",
@@ -25,14 +33,44 @@ CSV_COLUMNS = (
 )
 
 
+_INT_COLUMNS = ("num_neurons", "num_queries", "num_candidates", "random_repetitions", "random_significant")
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
 def _parse_cell(column: str, text: str):
     if column in ("set", "dataset", "group"):
         return text
     if column == "significant":
-        return text.strip().lower() in ("true", "1", "yes")
-    if column in ("num_neurons", "num_queries", "num_candidates", "random_repetitions", "random_significant"):
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError(f"not a truth value: {text!r}")
+        return word in _TRUE
+    if column in _INT_COLUMNS:
         return int(text)
     return float(text)
+
+
+def parse_table4_rows(text: str, where) -> List[Dict[str, Any]]:
+    """Rows of a ``table4.csv`` (its text), typed; :class:`~fastnig.common.CorruptFile` naming ``where``
+    and the line when a column is missing, a row is cut short or has extra cells, a cell is not a
+    number where one is due, or the file does not end with a complete line (a truncated write)."""
+    if text and not text.endswith("\n"):
+        raise CorruptFile(f"{where} is truncated: its last line is incomplete (re-run the pruning stage)")
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="\0extra")
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CorruptFile(f"{where}: not a fastnig pruning table or damaged (missing columns {missing})")
+    rows = []
+    for row in reader:
+        line = reader.line_num
+        if "\0extra" in row or any(v is None for v in row.values()):
+            raise CorruptFile(f"{where}, line {line}: the row does not have the {len(reader.fieldnames)} cells "
+                              "of the header; the file is damaged")
+        try:
+            rows.append({c: _parse_cell(c, row[c]) for c in CSV_COLUMNS})
+        except ValueError as exc:
+            raise CorruptFile(f"{where}, line {line}: {exc}; the file is damaged") from None
+    return rows
 
 
 def _fmt(value: float) -> str:
@@ -68,33 +106,30 @@ class PruningTable:
 
     # ------------------------------------------------------------ io
     def to_csv(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({c: row[c] for c in CSV_COLUMNS})
-        return path
+        """Write ``table4.csv`` atomically (the previous file stays if the write is killed or fails)."""
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({c: row[c] for c in CSV_COLUMNS})
+        return write_atomic(path, buffer.getvalue())
 
     @classmethod
     def from_csv(cls, path: Union[str, Path]) -> "PruningTable":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: not a fastnig pruning table (missing columns {missing})")
-            return cls([{c: _parse_cell(c, row[c]) for c in CSV_COLUMNS} for row in reader])
+        """Read ``table4.csv`` (strictly: :func:`parse_table4_rows`)."""
+        try:
+            text = Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptFile(f"{path} is damaged (not UTF-8 text: {exc})") from None
+        return cls(parse_table4_rows(text, path))
 
     def write(self, folder: Union[str, Path], stem: str = "table4") -> Dict[str, Path]:
-        """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.tex`` into ``folder``; returns the paths by format."""
+        """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.tex`` into ``folder``, each atomically; returns the
+        paths by format."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {"csv": self.to_csv(folder / f"{stem}.csv"), "markdown": folder / f"{stem}.md",
-                 "latex": folder / f"{stem}.tex"}
-        paths["markdown"].write_text(self.to_markdown())
-        paths["latex"].write_text(self.to_latex())
-        return paths
+        return {"csv": self.to_csv(folder / f"{stem}.csv"),
+                "markdown": write_atomic(folder / f"{stem}.md", self.to_markdown()),
+                "latex": write_atomic(folder / f"{stem}.tex", self.to_latex())}
 
     # ------------------------------------------------------- summary
     def _ordered(self, column: str) -> List:

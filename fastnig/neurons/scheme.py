@@ -7,10 +7,10 @@ merging (:meth:`Scheme.merge`), ranking and top-X % selection
 keeps exact per-neuron sums (:mod:`fastnig.neurons.exact_sums`) and the ids of
 its pairs, so two partial runs merge into exactly the scheme of one run over
 all pairs, and a killed run resumes where its last save stopped.  Every pair
-also goes, by a hash of its id (:func:`pair_half`), to one of two *halves*
-summed the same way, for the stability estimate of
-:mod:`fastnig.neurons.stability` (schemes saved before the halves existed
-load without them).
+also goes, by a hash of its query id (:func:`fastnig.neurons.halves.pair_half`),
+to one of two *halves* summed the same way, for the stability estimate of
+:mod:`fastnig.neurons.stability` (schemes saved before the halves existed, or
+with halves by pair, load without them).
 
 Must not: define neurons or their set algebra (:mod:`fastnig.neurons.sets`),
 fuse schemes (:mod:`fastnig.neurons.fusion`) or lay files out on disk
@@ -19,17 +19,17 @@ fuse schemes (:mod:`fastnig.neurons.fusion`) or lay files out on disk
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..common import PathLike, is_int
+from ..common import CorruptFile, PathLike, is_int
 from ..data.registry import short_name
 from ..engine.encoding import SEGMENTS
 from .exact_sums import BIN_EXPONENTS, MAX_PAIRS, bins_value, split_into_bins, zero_bins
+from .halves import HALVES_RULE, halves_kept, pair_half
 from .scheme_storage import expect_tensor, read_scheme, scheme_json_path, write_scheme
 from .sets import NeuronSet, check_sizes, top_count
 
@@ -41,20 +41,6 @@ FUSED_LABEL = "fused"
 _COMPARED_META = ("model", "dataset", "label")
 _PAIR_TENSORS = ("delta", "f_input", "f_baseline", "num_tokens")
 """Per-pair ``[num_pairs]`` tensors of a pair scheme, saved as ``pair/<name>``."""
-HALVES_RULE = "blake2b-8(pair id) & 1"
-"""How a pair is assigned to half 0 or 1 (saved with the half sums, checked on load)."""
-
-
-def pair_half(pair_id: str) -> int:
-    """Half (0 or 1) of the pair ``pair_id``: the lowest bit of its 8-byte BLAKE2b hash.
-
-    Depends on the id only, so the halves are the same whatever the order,
-    chunking, sharding or resume point of a run, and merges keep them exact.
-    """
-    digest = hashlib.blake2b(str(pair_id).encode("utf-8"), digest_size=8).digest()
-    return digest[-1] & 1
-
-
 class Scheme:
     """Mean NIG per neuron over the pairs of one (model, dataset, label, settings).
 
@@ -77,9 +63,9 @@ class Scheme:
             ``[num_pairs]`` int64.
         extra: free JSON-serialisable metadata (e.g. the data sampling seed,
             and ``stopping``: pairs used and why attribution stopped).
-        has_halves: whether the two interleaved half sums are kept
-            (:meth:`half_means`); False for fusions and for schemes saved
-            before halves existed.
+        has_halves: whether the two half sums (pairs split by query) are
+            kept (:meth:`half_means`); False for fusions and for files saved
+            before halves existed or with the older halves by pair.
         has_segments: whether per-segment sums (query, passage, special;
             ``attribute(..., segments=True)``; fusions: averaged means) are kept (:meth:`segment_means`).
     """
@@ -219,7 +205,7 @@ class Scheme:
 
     @property
     def has_halves(self) -> bool:
-        """True when the two interleaved half sums are kept (not for fusions or old scheme files)."""
+        """True when the two half sums (pairs split by query) are kept (not for fusions or older files)."""
         return self._fused_mean is None and self._half_bins is not None
 
     @property
@@ -245,7 +231,7 @@ class Scheme:
                 for m, b in self._segment_bins.items()}
 
     def half_counts(self) -> Tuple[int, int]:
-        """Pairs in half 0 and half 1 (:func:`pair_half` of each pair id)."""
+        """Pairs in half 0 and half 1 (:func:`~fastnig.neurons.halves.pair_half` of each pair id)."""
         ones = sum(pair_half(i) for i in self.pair_ids)
         return len(self.pair_ids) - ones, ones
 
@@ -542,8 +528,19 @@ class Scheme:
 
     @classmethod
     def load(cls, path: PathLike) -> "Scheme":
-        """Read a scheme written by :meth:`save` (``path`` with or without ``.json``)."""
+        """Read a scheme written by :meth:`save` (``path`` with or without ``.json``).
+
+        Raises ``FileNotFoundError``, or ``ValueError`` naming the file (:class:`fastnig.common.CorruptFile`
+        when it is truncated or damaged; see :func:`fastnig.neurons.scheme_storage.read_scheme`).
+        """
         json_path, meta, tensors = read_scheme(path)
+        try:
+            return cls._unpack(json_path, meta, tensors)
+        except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type
+            raise CorruptFile(f"scheme {json_path} is damaged: {type(exc).__name__} {exc} while reading it") from None
+
+    @classmethod
+    def _unpack(cls, json_path: Path, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> "Scheme":
         sizes = {m: int(n) for m, n in meta["sizes"]}
         scheme = cls(sizes, model=meta["model"], dataset=meta["dataset"], label=meta["label"],
                      settings=meta.get("settings"), name=meta.get("name"), extra=meta.get("extra"))
@@ -561,11 +558,8 @@ class Scheme:
             raise ValueError(f"scheme {json_path} was written with other summation bins; re-create it")
         scheme._bins = {m: expect_tensor(tensors, f"sum_bins/{m}", (len(BIN_EXPONENTS), n), json_path)
                         for m, n in sizes.items()}
-        if meta.get("halves") is None:  # saved before the halves existed: no stability estimate
+        if not halves_kept(meta.get("halves"), json_path):  # older file: no stability estimate
             scheme._half_bins = None
-        elif meta["halves"] != HALVES_RULE:
-            raise ValueError(f"scheme {json_path} assigns pairs to halves by {meta['halves']!r}, not "
-                             f"{HALVES_RULE!r}; re-create it")
         else:
             scheme._half_bins = {m: expect_tensor(tensors, f"half_bins/{m}", (2, len(BIN_EXPONENTS), n), json_path)
                                  for m, n in sizes.items()}

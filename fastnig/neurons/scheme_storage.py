@@ -17,11 +17,22 @@ new tensor file under a fresh token, then atomically replaces the JSON (temp
 file in the same folder + ``os.replace``), then deletes the old tensor file.
 The JSON is the commit point: a save killed at any moment leaves either the
 previous scheme or the new one, never a mix; a tensor file whose token the
-JSON does not name is an orphan that the next save removes.  One writer per
-scheme path.
+JSON does not name is an orphan that the next save removes.  A save that
+fails (a full disk, an I/O error) removes what it wrote and raises an
+``OSError`` (same errno) naming the scheme; the previous scheme stays.  One
+writer per scheme path (:func:`fastnig.study.attribution_job.attribute_dataset`
+holds a lock).
+
+The JSON records the BLAKE2b digest of the tensor file (``tensors_blake2b``),
+so a damaged or truncated tensor file is refused (:class:`fastnig.common.CorruptFile`,
+naming it) rather than read as wrong numbers; a truncated or damaged JSON is
+refused the same way.  (Files saved before the digest existed are read
+without that check.)
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,7 +42,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from ..common import PathLike, fsync_path, optional_import
+from ..common import CorruptFile, PathLike, fsync_path, optional_import
 
 FORMAT = "fastnig-scheme"
 FORMAT_VERSION = 1
@@ -62,11 +73,17 @@ def write_scheme(path: PathLike, meta: Mapping[str, object], tensors: Mapping[st
     """Atomically write ``<path>.json`` (``meta``) + ``<stem>.<token>.safetensors`` (``tensors``).
 
     ``path`` may end in ``.json`` or not; returns the JSON path.  The JSON
-    gets ``format``, ``version``, ``token`` and ``tensors`` (the tensor
-    file's name) first, then ``meta``.  See the module docstring for why a
-    killed save leaves the previous scheme readable.
+    gets ``format``, ``version``, ``token``, ``tensors`` (the tensor file's
+    name) and ``tensors_blake2b`` (its digest) first, then ``meta``.  See the
+    module docstring for why a killed or failed save leaves the previous
+    scheme readable.
+
+    Raises:
+        OSError: writing failed (e.g. ``errno.ENOSPC``, disk full); the
+            message names the scheme and the file being written; nothing of
+            this save is left on disk.
     """
-    save_file = optional_import("safetensors.torch", "to save schemes").save_file
+    to_bytes = optional_import("safetensors.torch", "to save schemes").save
 
     json_path = scheme_json_path(path)
     folder = json_path.parent
@@ -74,41 +91,54 @@ def write_scheme(path: PathLike, meta: Mapping[str, object], tensors: Mapping[st
     stem = json_path.name[:-len(".json")]
     token = secrets.token_hex(6)
     tensor_name = f"{stem}.{token}.safetensors"
-
-    tmp = folder / f".{tensor_name}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": FORMAT, "token": token})
-    with open(tmp, "rb") as f:  # on disk before it is named (an fsync error stops the save)
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / tensor_name)
-
-    body = {"format": FORMAT, "version": FORMAT_VERSION, "token": token, "tensors": tensor_name, **meta}
+    tensor_path, tmp = folder / tensor_name, folder / f".{tensor_name}.tmp"
     tmp_json = folder / f".{json_path.name}.{token}.tmp"
-    with open(tmp_json, "w", encoding="utf-8") as f:
-        json.dump(body, f, ensure_ascii=False, indent=1, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_json, json_path)  # the commit point
+
+    data = to_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT, "token": token})
+    body = {"format": FORMAT, "version": FORMAT_VERSION, "token": token, "tensors": tensor_name,
+            "tensors_blake2b": _digest(data), **meta}
+    text = json.dumps(body, ensure_ascii=False, indent=1, allow_nan=True).encode("utf-8")
+    writing, json_inode = tensor_path, None
+    try:
+        _write_durably(tmp, data)  # on disk before it is named
+        os.replace(tmp, tensor_path)
+        writing = json_path
+        json_inode = _write_durably(tmp_json, text)
+        os.replace(tmp_json, json_path)  # the commit point
+    except BaseException as exc:
+        if json_inode is not None and _inode(json_path) == json_inode:
+            raise  # interrupted just after the commit: the new scheme is complete
+        for leftover in (tmp, tensor_path, tmp_json):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"could not save scheme ({exc.strerror or exc} while writing {writing.name}); "
+                                     "the scheme on disk is as it was before this save", str(json_path)) from exc
+        raise
     fsync_path(folder)
 
-    # The new scheme is committed; what follows only frees disk space.
-    keep = {tensor_name}
+    # The new scheme is committed; what follows only frees disk space (a failure leaves an orphan that
+    # the next save removes).
     for leftover in _files_of(folder, stem):
-        if leftover.name not in keep:
-            try:
+        if leftover.name != tensor_name:
+            with contextlib.suppress(OSError):
                 leftover.unlink()
-            except OSError:
-                pass
     return json_path
 
 
 def read_scheme(path: PathLike) -> Tuple[Path, Dict[str, object], Dict[str, torch.Tensor]]:
     """``(json path, metadata, tensors)`` of a scheme written by :func:`write_scheme`.
 
-    Checks the format, the version and that the tensor file belongs to the
-    same save as the JSON (``path`` with or without ``.json``).
+    Checks the format, the version, that the tensor file belongs to the
+    same save as the JSON and that it is intact (``path`` with or without
+    ``.json``).
+
+    Raises:
+        FileNotFoundError: no scheme at ``path``, or its tensor file is missing.
+        CorruptFile: the JSON or the tensor file is truncated or damaged.
+        ValueError: not a scheme file, another format version, or the files of two saves mixed up.
     """
-    safe_open = optional_import("safetensors", "to read schemes").safe_open
+    from_bytes = optional_import("safetensors.torch", "to read schemes").load
 
     json_path = scheme_json_path(path)
     if not json_path.is_file():
@@ -117,27 +147,34 @@ def read_scheme(path: PathLike) -> Tuple[Path, Dict[str, object], Dict[str, torc
         meta = _read_scheme_json(json_path)
         tensor_path = json_path.parent / meta["tensors"]
         try:
-            with safe_open(str(tensor_path), framework="pt") as f:
-                file_meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            data = tensor_path.read_bytes()
             break
         except FileNotFoundError:
             if attempt:  # a concurrent save may have replaced it once; twice means it is gone
                 raise FileNotFoundError(f"scheme {json_path} names the tensor file {meta['tensors']}, "
                                         "which is missing; the scheme files were moved or deleted in part") from None
+    damaged = f"scheme {json_path}: its tensor file {tensor_path} is truncated or damaged"
+    file_meta = _safetensors_metadata(data, damaged)
     if file_meta.get("token") != meta["token"]:
         raise ValueError(f"scheme {json_path}: its tensor file {meta['tensors']} belongs to another save "
                          f"(token {file_meta.get('token')!r} != {meta['token']!r}); the files were mixed up")
+    if meta.get("tensors_blake2b") is not None and _digest(data) != meta["tensors_blake2b"]:
+        raise CorruptFile(f"{damaged} (its checksum is not the one saved with the scheme); restore both files "
+                          "from a backup or re-create the scheme")
+    try:
+        tensors = from_bytes(data)
+    except Exception as exc:  # safetensors' own error type
+        raise CorruptFile(f"{damaged} ({exc})") from None
     return json_path, meta, tensors
 
 
 def expect_tensor(tensors: Mapping[str, torch.Tensor], key: str, shape: Tuple[int, ...], where: Path) -> torch.Tensor:
-    """``tensors[key]``, or ``ValueError`` when the scheme at ``where`` lacks it or has another shape."""
+    """``tensors[key]``, or :class:`CorruptFile` when the scheme at ``where`` lacks it or has another shape."""
     if key not in tensors:
-        raise ValueError(f"scheme {where}: its tensor file lacks {key!r}")
+        raise CorruptFile(f"scheme {where}: its tensor file lacks {key!r}")
     t = tensors[key]
     if tuple(t.shape) != shape:
-        raise ValueError(f"scheme {where}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
+        raise CorruptFile(f"scheme {where}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
     return t
 
 
@@ -145,14 +182,50 @@ def _read_scheme_json(json_path: Path) -> Dict[str, object]:
     try:
         with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{json_path} is not a valid scheme file ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptFile(f"{json_path} is not a valid scheme file: truncated or damaged ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{json_path} is not a fastnig scheme file (no \"format\": \"{FORMAT}\")")
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{json_path}: scheme format version {meta.get('version')} is not supported "
                          f"(this fastnig reads version {FORMAT_VERSION})")
+    for key in ("token", "tensors"):
+        if not isinstance(meta.get(key), str) or not meta[key] or "/" in meta[key] or "\\" in meta[key]:
+            raise CorruptFile(f"{json_path}: damaged scheme file (its {key!r} entry is {meta.get(key)!r})")
     return meta
+
+
+def _write_durably(path: Path, data: bytes) -> int:
+    """Write ``data`` to a new file ``path`` and fsync it; returns its inode."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return os.fstat(f.fileno()).st_ino
+
+
+def _inode(path: Path):
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _safetensors_metadata(data: bytes, damaged: str) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte length, then JSON), or :class:`CorruptFile`."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise CorruptFile(f"{damaged} ({len(data)} bytes, no complete header)")
+    try:
+        header = json.loads(data[8:8 + size])
+    except ValueError as exc:
+        raise CorruptFile(f"{damaged} (its header is not valid JSON: {exc})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _files_of(folder: Path, stem: str) -> List[Path]:

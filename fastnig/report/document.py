@@ -15,7 +15,6 @@ stages wrote; the scorecard is :mod:`fastnig.report.scorecard`'s).
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import re
@@ -25,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 from ..common import write_atomic
 from ..engine.encoding import SEGMENTS
 from .comparison import compare_runs
-from .run_folder import NotARunFolder, table4_summary
+from .run_folder import NotARunFolder, read_csv, table4_summary
 from .scorecard import scorecard
 
 FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows the figure number in the name
@@ -60,10 +59,7 @@ def figure_caption(png: Path) -> str:
 
 
 def _read_csv(path: Path) -> List[Dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return read_csv(path)  # a truncated or damaged file is an error naming it, not a wrong number
 
 
 def _md_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

@@ -5,10 +5,18 @@ Owns: parsing ``config.json`` and the CSVs the stages write (analysis,
 (:func:`table4_summary`), and the number/Markdown formats the scorecard and
 the run comparison print.  Must not: judge results (:mod:`fastnig.report.scorecard`)
 or compute anything from models.
+
+A damaged run file is an error that names it, never a wrong number: a CSV
+whose last line is incomplete (a truncated write) or whose rows do not
+match its header, a ``table4.csv`` with a cell that is not a number where
+one is due (:func:`fastnig.evaluation.table4.parse_table4_rows`), and a
+``config.json`` that is not a JSON object with an ``attribution`` section
+raise :class:`fastnig.common.CorruptFile` / :class:`NotARunFolder`.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -16,11 +24,29 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from ..common import CorruptFile, exclusive_lock
+from ..evaluation.table4 import parse_table4_rows
+
 PathLike = Union[str, os.PathLike]
 
 
 class NotARunFolder(ValueError):
     """The folder given is not a run folder written by ``fastnig run``."""
+
+
+RUN_LOCK = ".fastnig-run.lock"
+"""The lock file a ``fastnig run`` holds in its output folder (:func:`run_lock`)."""
+
+
+def run_lock(run_dir: PathLike):
+    """Context manager: the exclusive lock of one ``fastnig run`` on its output folder.
+
+    A second run on the same folder (another process or thread) is refused at
+    once with :class:`fastnig.common.OutputLocked`; the lock goes when the run
+    ends or its process dies.  Taken by the main rank only (torchrun ranks of
+    one run share the folder).
+    """
+    return exclusive_lock(Path(run_dir) / RUN_LOCK, f"run folder {run_dir}")
 
 
 def fmt_number(x: Optional[float]) -> str:
@@ -35,11 +61,35 @@ def md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
+_SCHEMAS = {"table4.csv": parse_table4_rows}
+"""CSV files whose cells are also type-checked, by name: file name -> strict parser(text, path)."""
+
+
 def read_csv(path: Path) -> List[Dict[str, str]]:
+    """The rows of a CSV the stages wrote, as strings (``[]`` when the file does not exist).
+
+    Raises :class:`~fastnig.common.CorruptFile` naming the file (and line)
+    when it is truncated or damaged; ``table4.csv`` is also parsed strictly.
+    """
+    path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFile(f"{path} is damaged (not UTF-8 text: {exc})") from None
+    if text and not text.endswith("\n"):
+        raise CorruptFile(f"{path} is truncated: its last line is incomplete (re-run the stage that writes it)")
+    if path.name in _SCHEMAS:
+        _SCHEMAS[path.name](text, path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="\0extra")
+    rows = []
+    for row in reader:
+        if "\0extra" in row or any(v is None for v in row.values()):
+            raise CorruptFile(f"{path}, line {reader.line_num}: the row does not have the "
+                              f"{len(reader.fieldnames)} cells of the header; the file is damaged")
+        rows.append(row)
+    return rows
 
 
 def to_float(value: Any) -> float:
@@ -71,10 +121,10 @@ def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
         raise NotARunFolder(f"{run_dir} is not a fastnig run folder: it has no config.json "
                             "(run `fastnig run CONFIG` first, or give its output folder)")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise NotARunFolder(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or "attribution" not in cfg:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise NotARunFolder(f"{path} is not valid JSON (truncated or damaged?): {exc}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("attribution"), dict):
         raise NotARunFolder(f"{path} is not a fastnig run configuration (no 'attribution' section)")
     return cfg
 

@@ -30,6 +30,7 @@ unless asked (:meth:`Scorecard.write`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections import defaultdict
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..common import write_atomic
 from .run_folder import (
     PathLike,
     fmt_number,
@@ -278,20 +280,19 @@ class Scorecard:
         return out
 
     def to_csv(self, path: PathLike) -> Path:
-        path = Path(path)
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.CSV_COLUMNS)
-            writer.writeheader()
-            for row in self.rows():
-                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.CSV_COLUMNS})
-        return path
+        """Write ``scorecard.csv`` atomically (a killed or failed write leaves the previous file)."""
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.CSV_COLUMNS)
+        writer.writeheader()
+        for row in self.rows():
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.CSV_COLUMNS})
+        return write_atomic(path, buffer.getvalue())
 
     def write(self, folder: Optional[PathLike] = None) -> Dict[str, Path]:
         """Write ``scorecard.md`` and ``scorecard.csv`` (default: into the run folder); returns the paths."""
         folder = Path(folder or self.run_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        md = folder / "scorecard.md"
-        md.write_text("# Reproduction scorecard\n\n" + self.to_markdown(), encoding="utf-8")
+        md = write_atomic(folder / "scorecard.md", "# Reproduction scorecard\n\n" + self.to_markdown())
         return {"md": md, "csv": self.to_csv(folder / "scorecard.csv")}
 
 

@@ -12,7 +12,10 @@ Must not: parse configs or know about the other stages (:mod:`fastnig.study.pipe
 Because a scheme's sums are exact whatever the order and grouping of pairs,
 a resumed run ends with exactly the scheme an uninterrupted one writes; the
 scheme is saved atomically (:mod:`fastnig.neurons.scheme_storage`) after
-every chunk of pairs.
+every chunk of pairs.  One job writes a scheme at a time: a job holds an
+exclusive lock on ``.<name>.lock`` beside the scheme
+(:func:`fastnig.common.exclusive_lock`; released when the job ends or its
+process dies), and a second job on the same path is refused at once.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from tqdm.auto import tqdm
 
-from ..common import check_int
+from ..common import CorruptFile, check_int, exclusive_lock
 from ..data import filter_agreeing, label_mapping, load_collection, sample_pairs
 from ..engine.attribute import attribute
 from ..engine.model import move_model, resolve_max_length, unwrap
@@ -30,6 +33,7 @@ from ..engine.scoring import TARGETS
 from ..engine.settings import AttributionSettings
 from ..evaluation.reranking import bm25_run
 from ..neurons.scheme import Scheme
+from ..neurons.scheme_storage import scheme_json_path
 from ..neurons.sets import neuron_universe
 from ..neurons.stability import StopRule
 
@@ -58,13 +62,35 @@ def sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_f
     return record
 
 
+def scheme_lock_path(out: Union[str, Path]) -> Path:
+    """The lock file of the scheme at ``out``: ``.<name>.lock`` beside its JSON (held while a job writes it)."""
+    json_path = scheme_json_path(out)
+    return json_path.with_name(f".{json_path.name[:-len('.json')]}.lock")
+
+
+class ResumeRefused(ValueError):
+    """The scheme already at the output path was made another way (model, dataset, label, settings,
+    sampling) or by a fastnig it cannot resume: the message says which, and the fix (another output path,
+    the same options, or deleting it)."""
+
+
 def open_scheme(out: Path, sizes: Dict[str, int], meta: Dict[str, object], sampling: Dict[str, object]) -> Scheme:
-    """The scheme at ``out`` to resume (after checking it was made the same way), or a new empty one."""
+    """The scheme at ``out`` to resume (after checking it was made the same way), or a new empty one;
+    :class:`ResumeRefused` when it cannot be resumed."""
     if Scheme.exists(out):
-        scheme = Scheme.load(out)
-        scheme.check_compatible(Scheme.empty(sizes, meta), op="resume")
+        try:
+            scheme = Scheme.load(out)
+            scheme.check_compatible(Scheme.empty(sizes, meta), op="resume")
+        except CorruptFile:
+            raise
+        except ValueError as exc:  # another model, dataset, label or settings; an older file format
+            raise ResumeRefused(f"{exc}; use another output path or the same options") from None
+        if sampling.get("stop_when") is not None and not scheme.has_halves:
+            raise ResumeRefused(f"resume: {scheme_json_path(out)} keeps no query halves (written by an older "
+                             "fastnig), so early stopping has no stability estimate; attribute without stop_when, "
+                             "or delete the scheme to re-create it")
         if scheme.extra.get("sampling") not in (None, sampling):
-            raise ValueError(f"resume: {out} was sampled with {scheme.extra.get('sampling')}, not {sampling}; "
+            raise ResumeRefused(f"resume: {out} was sampled with {scheme.extra.get('sampling')}, not {sampling}; "
                              "use another output path or the same sampling options")
         return scheme
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,27 +135,37 @@ class _Job:
 def _attribute_in_rounds(job: _Job, drawn: Sequence, mine: Callable[[int, object], bool],
                          stop_rule: Optional[StopRule], combine: Optional[Callable[[Scheme], Scheme]]
                          ) -> Tuple[int, Optional[str], List[dict]]:
-    """Attribute the drawn pairs in rounds; after each round but the last, stop when ``stop_rule`` holds
-    on the (combined) scheme.  Returns (pairs sampled when it ended, "stable" or ``None``, the checks)."""
+    """Attribute the drawn pairs in rounds; after each round but the last, check ``stop_rule`` on the
+    (combined) scheme and stop when it says so (:meth:`StopRule.check`: the criterion at ``confirm``
+    round ends in a row).  Returns (pairs sampled when it ended, "stable" or ``None``, the checks).
+
+    Each check is saved with the scheme before any pair past its round end is attributed, so a resumed
+    run finds the estimates of the round ends it has gone past (the rule needs them) and never recomputes
+    them on more pairs.  The earlier estimates are read from the combined scheme, i.e. from the first
+    shard's record, so that every shard decides alike.
+    """
     scheme = job.scheme
     ends = stop_rule.round_ends(len(drawn)) if stop_rule is not None and drawn else [len(drawn)]
     checks = list((scheme.extra.get("stopping") or {}).get("checks", [])) if stop_rule is not None else []
     begin, end = 0, len(drawn)
-    for end in ends:
-        job.run([p for i, p in enumerate(drawn[begin:end], begin) if mine(i, p)])
+    for i, end in enumerate(ends):
+        job.run([p for i_, p in enumerate(drawn[begin:end], begin) if mine(i_, p)])
         begin = end
         if stop_rule is None or end == len(drawn):
             continue
         whole = combine(scheme) if combine is not None else scheme
+        recorded = list((whole.extra.get("stopping") or {}).get("checks", []))
         seen_all = whole.seen_ids
         if any(pair_id(p) in seen_all for p in drawn[end:]):
-            continue  # resumed: the run that went past this round end checked the rule there and went on
-        holds, estimate = stop_rule.check(whole)
-        checks = [c for c in checks if c["pairs_sampled"] < end] + [
+            continue  # resumed: the run that went past this round end checked the rule there (and saved it)
+        estimates = {c["pairs_sampled"]: c["estimate"] for c in recorded}
+        stop, estimate = stop_rule.check(whole, [estimates.get(e) for e in ends[:i]])
+        checks = [c for c in recorded if c["pairs_sampled"] < end] + [
             {"pairs_sampled": end, "pairs_used": whole.count,
              "estimate": None if estimate != estimate else estimate}]  # NaN (not available) as null
         scheme.extra["stopping"] = {**scheme.extra.get("stopping", {}), "checks": checks}
-        if holds:
+        scheme.save(job.out)  # the check is on disk before the next round's pairs
+        if stop:
             return end, "stable", checks
     return end, None, checks
 
@@ -168,10 +204,11 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
             :meth:`Scheme.merge`, which is exact).
         stop_when: early stopping (docs/method.md §6.6): ``None`` (attribute
             all ``num_pairs``), or a :class:`fastnig.neurons.stability.StopRule` /
-            mapping ``{level, overlap[, by, first_round]}``: pairs are then
-            attributed in rounds (first_round, doubling, up to ``num_pairs``
-            sampled pairs) and attribution stops after the first round whose
-            scheme's top ``level`` % set is estimated to keep at least
+            mapping ``{level, overlap[, by, first_round, confirm]}``: pairs are
+            then attributed in rounds (first_round, doubling, up to
+            ``num_pairs`` sampled pairs) and attribution stops after the first
+            round that ends the ``confirm``-th (default 2) round in a row
+            whose scheme's top ``level`` % set is estimated to keep at least
             ``overlap`` of its neurons if the pairs were doubled.  The pairs
             are the first ones of the same draw, so a scheme stopped after
             ``r`` sampled pairs equals a run with ``num_pairs=r`` and no rule.
@@ -183,6 +220,9 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
 
     Returns:
         The saved :class:`fastnig.Scheme`.
+
+    Raises:
+        OutputLocked: another job (thread or process) is writing the scheme at ``out``.
     """
     check_int("chunk_pairs", chunk_pairs, 1)
     settings = settings if settings is not None else AttributionSettings()
@@ -208,26 +248,27 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     out = Path(out)
     meta = {"model": record["model"], "dataset": dataset_name or collection.name, "label": target,
             "settings": record}
-    scheme = open_scheme(out, neuron_universe(model, settings.layers, settings.include_pooler), meta, sampling)
+    with exclusive_lock(scheme_lock_path(out), f"scheme {scheme_json_path(out)}"):
+        scheme = open_scheme(out, neuron_universe(model, settings.layers, settings.include_pooler), meta, sampling)
 
-    def mine(i: int, pair) -> bool:  # this shard's share of the drawn pairs, not yet in the scheme
-        return i % world == rank and pair_id(pair) not in scheme.seen_ids
+        def mine(i: int, pair) -> bool:  # this shard's share of the drawn pairs, not yet in the scheme
+            return i % world == rank and pair_id(pair) not in scheme.seen_ids
 
-    shard_pairs = [p for i, p in enumerate(drawn) if i % world == rank]
-    seen = scheme.seen_ids
-    bar = tqdm(total=len(shard_pairs), initial=sum(pair_id(p) in seen for p in shard_pairs), unit="pair",
-               desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
-    job = _Job(model, tokenizer, scheme, out, settings=settings, target=target, max_length=max_length,
-               agreement_filter=agreement_filter, chunk_pairs=chunk_pairs, bar=bar)
-    end, reason, checks = _attribute_in_rounds(job, drawn, mine, stop_rule, combine)
-    bar.close()
-    if reason is None:
-        reason = "max pairs" if len(drawn) >= num_pairs else "all pairs drawn"
-    stopping = {"rule": stop_rule.as_dict() if stop_rule is not None else None, "max_pairs": num_pairs,
-                "pairs_sampled": end, "reason": reason}
-    if stop_rule is not None:
-        stopping["checks"] = checks
-    if scheme.extra.get("stopping") != stopping or not Scheme.exists(out):
-        scheme.extra["stopping"] = stopping  # (a run where every pair was dropped still leaves a file)
-        scheme.save(out)
+        shard_pairs = [p for i, p in enumerate(drawn) if i % world == rank]
+        seen = scheme.seen_ids
+        bar = tqdm(total=len(shard_pairs), initial=sum(pair_id(p) in seen for p in shard_pairs), unit="pair",
+                   desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
+        job = _Job(model, tokenizer, scheme, out, settings=settings, target=target, max_length=max_length,
+                   agreement_filter=agreement_filter, chunk_pairs=chunk_pairs, bar=bar)
+        end, reason, checks = _attribute_in_rounds(job, drawn, mine, stop_rule, combine)
+        bar.close()
+        if reason is None:
+            reason = "max pairs" if len(drawn) >= num_pairs else "all pairs drawn"
+        stopping = {"rule": stop_rule.as_dict() if stop_rule is not None else None, "max_pairs": num_pairs,
+                    "pairs_sampled": end, "reason": reason}
+        if stop_rule is not None:
+            stopping["checks"] = checks
+        if scheme.extra.get("stopping") != stopping or not Scheme.exists(out):
+            scheme.extra["stopping"] = stopping  # (a run where every pair was dropped still leaves a file)
+            scheme.save(out)
     return scheme

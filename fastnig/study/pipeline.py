@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
@@ -37,6 +39,7 @@ from ..neurons.expressions import evaluate
 from ..neurons.scheme import Scheme
 from ..neurons.stability import StopRule
 from ..report.document import write_report
+from ..report.run_folder import run_lock
 from ..training.demo_model import OFFLINE_DEMO, demo_model_quality, load_cross_encoder, offline_demo_model
 from .attribution_job import attribute_dataset, bm25_ranker, pair_id
 from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files
@@ -321,6 +324,24 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
     return table
 
 
+def thread_counts() -> Dict[str, Any]:
+    """The thread counts this process computes with (torch's, and the variables that set them): float sums,
+    and so near-tied rankings, can depend on them."""
+    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS")}
+
+
+def _threads_record(ranks: Ranks) -> Dict[str, Any]:
+    """:func:`thread_counts` of every rank (a collective call): one value per key where the ranks agree,
+    else the list of the ranks' values, and the number of processes."""
+    per_rank = ranks.gather(thread_counts())
+    record: Dict[str, Any] = {"processes": ranks.world}
+    for key in per_rank[0]:
+        values = [counts[key] for counts in per_rank]
+        record[key] = values[0] if all(v == values[0] for v in values) else values
+    return record
+
+
 def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, model: Optional[str] = None,
               datasets: Optional[Mapping[str, str]] = None, output: Optional[Union[str, Path]] = None) -> Path:
     """Run every stage of a configuration; returns the report's path.
@@ -332,7 +353,13 @@ def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, mod
     ranks = init_ranks()
     cfg = config if isinstance(config, RunConfig) else load_config(config, model=model, datasets=datasets,
                                                                      output=output)
-    study = preflight(cfg, ranks)
+    study = preflight(cfg, ranks)  # checks only: nothing is written before the lock
+    with run_lock(cfg.output) if ranks.is_main else nullcontext():  # one run per folder
+        return _run_stages(cfg, study, ranks, progress)
+
+
+def _run_stages(cfg: RunConfig, study: Study, ranks: Ranks, progress: bool) -> Path:
+    """The stages of :func:`run_study` after its preflight, with the run's log file."""
     cfg.output.mkdir(parents=True, exist_ok=True)
     handler = None
     if ranks.is_main:
@@ -349,13 +376,20 @@ def run_study(config: Union[RunConfig, str, Path], *, progress: bool = True, mod
         stage_pruning(study, schemes, progress)
         stage_model_quality(study)
         report = cfg.output / "report.md"
+        threads = _threads_record(ranks)
         if ranks.is_main:
             timings_path = cfg.output / "timings.json"
             previous = json.loads(timings_path.read_text()) if timings_path.exists() else {}
             merged = {**previous.get("timings", {}), **study.timings}
             throughput = {**previous.get("throughput", {}), **study.throughput}
-            write_atomic(timings_path, json.dumps({"timings": merged, "throughput": throughput}, indent=2))
-            settings = {**cfg.as_dict(), "processes": ranks.world}
+            # the thread counts of every invocation that worked on this folder, each once (a resumed run
+            # with other counts shows both: its numbers may differ in the last bits from a run with one)
+            runs_threads = [t for t in previous.get("threads", []) if isinstance(t, dict)]
+            if threads not in runs_threads:
+                runs_threads.append(threads)
+            write_atomic(timings_path, json.dumps({"timings": merged, "throughput": throughput,
+                                                   "threads": runs_threads}, indent=2))
+            settings = {**cfg.as_dict(), "processes": ranks.world, "threads": runs_threads}
             report = write_report(cfg.output, settings, merged, throughput)["md"]
             log.info("report: %s", report)
         ranks.barrier()

@@ -41,7 +41,9 @@ throughput (an optimistic rate: attention, softmax and the conductance
 kernel run slower than a large matmul); on an accelerator it is the
 dense bf16 (T4: fp16) peak of :data:`ACCELERATORS` x ``efficiency`` (default
 35 %) x the number of GPUs (pairs, queries and pruning batches shard over
-torchrun ranks).  Model loading, BM25 indexing and data downloads are not
+torchrun ranks).  Without a named accelerator the plan is also priced on
+1 and 8 of :data:`REFERENCE_ACCELERATOR` (H100), since a study of the
+paper's size is a GPU job.  Model loading, BM25 indexing and data downloads are not
 counted.
 """
 from __future__ import annotations
@@ -75,6 +77,12 @@ ACCELERATORS: Dict[str, Tuple[float, str]] = {
     "t4": (65e12, "T4, fp16 dense"),
 }
 """Accelerator name -> (peak FLOP/s, what the peak is)."""
+
+REFERENCE_ACCELERATOR = "h100"
+"""The current GPU that a plan is priced on by default (without ``--device``), beside this machine."""
+
+REFERENCE_GPUS = (1, 8)
+"""GPU counts of the default reference: one GPU, and one node of eight (torchrun shards the work)."""
 
 
 @dataclass(frozen=True)
@@ -351,9 +359,21 @@ def duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+def _gpu_line(plan: Plan, device: str, gpus: int, efficiency: float) -> str:
+    peak, what = ACCELERATORS[device.lower()]
+    rate = accelerator_rate(device, gpus, efficiency)
+    return (f"{gpus} x {device}: {_sci(plan.total_flops)} / ({peak / 1e12:g} TFLOP/s peak, {what} x "
+            f"{efficiency:.0%} x {gpus}) = {duration(plan.seconds(rate))}")
+
+
 def render(plan: Plan, *, cpu_flops: Optional[float] = None, device: Optional[str] = None, gpus: int = 1,
-           efficiency: float = DEFAULT_EFFICIENCY) -> str:
-    """The plan as text: counts, FLOPs with their arithmetic, and times (this CPU; ``device`` x ``gpus``)."""
+           efficiency: float = DEFAULT_EFFICIENCY, reference: Optional[str] = REFERENCE_ACCELERATOR) -> str:
+    """The plan as text: counts, FLOPs with their arithmetic, and times.
+
+    Times: this CPU (``cpu_flops``), then ``gpus`` x ``device``; without
+    ``device``, the GPU reference: 1 and 8 x ``reference`` (default
+    :data:`REFERENCE_ACCELERATOR`; ``None``: no GPU line).
+    """
     s = plan.shape
     t = plan.attribution_tokens
     out = [f"Plan of run '{plan.config_name}': model {plan.model}",
@@ -388,10 +408,14 @@ def render(plan: Plan, *, cpu_flops: Optional[float] = None, device: Optional[st
         out.append(f"  this machine: {_sci(plan.total_flops)} / {cpu_flops / 1e9:.1f} GFLOP/s (measured fp32 matmul) "
                    f"= {duration(plan.seconds(cpu_flops))} (optimistic)")
     if device:
-        peak, what = ACCELERATORS[device.lower()]
-        rate = accelerator_rate(device, gpus, efficiency)
-        out.append(f"  {gpus} x {device}: {_sci(plan.total_flops)} / ({peak / 1e12:g} TFLOP/s peak, {what} x "
-                   f"{efficiency:.0%} x {gpus}) = {duration(plan.seconds(rate))}")
+        out.append("  " + _gpu_line(plan, device, gpus, efficiency))
+    elif reference:
+        out.append(f"  GPU reference, {reference} (another accelerator: --device {'|'.join(ACCELERATORS)} "
+                   "--gpus N):")
+        out += ["    " + _gpu_line(plan, reference, n, efficiency) for n in REFERENCE_GPUS]
+    if (device and gpus > 1) or (not device and reference):
+        out.append("  (several GPUs: torchrun shards pairs, queries and pruning runs; the time assumes they "
+                   "scale linearly)")
     if plan.notes:
         out.append("")
         out += [f"Note: {n}" for n in plan.notes]
