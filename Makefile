@@ -54,7 +54,7 @@ demo: install
 	$(BIN)/fastnig demo
 
 bench: install
-	$(BIN)/python bench/bench_attribute.py
+	$(BIN)/python bench/throughput/bench_attribute.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

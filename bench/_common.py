@@ -151,7 +151,9 @@ def make_tokenizer(folder: Optional[str] = None):
     """A BERT WordPiece tokenizer over :data:`WORDS` (built offline)."""
     from transformers import BertTokenizerFast
 
-    folder = folder or tempfile.mkdtemp(prefix="fastnig-bench-vocab-")
+    if folder is None:  # the tokenizer keeps its vocabulary in memory: the file can go
+        with tempfile.TemporaryDirectory(prefix="fastnig-bench-vocab-") as scratch:
+            return BertTokenizerFast(vocab=write_vocab(scratch))
     return BertTokenizerFast(vocab=write_vocab(folder))
 
 

@@ -400,3 +400,19 @@ def test_a_second_out_of_memory_at_every_position_of_the_redo(tiny_bert, tokeniz
         except Exception as exc:
             raise AssertionError(f"{where}: {type(exc).__name__}: {exc}") from exc
     positions.arm()
+
+
+def test_a_switch_to_training_mode_meanwhile_is_an_error(tokenizer):
+    """Eval mode is the one global state ``attribute`` needs (PyTorch keeps one ``training`` flag per
+    module): another thread that switches the model to training mode meanwhile gets it a clear error,
+    not attributions with dropout."""
+    model = make_model("bert", vocab_size=tokenizer.vocab_size, seed=13)
+    thread, resume, result = _paused_attribution(model, tokenizer, PAIRS[:2], dict(steps=4, progress=False))
+    model.train()
+    try:
+        with pytest.raises(AssertionError, match="switched to training mode"):
+            _finish(thread, resume, result)
+        assert all(m.training for m in model.modules())  # the other thread's switch stands
+    finally:
+        model.eval()
+    assert all(p.requires_grad for p in model.parameters())

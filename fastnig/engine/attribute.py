@@ -238,7 +238,11 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
 
     One batched forward + backward over the path points gives every layer's
-    attribution at once (docs/method.md §5); parameters get no gradients.
+    attribution at once (docs/method.md §5); parameters get no gradients.  Safe against
+    other threads using the same model meanwhile (their own forwards, backwards, even
+    another ``attribute``): the hooks act in this thread only, and ``requires_grad`` is
+    never flipped (this thread's forward sees the parameters detached).  The model must
+    stay in eval mode meanwhile: a switch to training mode is an error.
 
     Args:
         model: a Hugging Face sequence-classification cross-encoder (1 or 2 logits),
@@ -473,20 +477,19 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
         return path.flatten(0, 1).to(path_dtype).requires_grad_(True)
 
     start = committed = 0  # the points before `committed` are in the accumulators; [start, committed): a replay
-    before = None
     while start < total:
         replay = start < committed
         stop = start + path_chunks(total - start, limit.cap(chunk))[0][1]
         if replay:
             stop = min(stop, committed)
-            if scratch is None:
-                scratch = sums.zeros_like()
-        else:
-            before = sums.copy()
-        target = scratch if replay else sums
         S = stop - start
-        path = state = failure = None
-        try:
+        path = state = failure = before = None
+        try:  # every allocation of the chunk inside: any out-of-memory error is undone and redone
+            if replay:
+                scratch = scratch if scratch is not None else sums.zeros_like()
+            else:
+                before = sums.copy()
+            target = scratch if replay else sums
             path = path_at(start, stop)
             state = _HookState(P, S, run.lengths, op_rule, target.out, carries, token_segments, target.coarse,
                                start)
@@ -507,8 +510,9 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
             if state is not None:
                 state.clear()
             path = state = path4 = grad4 = None
-            if not replay:
+            if before is not None:
                 sums.restore(before)
+                before = None
             carries.clear()  # the redo rebuilds every carry: from empty, or by a replay
             input_carry = None
             release_memory(device)

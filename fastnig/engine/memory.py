@@ -27,7 +27,7 @@ from .model import input_embeddings, linear_modules
 # On CPU, forwards of about this many token rows (path points × pairs × tokens)
 # run faster than one big forward: the activations stay closer to the caches
 # (MiniLM shape, 128 tokens: 11 points per forward ~10 % faster than 33; 1-4
-# points slower again; bench/bench_attribute.py).
+# points slower again; bench/throughput/bench_attribute.py).
 CPU_ROWS_PER_FORWARD = 2048
 
 

@@ -118,7 +118,7 @@ def accepts_token_type_ids(model: nn.Module, tokenizer) -> bool:
 
 @contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, each module's ``training`` flag restored after.
+    """Eval mode for the duration; the modules it switched are back in training mode after.
 
     Parameters are not touched: no global ``requires_grad`` flip, which would
     break another thread's grad-enabled use of the same model (its backward
@@ -130,15 +130,14 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
     same time cannot be attributed meanwhile; :func:`fastnig.attribute` checks
     that it stays in eval mode.
     """
-    training = [(m, m.training) for m in model.modules()]
-    if any(flag for _, flag in training):
+    switched = [m for m in model.modules() if m.training]
+    if switched:
         model.eval()
     try:
         yield
     finally:
-        for m, flag in training:
-            if m.training != flag:
-                m.training = flag
+        for m in switched:  # only what this call changed: a model in eval mode is never touched
+            m.training = True
 
 
 class _DetachedParameters(TorchFunctionMode):

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 RULES = ("left", "trapezoid", "richardson")
-# the defaults of fastnig.attribute, `fastnig attribute` and run configs (bench/steps_accuracy.py:
+# the defaults of fastnig.attribute, `fastnig attribute` and run configs (bench/accuracy/steps_accuracy.py:
 # richardson N = 32 is as accurate on the neurons as trapezoid N = 100 with a third of the points)
 DEFAULT_RULE = "richardson"
 DEFAULT_STEPS = 32
