@@ -406,3 +406,19 @@ def test_bf16_error_within_twice_plain_pytorch_bf16(tiny_bert, tokenizer):
     err_plain = max((torch.stack(plain[n]).float() - ref.scores[n]).abs().max().item() for n in modules)
     print("bf16 max error: fastnig", err_ours, "plain", err_plain)
     assert err_ours <= 2 * err_plain, (err_ours, err_plain)
+
+
+def test_a_settings_object_and_keyword_overrides_give_the_same_run(tiny_bert, tokenizer):
+    from fastnig.engine.settings import AttributionSettings
+
+    base = AttributionSettings(steps=4, rule="trapezoid")
+    by_object = fastnig.attribute(tiny_bert, PAIRS[:1], base.replace(baseline="zero"), tokenizer=tokenizer,
+                                  progress=False)
+    by_keyword = fastnig.attribute(tiny_bert, PAIRS[:1], base, tokenizer=tokenizer, baseline="zero", progress=False)
+    assert by_object.settings == by_keyword.settings and by_keyword.settings["baseline"] == "zero"
+    for name, value in by_object.scores.items():
+        torch.testing.assert_close(by_keyword.scores[name], value)
+    with pytest.raises(TypeError, match="settings must be an AttributionSettings"):
+        fastnig.attribute(tiny_bert, PAIRS[:1], {"steps": 4}, tokenizer=tokenizer, baseline="zero")
+    with pytest.raises(TypeError, match="unknown attribution setting"):
+        fastnig.attribute(tiny_bert, PAIRS[:1], base, tokenizer=tokenizer, stepz=4)

@@ -268,10 +268,11 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
         Outputs past the first-token cut and ``[batch, features]`` outputs (the
         pooler) have the first token only: [CLS], "special".
     """
-    settings = (settings or AttributionSettings()).replace(**overrides) if overrides else (
-        settings or AttributionSettings())
+    settings = AttributionSettings() if settings is None else settings
     if not isinstance(settings, AttributionSettings):
         raise TypeError(f"settings must be an AttributionSettings, got {type(settings).__name__}")
+    if overrides:
+        settings = settings.replace(**overrides)
     pairs = validate_pairs(pairs)
     targets = normalize_targets(target, len(pairs))
     model, tokenizer = unwrap(model, tokenizer)
