@@ -33,6 +33,7 @@ from .engine.attribute import Attributions, attribute
 from .engine.kernels import accumulate_conductance, accumulate_conductance_ref
 from .engine.loading import ModelUnavailable
 from .engine.model import linear_modules
+from .engine.rankers import UnsupportedModel
 from .engine.scoring import relevance_probability, target_function
 from .evaluation.pruning import PruningBenchmark, evaluate_pruning, prune, pruned, random_like
 from .evaluation.reranking import Candidates, build_candidates, ndcg_at_k
@@ -45,6 +46,7 @@ from .training.demo_model import load_cross_encoder
 __all__ = [
     "Attributions", "attribute", "linear_modules", "relevance_probability", "target_function",
     "accumulate_conductance", "accumulate_conductance_ref", "load_cross_encoder", "ModelUnavailable",
+    "UnsupportedModel",
     "DATASETS", "Collection", "DatasetUnavailable", "LabelledPair", "MissingJudgments", "filter_agreeing",
     "load_collection", "sample_pairs",
     "COMPONENTS", "NeuronSet", "Scheme", "component", "fuse", "fuse_all", "intersection", "layer_index",

@@ -12,7 +12,7 @@ from tiny_models import PAIRS, make_model, make_tokenizer
 
 import fastnig
 from fastnig.engine import attribute as attribution
-from fastnig.engine import first_token, memory, scoring
+from fastnig.engine import first_token, memory, rankers, scoring
 from fastnig.engine import model as cross_encoder
 from fastnig.engine.memory import chunk_memory
 from fastnig.engine.model import linear_modules
@@ -441,12 +441,12 @@ def test_device_moves_the_model_and_says_so(tokenizer, monkeypatch):
 def test_a_model_on_several_devices_is_refused_before_any_work(tokenizer, monkeypatch):
     model = make_model("bert", vocab_size=tokenizer.vocab_size)
     calls = []
-    monkeypatch.setattr(attribution, "encode_pairs", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(rankers, "encode_pairs", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(cross_encoder, "model_devices", lambda m: [torch.device("cpu"), torch.device("cuda", 0)])
     with pytest.raises(ValueError, match=r"spread over several devices \(cpu, cuda:0\).*device_map"):
         fastnig.attribute(model, PAIRS[:1], steps=2, progress=False)  # no tokenizer: refused before loading one
     monkeypatch.undo()
-    monkeypatch.setattr(attribution, "encode_pairs", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(rankers, "encode_pairs", lambda *a, **k: calls.append(a))
     model.hf_device_map = {"bert.embeddings": "cpu", "bert.encoder": 0, "classifier": 0}
     with pytest.raises(ValueError, match=r"spread over several devices \(cpu, cuda:0\)"):
         fastnig.attribute(model, PAIRS[:1], tokenizer=tokenizer, steps=2, progress=False)

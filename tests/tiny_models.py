@@ -89,3 +89,67 @@ PAIRS = [
     ("information retrieval system users", "search and indexing of documents in a library system used by "
      "users for retrieval of information about books and data analysis " * 3),
 ]
+
+
+# ------------------------------------------------ generative rerankers (issue 23)
+SPECIAL_WORDS = ["<pad>", "</s>", "<unk>", "<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                 "</think>"]
+TEMPLATE_WORDS = "query document relevant true false yes no system user assistant judge whether meets".split()
+
+
+def make_word_tokenizer(kind: str = "t5"):
+    """A tiny fast word-level tokenizer built with ``tokenizers``: lower-cased words and punctuation,
+    the special tokens of T5 (``kind="t5"``: ``</s>`` appended, pad ``<pad>``), Qwen (``"qwen"``: the
+    chat markers, pad ``<|endoftext|>``, nothing appended) or Llama (``"llama"``: ``<s>`` prepended,
+    no pad token)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys(SPECIAL_WORDS + sorted(set(WORDS + TEMPLATE_WORDS))
+                               + list(string.ascii_lowercase) + list(".,;:?!'\"()-/%<>")))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(SPECIAL_WORDS)
+    if kind == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    if kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def make_generative(kind: str = "t5", vocab_size: int = 200, hidden: int = 32, layers: int = 2, heads: int = 4,
+                    kv_heads: int = 2, intermediate: int = 64, seed: int = 0, init_range: float = 0.2,
+                    dtype=torch.float32):
+    """A randomly initialised generative ranker: ``"t5"`` (T5ForConditionalGeneration, gated-GELU),
+    ``"qwen3"`` / ``"qwen2"`` / ``"llama"`` (ForCausalLM, grouped-query attention), ``"llama-cls"``
+    (LlamaForSequenceClassification, 1 logit)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "t5":
+        cfg = tf.T5Config(vocab_size=vocab_size, d_model=hidden, d_kv=hidden // heads, d_ff=intermediate,
+                          num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=1.0,
+                          tie_word_embeddings=False)
+        model = tf.T5ForConditionalGeneration(cfg)
+    else:
+        common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=256, initializer_range=init_range, pad_token_id=4,
+                      tie_word_embeddings=False)
+        if kind == "qwen3":
+            model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=hidden // heads, **common))
+        elif kind == "qwen2":
+            model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+        elif kind == "llama":
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+        elif kind == "llama-cls":
+            model = tf.LlamaForSequenceClassification(tf.LlamaConfig(num_labels=1, **common))
+        else:
+            raise ValueError(kind)
+    return model.to(dtype).eval()

@@ -30,22 +30,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .encoding import SEGMENTS, EncodedPairs, Pair, baseline_embeddings, encode_pairs, validate_pairs
-from .first_token import first_token_only
+from .encoding import SEGMENTS, EncodedPairs, Pair, baseline_embeddings, validate_pairs
 from .kernels import Carry, accumulate_conductance
 from .memory import ChunkLimit, auto_step_batch, first_line, is_out_of_memory, release_memory
 from .model import (
-    accepts_token_type_ids,
     check_compute_dtype,
     check_model,
     compute_autocast,
     detached_parameters,
     frozen_eval,
     input_embeddings,
-    linear_modules,
     load_tokenizer,
     move_model,
-    resolve_max_length,
     single_device,
     unwrap,
 )
@@ -60,6 +56,7 @@ from .quadrature import (
     top_error,
     uses_coarse,
 )
+from .rankers import BoundRanker, Ranker, bind_ranker
 from .scoring import TargetSpec, normalize_targets, target_function
 from .settings import AttributionSettings
 
@@ -147,13 +144,14 @@ class _HookState:
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
                  out: Dict[str, torch.Tensor], carries: Dict[str, Carry],
                  segments: Optional[torch.Tensor] = None, coarse: Optional[Dict[str, torch.Tensor]] = None,
-                 first_point: int = 0):
+                 first_point: int = 0, read_segment: Optional[torch.Tensor] = None):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
         self.first_point = first_point
         self.thread = threading.get_ident()
         self.unscale: Optional[torch.Tensor] = None
-        self.segments, self.coarse = segments, coarse
-        # segment ids of outputs of T tokens: the first T tokens' (T = 1: the first token, [CLS])
+        self.segments, self.coarse, self.read_segment = segments, coarse, read_segment
+        # segment ids of outputs of T tokens: the first T tokens' (T = 1: the scored position's,
+        # EncodedPairs.read_segment: [CLS] for a cross-encoder, the last real token for a decoder)
         self.segments_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         # real tokens per pair for outputs of T tokens on a device (T = 1 past the first-token cut
         # and for [batch, features] outputs such as the pooler's)
@@ -192,7 +190,9 @@ class _HookState:
         if self.segments is not None:
             segments = self.segments_for.get(key)
             if segments is None:
-                segments = self.segments_for[key] = self.segments[:, :tokens].to(a4.device).contiguous()
+                one = tokens == 1 and self.read_segment is not None
+                segments = self.read_segment[:, None] if one else self.segments[:, :tokens]
+                segments = self.segments_for[key] = segments.to(a4.device).contiguous()
         accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS,
                                segments=segments, coarse_out=self.coarse[name] if self.coarse is not None else None,
                                first_point=self.first_point)
@@ -234,8 +234,9 @@ def path_chunks(total: int, size: int) -> List[Tuple[int, int]]:
 
 def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[AttributionSettings] = None, *,
               tokenizer=None, target: TargetSpec = "relevant", device: Union[str, torch.device, None] = None,
-              progress: bool = True, **overrides) -> Attributions:
-    """NIG (conductance) of every Linear neuron of a cross-encoder, per pair.
+              progress: bool = True, ranker: Union[None, str, Ranker, BoundRanker] = None,
+              **overrides) -> Attributions:
+    """NIG (conductance) of every Linear neuron of a ranker, per pair.
 
     One batched forward + backward over the path points gives every layer's
     attribution at once (docs/method.md §5); parameters get no gradients.  Safe against
@@ -245,8 +246,10 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     stay in eval mode meanwhile: a switch to training mode is an error.
 
     Args:
-        model: a Hugging Face sequence-classification cross-encoder (1 or 2 logits),
-            or a ``sentence_transformers.CrossEncoder`` (its model and tokenizer are used).
+        model: a Hugging Face ranker of a family of :mod:`fastnig.rankers` — a
+            sequence-classification cross-encoder (1 or 2 logits) or a
+            ``sentence_transformers.CrossEncoder`` (its model and tokenizer are used),
+            a monoT5, a yes/no decoder LLM, a decoder sequence classifier.
         pairs: list of (query, passage) strings; an empty or over-long passage
             is fine (truncated to ``max_length`` tokens, passage first).
         settings: how NIG is computed, an :class:`AttributionSettings`
@@ -259,6 +262,10 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
             it stays there).  A model spread over several devices (``device_map``)
             or with weights on ``meta`` is refused before any work.
         progress: show a progress bar over pairs.
+        ranker: how the model turns a pair into tokens and F: ``None`` picks the
+            family from the model's class; a family name (``"classifier"``,
+            ``"monot5"``, ``"yes_no"``, ``"last_token_classifier"``) or a
+            :mod:`fastnig.rankers` object (template, answer words) overrides it.
         **overrides: any field of :class:`AttributionSettings` by name (e.g.
             ``steps=64, baseline="zero", segments=True``), applied over ``settings``.
 
@@ -276,16 +283,17 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     pairs = validate_pairs(pairs)
     targets = normalize_targets(target, len(pairs))
     model, tokenizer = unwrap(model, tokenizer)
-    embeddings = input_embeddings(check_model(model))
-    modules = linear_modules(model, settings.layers, settings.include_pooler)
+    input_embeddings(check_model(model))
     if device is None:
         single_device(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(model)
-    max_length = resolve_max_length(model, tokenizer, settings.max_length)
+    bound = bind_ranker(ranker, model, tokenizer)
+    embeddings = bound.embeddings
+    modules = bound.modules(settings.layers, settings.include_pooler)
+    max_length = bound.max_length(settings.max_length)
     move_model(model, device)
     device = single_device(model)
-    accepts_types = accepts_token_type_ids(model, tokenizer)
     weights = check_compute_dtype(model, settings.dtype)
     parameters = detached_parameters(model)
     fp16 = torch.float16 in (settings.dtype, weights)
@@ -315,16 +323,15 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
             pending = batch
             for level in levels:
                 alphas = path_nodes(level, settings.nodes)
-                enc = encode_pairs(tokenizer, [pairs[i] for i in pending], max_length, settings.baseline,
-                                   accepts_types)
+                enc = bound.encode([pairs[i] for i in pending], max_length, settings.baseline)
                 chunk = settings.step_batch
                 if chunk in (None, "auto"):
                     chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device,
                                             settings.dtype, first_token_cut=settings.first_token_cut,
                                             coarse=uses_coarse(rule))
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
-                run = _BatchRun(model, modules, settings, enc, relevant, device, parameters, fp16)
-                out, nig_in, f_in, f_b, err = _attribute_batch(run, embeddings, tokenizer.pad_token_id, alphas,
+                run = _BatchRun(bound, modules, settings, enc, relevant, device, parameters, fp16)
+                out, nig_in, f_in, f_b, err = _attribute_batch(run, embeddings, bound.pad_id, alphas,
                                                                min(chunk, level + 1), limit)
                 out = {n: o.cpu() for n, o in out.items()}
                 nig_in, f_in, f_b = nig_in.cpu(), f_in.cpu().double(), f_b.cpu().double()
@@ -362,18 +369,20 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     delta = input_nig - (f_input - f_base)
     target_name = targets[0] if len(set(targets)) == 1 else "per-pair"
     record = settings.record(model, target=target_name, max_length=max_length)
+    if bound.family != "classifier" or bound.uses_template:  # a classifier's records compare as before
+        record["ranker"] = bound.ranker.describe()
     return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, record,
                         steps_used, segment_scores, errors)
 
 
 @dataclass
 class _BatchRun:
-    """What every forward + backward of one batch of P pairs shares: the model, its attributed
-    Linears, the settings, the encoded pairs (``mask``, ``types``, ``lengths`` on ``device``),
-    the ``[P]`` bool targets, the model's parameters seen detached in this thread, and whether
-    the compute is float16."""
+    """What every forward + backward of one batch of P pairs shares: the ranker bound to the model,
+    its attributed Linears, the settings, the encoded pairs (``mask``, ``types``, ``lengths`` on
+    ``device``), the ``[P]`` bool targets, the model's parameters seen detached in this thread, and
+    whether the compute is float16."""
 
-    model: nn.Module
+    bound: BoundRanker
     modules: Dict[str, nn.Module]
     settings: AttributionSettings
     enc: EncodedPairs
@@ -387,6 +396,7 @@ class _BatchRun:
         self.mask = self.enc.attention_mask.to(self.device)
         self.types = self.enc.token_type_ids.to(self.device) if self.enc.token_type_ids is not None else None
         self.pairs = self.enc.input_ids.shape[0]
+        self.model = self.bound.model
 
 
 def _forward_backward(run: _BatchRun, state: _HookState, path: torch.Tensor) -> torch.Tensor:
@@ -399,13 +409,11 @@ def _forward_backward(run: _BatchRun, state: _HookState, path: torch.Tensor) -> 
     handles = [m.register_forward_hook(lambda mod, inp, o, name=name: state.on_forward(name, o))
                for name, m in run.modules.items()]
     try:
-        kwargs = {"inputs_embeds": path, "attention_mask": run.mask.repeat_interleave(S, dim=0)}
-        if run.types is not None:
-            kwargs["token_type_ids"] = run.types.repeat_interleave(S, dim=0)
+        types = run.types.repeat_interleave(S, dim=0) if run.types is not None else None
         settings = run.settings
-        with run.parameters or nullcontext(), compute_autocast(path.device, settings.dtype), \
-                first_token_only(run.model, settings.first_token_cut):
-            logits = run.model(**kwargs).logits
+        cut = settings.first_token_cut if run.bound.family == "classifier" else settings.last_token_cut
+        with run.parameters or nullcontext(), compute_autocast(path.device, settings.dtype):
+            logits = run.bound.logits(path, run.mask.repeat_interleave(S, dim=0), types, cut)
         if run.model.training:
             raise RuntimeError("the model was switched to training mode while fastnig.attribute ran (by another "
                                "thread?): its dropout would change the attributions; keep it in eval mode meanwhile")
@@ -493,7 +501,7 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
             target = scratch if replay else sums
             path = path_at(start, stop)
             state = _HookState(P, S, run.lengths, op_rule, target.out, carries, token_segments, target.coarse,
-                               start)
+                               start, enc.read_segment if segments else None)
             f = _forward_backward(run, state, path)
             path4 = path.detach().unflatten(0, (P, S))
             grad4 = path.grad.unflatten(0, (P, S))

@@ -91,12 +91,16 @@ def tokenize_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, chunk: int
     return rows
 
 
-def pad_rows(rows: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad token rows to the longest: ``input_ids`` with ``pad_id``, the rest with 0; each ``[batch, tokens]``."""
+def pad_rows(rows: Sequence[Dict[str, List[int]]], pad_id: int, side: str = "right") -> Dict[str, torch.Tensor]:
+    """Pad token rows to the longest on ``side`` (``"right"`` or ``"left"``): ``input_ids`` with ``pad_id``,
+    the rest with 0; each ``[batch, tokens]``."""
     width = max(len(r["input_ids"]) for r in rows)
-    return {key: torch.tensor([r[key] + [pad_id if key == "input_ids" else 0] * (width - len(r[key])) for r in rows],
-                              dtype=torch.long)
-            for key in rows[0]}
+
+    def padded(row, key):
+        fill = [pad_id if key == "input_ids" else 0] * (width - len(row[key]))
+        return fill + row[key] if side == "left" else row[key] + fill
+
+    return {key: torch.tensor([padded(r, key) for r in rows], dtype=torch.long) for key in rows[0]}
 
 
 def pad_token_id(tokenizer) -> int:
@@ -120,34 +124,41 @@ class EncodedBatches:
             ``[batch, tokens]`` int64.
         rows: per batch, ``[batch]`` int64 positions of its pairs in the input order.
         num_pairs: number of pairs.
+        ranker: the bound ranker (:class:`fastnig.engine.rankers.BoundRanker`) the
+            pairs were laid out by and are scored with; ``None``: a cross-encoder's
+            own pair encoding, scored by its classification head.
     """
 
     batches: List[Dict[str, torch.Tensor]]
     rows: List[torch.Tensor]
     num_pairs: int
+    ranker: object = None
 
     def to(self, device) -> "EncodedBatches":
         return EncodedBatches([{k: v.to(device) for k, v in b.items()} for b in self.batches],
-                              self.rows, self.num_pairs)
+                              self.rows, self.num_pairs, self.ranker)
 
 
-def encode_batches(tokenizer, pairs: Sequence[Pair], max_length: int = 512, batch_size: int = 32
-                   ) -> EncodedBatches:
-    """Tokenise every pair once (:func:`tokenize_pairs`) into batches of similar length.
+def encode_batches(tokenizer, pairs: Sequence[Pair], max_length: int = 512, batch_size: int = 32,
+                   ranker=None) -> EncodedBatches:
+    """Tokenise every pair once into batches of similar length: the cross-encoder's pair encoding
+    (:func:`tokenize_pairs`), or with a bound ``ranker`` its layout (``ranker.rows``, padded on
+    ``ranker.padding_side()``).
 
     Pairs are sorted by length so that a batch holds pairs of similar length
     (less padding; the scores do not depend on the batching beyond float rounding).
     """
     check_int("max_length", max_length, 4, " (tokens)")
     check_int("batch_size", batch_size, 1, " (pairs per forward pass)")
-    encoded = tokenize_pairs(tokenizer, pairs, max_length)
+    encoded = ranker.rows(pairs, max_length) if ranker is not None else tokenize_pairs(tokenizer, pairs, max_length)
+    side = ranker.padding_side() if ranker is not None else "right"
     order = sorted(range(len(pairs)), key=lambda i: len(encoded[i]["input_ids"]))
     batches, rows = [], []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batches.append(pad_rows([encoded[i] for i in idx], pad_token_id(tokenizer)))
+        batches.append(pad_rows([encoded[i] for i in idx], pad_token_id(tokenizer), side))
         rows.append(torch.tensor(idx, dtype=torch.long))
-    return EncodedBatches(batches, rows, len(pairs))
+    return EncodedBatches(batches, rows, len(pairs), ranker)
 
 
 # ------------------------------------------------------------------ the input
@@ -159,7 +170,10 @@ class EncodedPairs:
     changes) and, when the model takes them, ``token_type_ids``: ``[P, T]``;
     ``lengths``: ``[P]``; ``segments``: ``[P, T]`` int64 index into
     :data:`SEGMENTS` of each real token (0 query, 1 passage, 2 special: the
-    tokenizer's special-token mask, or no sequence id), -1 on padding.
+    tokenizer's special-token mask, or no sequence id), -1 on padding;
+    ``read_segment``: ``[P]`` the segment of outputs that keep one token per
+    pair (the position the score is read at: [CLS] for a cross-encoder, the
+    last real token for a decoder, the decoder step for monoT5).
     """
 
     input_ids: torch.Tensor
@@ -168,6 +182,7 @@ class EncodedPairs:
     replace: torch.Tensor
     lengths: torch.Tensor
     segments: Optional[torch.Tensor] = None
+    read_segment: Optional[torch.Tensor] = None
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: str,
@@ -208,7 +223,8 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: st
         replace[i, :n] = rep
         segments[i, :n] = segment
         lengths[i] = n
-    return EncodedPairs(input_ids, attention, types if use_token_type_ids else None, replace, lengths, segments)
+    return EncodedPairs(input_ids, attention, types if use_token_type_ids else None, replace, lengths, segments,
+                        read_segment=segments[:, 0])
 
 
 def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str, pad_id: Optional[int]

@@ -193,12 +193,14 @@ def _is_attributed_by_default(name: str) -> bool:
 
 
 def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
-                   include_pooler: bool = False) -> Dict[str, nn.Linear]:
+                   include_pooler: bool = False, exclude: Sequence[nn.Module] = ()) -> Dict[str, nn.Linear]:
     """The ``nn.Linear`` modules whose outputs are neurons (docs/method.md §4).
 
     By default every Linear of the encoder (``model.base_model``): the
     classification head is excluded, and so is the pooler unless
-    ``include_pooler``.  ``layers`` selects module names explicitly.
+    ``include_pooler``; so are the modules ``exclude`` (a ranker's vocabulary or
+    score head, e.g. T5's ``lm_head``, which sits inside its ``base_model``).
+    ``layers`` selects module names explicitly.
     """
     everything = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if layers is not None:
@@ -213,8 +215,9 @@ def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
         return {n: everything[n] for n in layers}
     base = getattr(model, "base_model", model)
     base_ids = {id(m) for m in base.modules()}
+    excluded = {id(m) for m in exclude}
     chosen = {n: m for n, m in everything.items()
-              if id(m) in base_ids and (include_pooler or _is_attributed_by_default(n))}
+              if id(m) in base_ids and id(m) not in excluded and (include_pooler or _is_attributed_by_default(n))}
     if not chosen:
         raise ValueError("the model has no nn.Linear module in its encoder to attribute")
     return chosen

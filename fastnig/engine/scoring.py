@@ -13,6 +13,7 @@ neuron sets or files.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .encoding import EncodedBatches, Pair, encode_batches
 from .first_token import first_token_only
-from .model import frozen_eval, model_device, resolve_max_length, unwrap
+from .model import frozen_eval, model_device, unwrap
+from .rankers import bind_ranker
 
 TARGETS = ("relevant", "non-relevant")
 OUTPUTS = ("probability", "logit")
@@ -83,7 +85,8 @@ def score_batches(model: nn.Module, encoded: EncodedBatches, *, output: str = "s
     """Score every encoded pair: ``output="score"`` (:func:`relevance_score`) or
     ``"probability"`` (:func:`relevance_probability`).
 
-    Runs in eval mode under ``inference_mode`` with the first-token cut.
+    Runs in eval mode under ``inference_mode`` with the first-token cut, or, for pairs encoded
+    by a ranker (``encoded.ranker``, :func:`fastnig.engine.encoding.encode_batches`), through it.
 
     Returns:
         float64 ``[num_pairs]`` in input order.  With ``partial`` (``encoded``
@@ -93,12 +96,18 @@ def score_batches(model: nn.Module, encoded: EncodedBatches, *, output: str = "s
     accepted = set(inspect.signature(model.forward).parameters)
     device = model_device(model)
     scores = (torch.zeros if partial else torch.empty)(encoded.num_pairs, dtype=torch.float64)
-    with frozen_eval(model), torch.inference_mode(), first_token_only(model):
+    bound = encoded.ranker
+    if bound is not None and bound.model is not model:
+        raise ValueError("the pairs were encoded for another model's ranker; encode them for this model")
+    with frozen_eval(model), torch.inference_mode(), first_token_only(model) if bound is None else nullcontext():
         for batch, rows in tqdm(list(zip(encoded.batches, encoded.rows)), desc=desc, unit="batch",
                                 disable=not progress, leave=False):
-            inputs = {k: v.to(device) for k, v in batch.items() if k in accepted}
-            out = model(**inputs)
-            logits = out.logits if hasattr(out, "logits") else out[0]
+            inputs = {k: v.to(device) for k, v in batch.items() if k in accepted or bound is not None}
+            if bound is not None:
+                logits = bound.score_logits(inputs)
+            else:
+                out = model(**inputs)
+                logits = out.logits if hasattr(out, "logits") else out[0]
             scores[rows] = to_score(logits).double().cpu()
     if not torch.isfinite(scores).all():
         raise ValueError("the model produced NaN/Inf scores for some pairs (overflow in a low-precision "
@@ -108,13 +117,20 @@ def score_batches(model: nn.Module, encoded: EncodedBatches, *, output: str = "s
 
 def score_pairs(model: nn.Module, tokenizer, pairs: Sequence[Pair], *, output: str = "score",
                 max_length: Optional[int] = None, batch_size: int = 32, progress: bool = False,
-                desc: str = "score") -> np.ndarray:
+                desc: str = "score", ranker=None) -> np.ndarray:
     """float64 ``[len(pairs)]`` scores of (query, passage) pairs, in input order
-    (:func:`encode_batches` + :func:`score_batches`; ``max_length``: :func:`resolve_max_length`)."""
+    (:func:`encode_batches` + :func:`score_batches`; ``max_length``:
+    :func:`fastnig.engine.model.resolve_max_length`; ``ranker``: as for :func:`fastnig.attribute`)."""
     model, tokenizer = unwrap(model, tokenizer)
-    max_length = resolve_max_length(model, tokenizer, max_length)
-    return score_batches(model, encode_batches(tokenizer, list(pairs), max_length, batch_size), output=output,
-                         progress=progress, desc=desc)
+    bound = bind_ranker(ranker, model, tokenizer)
+    encoded = encode_batches(tokenizer, list(pairs), bound.max_length(max_length), batch_size, scoring_ranker(bound))
+    return score_batches(model, encoded, output=output, progress=progress, desc=desc)
+
+
+def scoring_ranker(bound):
+    """What :func:`encode_batches` is given for a bound ranker: ``None`` for a cross-encoder with its own
+    pair encoding (scored as it always was, :func:`score_batches` with the first-token cut), else ``bound``."""
+    return None if bound.family == "classifier" and not bound.uses_template else bound
 
 
 # --------------------------------------------------------------------------- F

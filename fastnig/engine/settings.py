@@ -84,6 +84,10 @@ class AttributionSettings:
         first_token_cut: run the last layer past self-attention on the first
             token only where the head reads just that token (exact, faster;
             :func:`fastnig.engine.first_token.first_token_only`).
+        last_token_cut: for decoder rankers (``yes_no``, ``last_token_classifier``),
+            run the last layer's attention output projection and MLP on the
+            scored (last real) token only (exact, faster;
+            :func:`fastnig.engine.last_token.last_token_only`).
         segments: also split each neuron's NIG by the segment of the token it
             flows through (query, passage, special) into ``Attributions.segment_scores``.
     """
@@ -102,6 +106,7 @@ class AttributionSettings:
     include_pooler: bool = False
     dtype: Optional[torch.dtype] = None
     first_token_cut: bool = True
+    last_token_cut: bool = True
     segments: bool = False
 
     def __post_init__(self) -> None:
@@ -125,7 +130,7 @@ class AttributionSettings:
         check_int("pair_batch", self.pair_batch, 1)
         if self.max_length is not None:
             check_int("max_length", self.max_length, 4, " (tokens)")
-        for name in ("include_pooler", "first_token_cut", "segments"):
+        for name in ("include_pooler", "first_token_cut", "last_token_cut", "segments"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.layers is not None:
@@ -165,7 +170,7 @@ class AttributionSettings:
 
         ``max_length`` is the resolved one (:func:`fastnig.engine.model.resolve_max_length`).
         The settings that do not change the result beyond float rounding (``step_batch``,
-        ``pair_batch``, ``first_token_cut``) and the selection of layers (a scheme's
+        ``pair_batch``, ``first_token_cut``, ``last_token_cut``) and the selection of layers (a scheme's
         neurons) are not in it; ``tolerance`` / ``max_steps`` only with ``steps="auto"``,
         ``segments`` only when on, so that records compare as before they existed.
         """
