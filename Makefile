@@ -8,7 +8,7 @@ DEPS := $(VENV)/.fastnig-deps
 # unpinned requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install check-wheel test test-fast lint demo bench clean
+.PHONY: install check-wheel test test-fast lint demo bench bench-explorer browser clean
 
 $(DEPS): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,25 @@ check-wheel: $(DEPS)
 	$(BIN)/python -m pip install -q --no-deps --target build/check-wheel/target build/check-wheel/wheels/fastnig-*.whl
 	cd build/check-wheel/cwd && PYTHONPATH=$(CURDIR)/build/check-wheel/target $(CURDIR)/$(BIN)/python $(CURDIR)/.ci/wheel_smoke.py $(CURDIR)/build/check-wheel/target
 
+# Headless Chromium for the browser tests (tests/test_browser.py: the explorer and the report as a browser
+# shows them): Debian's package, installed once (as root, or with sudo) and never downloaded by a tool.
+# Without it the browser tests skip locally and fail under CI (CI=true).
+CHROMIUM := $(VENV)/.fastnig-chromium
+$(CHROMIUM):
+	@mkdir -p $(VENV)
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "note: no Chromium and no root to install it (apt-get install chromium): the browser tests will skip" \
+		"(and fail under CI)"; exit 0; fi
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && touch $@ || true
+
+browser: $(CHROMIUM)
+
 # Everything (~15 min on 2 cores), and the fast lane: in-process tests only, the layer contract and
 # ruff included (under a minute once installed).
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/pytest -q tests
 
 test-fast: install
@@ -55,6 +71,10 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/throughput/bench_attribute.py
+
+# the explorer's size and time-to-interactive budgets (docs/explorer.md)
+bench-explorer: install $(CHROMIUM)
+	$(BIN)/python bench/explorer/bench_explorer.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

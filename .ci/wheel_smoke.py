@@ -24,7 +24,9 @@ for module in (fastnig, fastnig.engine._C):
     assert target in where.parents, f"{module.__name__} was imported from {where}, not from {target}"
 package = resources.files("fastnig")
 for name in ("data/collections/cran.tar.gz", "data/collections/med.tar.gz", "data/collections/checksums.json",
-             "study/configs/demo.yaml", "study/configs/paper.yaml", "report/reference/paper.json"):
+             "study/configs/demo.yaml", "study/configs/paper.yaml", "report/reference/paper.json",
+             "report/explorer_assets/explorer.html", "report/explorer_assets/explorer.js",
+             "report/explorer_assets/explorer.css"):
     assert package.joinpath(name).is_file(), f"{name} is missing from the wheel"
 from fastnig.data.packaged import packaged_archive
 

@@ -14,6 +14,9 @@ here imports from ``tests/``.
   offline from a fixed word list and a randomly initialised BERT
   cross-encoder of any shape (the real architecture, random weights), for the
   throughput benchmarks: nothing is downloaded.
+* :func:`make_word_tokenizer`: a word-level fast tokenizer with T5's or Qwen's
+  special tokens (a copy of ``tests/tiny_models.py``'s), for the generative
+  rankers of ``throughput/bench_rankers.py``.
 """
 from __future__ import annotations
 
@@ -168,3 +171,32 @@ def make_model(num_labels: int = 2, hidden: int = 32, layers: int = 2, heads: in
                         intermediate_size=intermediate, max_position_embeddings=max_positions,
                         vocab_size=vocab_size, num_labels=num_labels, initializer_range=init_range)
     return tf.BertForSequenceClassification(cfg).to(torch.float32).eval()
+
+
+# ------------------------------------------------ generative rerankers (issue 23)
+SPECIAL_WORDS = ["<pad>", "</s>", "<unk>", "<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                 "</think>"]
+TEMPLATE_WORDS = "query document relevant true false yes no system user assistant judge whether meets".split()
+
+
+def make_word_tokenizer(kind: str = "t5"):
+    """A word-level fast tokenizer built offline with ``tokenizers`` (a copy of the tests' builder):
+    lower-cased words of :data:`WORDS` and punctuation, with the special tokens of T5 (``kind="t5"``:
+    ``</s>`` appended, pad ``<pad>`` = 0) or Qwen (``"qwen"``: the chat markers, pad ``<|endoftext|>``,
+    nothing appended).  Words outside the list become ``<unk>`` (one token each)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys(SPECIAL_WORDS + sorted(set(WORDS + TEMPLATE_WORDS))
+                               + list(string.ascii_lowercase) + list(".,;:?!'\"()-/%<>")))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(SPECIAL_WORDS)
+    if kind == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    if kind == "qwen":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                       unk_token="<unk>", padding_side="left")
+    raise ValueError(kind)

@@ -35,23 +35,25 @@ from .engine.loading import ModelUnavailable
 from .engine.model import linear_modules
 from .engine.rankers import UnsupportedModel
 from .engine.scoring import relevance_probability, target_function
+from .engine.units import Unit
 from .evaluation.pruning import PruningBenchmark, evaluate_pruning, prune, pruned, random_like
 from .evaluation.reranking import Candidates, build_candidates, ndcg_at_k
 from .evaluation.table4 import PruningTable
 from .neurons.fusion import fuse, fuse_all
 from .neurons.scheme import Scheme
 from .neurons.sets import COMPONENTS, NeuronSet, component, intersection, layer_index, neuron_universe, union
-from .training.demo_model import load_cross_encoder
+from .study.explore import explore
+from .training.demo_model import load_cross_encoder, load_ranker
 
 __all__ = [
     "Attributions", "attribute", "linear_modules", "relevance_probability", "target_function",
-    "accumulate_conductance", "accumulate_conductance_ref", "load_cross_encoder", "ModelUnavailable",
-    "UnsupportedModel",
+    "accumulate_conductance", "accumulate_conductance_ref", "load_cross_encoder", "load_ranker", "ModelUnavailable",
+    "UnsupportedModel", "Unit",
     "DATASETS", "Collection", "DatasetUnavailable", "LabelledPair", "MissingJudgments", "filter_agreeing",
     "load_collection", "sample_pairs",
     "COMPONENTS", "NeuronSet", "Scheme", "component", "fuse", "fuse_all", "intersection", "layer_index",
     "neuron_universe", "union",
     "Candidates", "PruningBenchmark", "PruningTable", "build_candidates", "evaluate_pruning", "ndcg_at_k", "prune",
-    "pruned", "random_like",
+    "pruned", "random_like", "explore",
 ]
 __version__ = "0.1.0"

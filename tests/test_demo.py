@@ -114,3 +114,27 @@ def test_report_shows_the_model_quality(tmp_path):
     assert len(lines) == 1
     assert "nDCG@10 **0.512**, BM25 0.499, random order 0.210" in lines[0]
     assert "68 held-out queries" in lines[0] and "fine-tuned 300 steps on the other 157 queries" in lines[0]
+
+
+def test_demo_report_and_explorer_in_a_real_browser(demo_run):
+    """The demo's own report.html and explorer.html, as headless Chromium shows them (tests/test_browser.py):
+    no column count mismatch, every figure loaded, no console error, no request; the explorer's views agree
+    with the scheme files and the report links to it."""
+    from browser_driver import Browser, find_chromium
+    from test_browser import check_explorer_page, check_report_page
+
+    from fastnig.study.explore import run_schemes, with_fusions
+
+    out, _ = demo_run
+    assert (out / "explorer.html").is_file()
+    assert "[explorer.html](explorer.html)" in (out / "report.md").read_text()
+    if not find_chromium():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("headless Chromium is not installed: under CI the browser tests must run")
+        pytest.skip("headless Chromium is not installed (apt-get install -y chromium; `make test` does it)")
+    schemes = run_schemes(out)
+    with Browser() as browser:
+        images = check_report_page(browser, out / "report.html")
+        assert len(images) >= 5
+        result = check_explorer_page(browser, out / "explorer.html", with_fusions(schemes))
+        assert result["page"].eval("document.querySelectorAll('#card .pair').length") > 0

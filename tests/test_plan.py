@@ -15,6 +15,8 @@ import yaml
 import fastnig
 from fastnig.study.plan import (
     ACCELERATORS,
+    EXPECTED_PREFIX_WORK,
+    EXPECTED_REPETITIONS,
     KNOWN_SHAPES,
     ModelShape,
     accelerator_rate,
@@ -42,16 +44,28 @@ def test_paper_plan_counts_equal_hand_computed_numbers(no_network):
     # Table 1: the agreement filter over the relevant pairs, then input + 4 baselines.
     assert stages["Table 1 baselines"].sequences == ana["baseline_pairs"] * 6
     candidates = pru["queries"] * (pru["depth"] + 1)
-    runs = 1 + len(pru["sets"]) * len(pru["levels"]) * (1 + pru["repetitions"])
+    # Every one of the 50 random repetitions and full forwards (the plan before the adaptive rule): stated too.
+    assert pru["repetitions"]["max"] == 50 and pru["repetitions"]["stop_when"]
+    runs = 1 + len(pru["sets"]) * len(pru["levels"]) * (1 + pru["repetitions"]["max"])
     assert (candidates, runs) == (4200, 1531)
-    assert stages["pruning reranking"].sequences == len(pru["validation"]) * candidates * runs == 38_581_200
+    per_forward = 2 * 301_989_888 * 512 + 4 * 24 * 512 ** 2 * 1024
+    assert plan.fixed_pruning_flops == len(pru["validation"]) * candidates * runs * per_forward
+    assert len(pru["validation"]) * candidates * runs == 38_581_200
+    # Expected: the adaptive rule's measured repetitions per row, pruned forwards at the measured layer share.
+    pruned_runs = 30 * (1 + EXPECTED_REPETITIONS)
+    assert plan.adaptive and plan.expected_repetitions == EXPECTED_REPETITIONS
+    assert stages["pruning reranking"].sequences == round(6 * 4200 * (1 + pruned_runs))
+    assert stages["pruning reranking"].flops == pytest.approx(
+        6 * 4200 * (1 + pruned_runs * EXPECTED_PREFIX_WORK) * per_forward)
     # BERT-large: 24 x (4 x 1024 + 4096 + 1024) neurons (docs/method.md §4), 24 x (4 d^2 + 2 d f) Linear weights.
     assert plan.shape.neurons == 221_184
     assert plan.shape.linear_params == 24 * (4 * 1024 ** 2 + 2 * 1024 * 4096) == 301_989_888
-    per_forward = 2 * 301_989_888 * 512 + 4 * 24 * 512 ** 2 * 1024
     assert plan.shape.forward_flops(512) == per_forward == 335_007_449_088
     assert stages["NIG path"].flops == 3 * 1_414_000 * per_forward
-    assert plan.total_flops == pytest.approx(per_forward * (14_000 + 3 * 1_414_000 + 6_000 + 38_581_200))
+    before = per_forward * (14_000 + 3 * 1_414_000 + 6_000 + 38_581_200)
+    assert plan.fixed_total_flops == pytest.approx(before)
+    assert plan.total_flops == pytest.approx(before - plan.fixed_pruning_flops + stages["pruning reranking"].flops)
+    assert plan.total_flops < before
     # Shorter pairs: token rows and the quadratic attention term scale down.
     short = plan_config("paper", tokens=128)
     assert short.attribution_tokens == 128 and short.shape.forward_flops(128) < per_forward / 4

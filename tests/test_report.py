@@ -89,7 +89,7 @@ def test_report_reads_top_down(fixture_run):
     page = paths["html"].read_text()
     assert page.index("What was found") < page.index("Reproduction scorecard") < page.index("<figure>") \
         < page.index("<h2>Settings</h2>") < page.index("<h2>Timings</h2>")
-    assert "<ul><li><b>Reproduction scorecard</b>" in page
+    assert "<li><strong>Reproduction scorecard</strong>" in page
 
 
 def _zero_run(fixture_run, tmp_path):

@@ -440,6 +440,7 @@ def test_a_run_killed_by_a_signal_resumes_to_the_uninterrupted_scheme(tmp_path):
     assert resumed.pair_ids == whole.pair_ids and resumed.num_dropped == CHUNKS
     for m in SIZES:
         assert torch.equal(resumed.sum[m], whole.sum[m])
+    assert resumed.exemplars.same_as(whole.exemplars, resumed.pair_ids, whole.pair_ids)  # docs/explorer.md
     assert len(list(tmp_path.iterdir())) == 2  # no leftovers
 
 

@@ -128,7 +128,7 @@ def test_cli_segments_flag_reaches_attribute_dataset(monkeypatch):
     assert build_parser().parse_args(argv).segments is False
     args = build_parser().parse_args(argv + ["--segments"])
     seen = {}
-    monkeypatch.setattr(attribute_cmd, "load_cross_encoder", lambda *a, **k: (None, None))
+    monkeypatch.setattr(attribute_cmd, "load_ranker", lambda *a, **k: (None, None))
     monkeypatch.setattr(attribute_cmd, "load_collection", lambda spec: spec)
     monkeypatch.setattr(attribute_cmd, "attribute_dataset", lambda *a, **k: seen.update(k) or _four()[0])
     assert attribute_cmd.run(args) == 0 and seen["settings"].segments is True

@@ -16,11 +16,11 @@ import sys
 import traceback
 from typing import List, Optional
 
-from . import analyze_cmd, attribute_cmd, compare_cmd, doctor_cmd, prune_cmd, run_cmd
+from . import analyze_cmd, attribute_cmd, circuit_cmd, compare_cmd, doctor_cmd, explore_cmd, prune_cmd, run_cmd
 from .usage import is_user_error
 
 # Subcommand modules, in pipeline order; the installation check last.
-_COMMANDS = (attribute_cmd, analyze_cmd, prune_cmd, run_cmd, compare_cmd, doctor_cmd)
+_COMMANDS = (attribute_cmd, analyze_cmd, prune_cmd, run_cmd, compare_cmd, explore_cmd, circuit_cmd, doctor_cmd)
 
 _DEBUG_HELP = "on an error, print the full traceback (also for bad input, which is otherwise one line)"
 

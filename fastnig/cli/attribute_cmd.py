@@ -8,10 +8,11 @@ import torch
 
 from ..data import NEGATIVES, label_mapping, load_collection
 from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
+from ..engine.rankers import FAMILIES, ranker_from_spec
 from ..engine.settings import AttributionSettings
 from ..neurons.stability import StopRule
 from ..study.attribution_job import ResumeRefused, attribute_dataset
-from ..training.demo_model import load_cross_encoder
+from ..training.demo_model import load_ranker
 from .usage import UsageError
 
 DESCRIPTION = """\
@@ -54,6 +55,10 @@ def register(sub) -> None:
     p = sub.add_parser("attribute", help="attribute one dataset/label into a scheme file",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face id, local folder, or 'minilm-l6'")
+    p.add_argument("--ranker", choices=FAMILIES, default=None,
+                   help="how the model scores a pair (default: from its class; see docs/rankers.md)")
+    p.add_argument("--template", default=None, metavar="TEXT",
+                   help="the ranker's prompt, with {query} and {passage} (default: the family's)")
     p.add_argument("--dataset", required=True, help="dataset spec (see above)")
     p.add_argument("--label", required=True, choices=["relevant", "non-relevant"], help="which pairs to attribute")
     p.add_argument("--out", required=True, help="scheme path, e.g. runs/P_nf (writes P_nf.json + tensors)")
@@ -110,6 +115,16 @@ def parse_grades(text, option: str):
         raise UsageError(f"{option} {text!r}: give integer grades separated by commas, e.g. 2,3") from None
 
 
+def ranker_option(family, template):
+    """The ranker of ``--ranker`` / ``--template`` (``None``: from the model's class), or a :class:`UsageError`."""
+    if template is not None and family is None:
+        raise UsageError("--template needs --ranker (the family the template is for)")
+    try:
+        return ranker_from_spec({"family": family, "template": template} if template is not None else family)
+    except ValueError as exc:
+        raise UsageError(f"--template: {exc}") from None
+
+
 def run(args) -> int:
     relevant = parse_grades(args.relevant, "--relevant")
     nonrelevant = parse_grades(args.nonrelevant, "--nonrelevant")
@@ -135,12 +150,13 @@ def run(args) -> int:
     for option, value in (("--pairs", args.pairs), ("--chunk-pairs", args.chunk_pairs)):
         if value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
+    ranker = ranker_option(args.ranker, args.template)
     try:
         collection = load_collection(args.dataset)
     except (ValueError, TypeError) as exc:  # the spec's own checks (DatasetUnavailable is one too)
         raise UsageError(f"--dataset {args.dataset!r}: {exc}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_cross_encoder(args.model, device=device)
+    model, tokenizer = load_ranker(args.model, device=device)
     bm25_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "fastnig" / "bm25"
     try:
         scheme = attribute_dataset(
@@ -148,7 +164,7 @@ def run(args) -> int:
             negatives=args.negatives, relevance_threshold=args.relevance_threshold, relevant=relevant,
             nonrelevant=nonrelevant, bm25_cache_dir=bm25_dir,
             agreement_filter=not args.no_filter, chunk_pairs=args.chunk_pairs, settings=settings,
-            progress=not args.quiet, stop_when=stop_when)
+            progress=not args.quiet, stop_when=stop_when, ranker=ranker)
     except ResumeRefused as exc:  # the scheme already at --out was made another way
         raise UsageError(f"--out {args.out}: {exc}") from None
     if not args.quiet:

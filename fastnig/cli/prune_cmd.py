@@ -41,7 +41,8 @@ PROTOCOL
     p-value = two-tailed paired t-test over queries; significant if p <= 0.05
     random  = --repetitions random sets with as many neurons in every module
               (layer + component) as the set, averaged (mean, std, how many
-              repetitions were significant)
+              repetitions were significant); with --adaptive, as many of them
+              as the verdict needs (random_repetitions in table4.csv)
 
 NEURON SETS (--set, repeatable, in table order)
   NAME=SCHEME.json      a scheme written by `fastnig attribute` (P_x or N_x):
@@ -111,6 +112,10 @@ def register(subparsers) -> None:
                    help="first-stage (or BM25) passages per query, besides the relevant ones (default: 20)")
     p.add_argument("--repetitions", type=int, default=50, metavar="R",
                    help="random sets per neuron set and level (default: 50)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="draw the random sets of a row in rounds and stop as soon as their mean is known to "
+                        "+-0.25 nDCG points or the set-vs-random verdict is decided (at least 5, at most "
+                        "--repetitions; docs/method.md §8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the random sets (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="pairs per forward pass (default: 32)")
     p.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
@@ -255,6 +260,9 @@ def run(args) -> int:
                                ("--seed", args.seed, 0), ("--max-length", args.max_length or 4, 4)):
         if value < low:
             raise UsageError(f"{option} must be >= {low}, got {value}")
+    if args.adaptive and args.repetitions < 5:
+        raise UsageError(f"--adaptive draws at least 5 random sets per row; --repetitions is {args.repetitions}")
+    repetitions = {"max": args.repetitions, "stop_when": {}} if args.adaptive else args.repetitions
     levels = list(dict.fromkeys(float(x) for x in args.levels))
     bad = [x for x in levels if not 0 < x <= 100]
     if bad:
@@ -289,7 +297,7 @@ def run(args) -> int:
         datasets[spec] = candidates
         groups[spec] = label or default_group(spec)
 
-    table = evaluate_pruning(model, tokenizer, neuron_sets, datasets, groups=groups, repetitions=args.repetitions,
+    table = evaluate_pruning(model, tokenizer, neuron_sets, datasets, groups=groups, repetitions=repetitions,
                              seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
                              progress=progress)
     paths = table.write(args.out)

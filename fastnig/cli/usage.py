@@ -21,6 +21,7 @@ from typing import Tuple, Type
 from ..common import CorruptFile, MissingExtra, OutputLocked
 from ..data import DatasetUnavailable, MissingJudgments
 from ..engine.loading import ModelUnavailable
+from ..engine.rankers import UnsupportedModel
 from ..neurons.expressions import ExpressionError
 from ..report.run_folder import NotARunFolder
 from ..study.attribution_job import ResumeRefused
@@ -43,6 +44,7 @@ USER_ERRORS: Tuple[Type[BaseException], ...] = (
     OutputLocked,        # another fastnig job is writing the same output
     CorruptFile,         # a file fastnig wrote is truncated or damaged: the message names it
     ResumeRefused,       # the scheme at the output path was made another way: another path or the same options
+    UnsupportedModel,    # no ranker family handles the model: the message lists the families
 )
 """Exception types printed as one line with exit code 2 (with ``--debug``: also their traceback)."""
 

@@ -13,12 +13,12 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..common import check_int
 from ..engine.model import check_model, move_model
-from ..engine.scoring import score_pairs
+from ..engine.two_tower import agreement_probabilities
 from .records import LabelledPair
 
 
 def filter_agreeing(model, tokenizer, pairs: Iterable[LabelledPair], *, batch_size: int = 32,
-                    max_length: Optional[int] = None, device=None, progress: bool = True
+                    max_length: Optional[int] = None, device=None, progress: bool = True, ranker=None
                     ) -> Tuple[List[LabelledPair], Dict[str, Any]]:
     """Keep the pairs whose model prediction agrees with their label (docs/method.md §6).
 
@@ -38,6 +38,9 @@ def filter_agreeing(model, tokenizer, pairs: Iterable[LabelledPair], *, batch_si
         device: where to run; ``None`` = the model's device (the model is moved
             there otherwise, as :func:`fastnig.attribute` does).
         progress: show a tqdm bar.
+        ranker: how the model scores a pair (as for :func:`fastnig.attribute`; ``None``:
+            from the model's class): P(relevant) is the ranker's P(true) / P(yes) for
+            generative rerankers.
 
     Returns:
         ``(kept, report)``: the agreeing pairs in input order, and a
@@ -57,9 +60,10 @@ def filter_agreeing(model, tokenizer, pairs: Iterable[LabelledPair], *, batch_si
     if max_length is not None:
         check_int("max_length", max_length, 8, " (tokens)")
     move_model(model, device)
-    probabilities: List[float] = score_pairs(
-        model, tokenizer, [p.text_pair for p in pairs], output="probability", max_length=max_length,
-        batch_size=batch_size, progress=progress, desc="agreement filter").tolist()
+    # P(relevant); for a two-tower ranker (a score without a probability) σ(s(q, d) - s(q, "")): docs/method.md §6.1
+    probabilities: List[float] = agreement_probabilities(
+        model, tokenizer, [p.text_pair for p in pairs], max_length=max_length, batch_size=batch_size,
+        progress=progress, ranker=ranker)
 
     kept: List[LabelledPair] = []
     dropped: List[List[str]] = []

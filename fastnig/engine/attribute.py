@@ -59,6 +59,8 @@ from .quadrature import (
 from .rankers import BoundRanker, Ranker, bind_ranker
 from .scoring import TargetSpec, normalize_targets, target_function
 from .settings import AttributionSettings
+from .two_tower import attributed_by
+from .units import CONTEXT, Unit, engine_target, relabel, split_head_scores
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Attributions:
     steps_used: Optional[torch.Tensor] = None
     segment_scores: Optional[Dict[str, torch.Tensor]] = None
     error_estimate: Optional[Dict[str, torch.Tensor]] = None
+    head_scores: Optional[Dict[str, torch.Tensor]] = None  # heads=True: output projection -> [pairs, heads]
+    head_segment_scores: Optional[Dict[str, torch.Tensor]] = None  # heads and segments: [pairs, 3, heads]
 
     @property
     def num_pairs(self) -> int:
@@ -128,7 +132,8 @@ class _HookState:
 
     ``out[name]``: ``[P, features]`` accumulators (``[P, 3, features]`` with
     ``segments``, the ``[P, T]`` ids of :attr:`EncodedPairs.segments`),
-    ``carries[name]``: the previous chunk's last point; both live on the module's device.
+    ``carries[(name, call)]``: the previous chunk's last point of each call of the module in a
+    forward; both live on the module's device.
     ``coarse[name]``: accumulators of ``out``'s shape for the half-step trapezoid
     sum (``rule="richardson"``), else ``None``; ``rule`` is the op's rule (:func:`kernel_rule`).
     ``first_point``: the global index of the chunk's first path point, given to the op
@@ -137,62 +142,72 @@ class _HookState:
     fp16 compute the ``[P, S]`` powers of two that undo each path point's gradient scale
     (:func:`_gradient_scale`), applied in float32 before the op.
 
+    A module called several times in a forward (a shared tower, a tied Linear) gets per call its own
+    activation, gradient and carry (keyed by the call's index); all calls add into ``out[name]``
+    (docs/method.md §5), each with the layout of the tower running (``tower_of()`` indexes
+    :attr:`EncodedPairs.towers`: ``(lengths, segments)``), else the pair's.
+
     The forward hooks act only in the thread that made the state (the one running
     :func:`attribute`): another thread's forward of the same model passes them untouched.
     """
 
     def __init__(self, pairs: int, steps_in_chunk: int, lengths: torch.Tensor, rule: str,
-                 out: Dict[str, torch.Tensor], carries: Dict[str, Carry],
+                 out: Dict[str, torch.Tensor], carries: Dict[Tuple[str, int], Carry],
                  segments: Optional[torch.Tensor] = None, coarse: Optional[Dict[str, torch.Tensor]] = None,
-                 first_point: int = 0, read_segment: Optional[torch.Tensor] = None):
+                 first_point: int = 0, read_segment: Optional[torch.Tensor] = None,
+                 towers: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None, tower_of=None):
         self.pairs, self.steps, self.lengths, self.rule = pairs, steps_in_chunk, lengths, rule
         self.first_point = first_point
         self.thread = threading.get_ident()
         self.unscale: Optional[torch.Tensor] = None
         self.segments, self.coarse, self.read_segment = segments, coarse, read_segment
-        # segment ids of outputs of T tokens: the first T tokens' (T = 1: the scored position's,
-        # EncodedPairs.read_segment: [CLS] for a cross-encoder, the last real token for a decoder)
-        self.segments_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
-        # real tokens per pair for outputs of T tokens on a device (T = 1 past the first-token cut
-        # and for [batch, features] outputs such as the pooler's)
-        self.lengths_for: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self.towers, self.tower_of = towers, tower_of
+        self.layouts: Dict[Tuple[object, int, torch.device], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self.out, self.carries = out, carries
-        self.activations: Dict[str, torch.Tensor] = {}
+        self.calls: Dict[str, int] = {}  # calls of each module so far in this forward
+        self.activations: Dict[Tuple[str, int], Tuple[torch.Tensor, Optional[int]]] = {}
 
     def on_forward(self, name: str, output: torch.Tensor) -> None:
         if threading.get_ident() != self.thread or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        if name in self.activations:
-            raise RuntimeError(f"module {name} ran twice in one forward pass; fastnig attributes each Linear once")
         if output.dim() not in (2, 3):
             raise ValueError(f"layer {name}: expected a [batch, tokens, features] or [batch, features] output, "
                              f"got {tuple(output.shape)}")
-        self.activations[name] = output
-        output.register_hook(lambda grad, name=name: self.on_grad(name, grad))
+        call = self.calls.get(name, 0)
+        self.calls[name] = call + 1
+        tower = self.tower_of() if self.tower_of is not None else None
+        key = (name, call)
+        self.activations[key] = (output, tower)
+        output.register_hook(lambda grad, key=key: self.on_grad(key, grad))
 
-    def on_grad(self, name: str, grad: torch.Tensor) -> None:
-        a = self.activations.pop(name)
+    def _layout(self, tower: Optional[int], tokens: int, device: torch.device):
+        """``(real tokens [P], segment ids [P, tokens] or None)`` of an output of ``tokens`` tokens made by ``tower``
+        (``None``: the pair's first ``tokens``; T = 1 past the first-token cut and for a pooler's ``[batch,
+        features]``: the scored position's segment, ``read_segment``), cached per device."""
+        key = (tower, tokens, device)
+        if key not in self.layouts:
+            lengths, ids = (self.lengths, self.segments) if tower is None else self.towers[tower]
+            if self.segments is None:
+                ids = None
+            elif tokens == 1 and self.read_segment is not None and tower is None:
+                ids = self.read_segment[:, None]
+            self.layouts[key] = (lengths.to(device).clamp(max=tokens),
+                                 None if ids is None else ids[:, :tokens].to(device).contiguous())
+        return self.layouts[key]
+
+    def on_grad(self, key: Tuple[str, int], grad: torch.Tensor) -> None:
+        name = key[0]
+        a, tower = self.activations.pop(key)
         if a.dim() == 2:  # [batch, features] (a pooler): one "token" per pair
             a, grad = a.unsqueeze(1), grad.unsqueeze(1)
         a4 = a.unflatten(0, (self.pairs, self.steps))
         g4 = grad.unflatten(0, (self.pairs, self.steps))
         if self.unscale is not None:  # fp16: exact powers of two, undone in float32
             a4, g4 = _unscaled(a4, g4, self.unscale)
-        carry = self.carries.get(name)
+        carry = self.carries.get(key)
         if carry is None:
-            carry = self.carries[name] = Carry.like(a4, coarse=self.coarse is not None)
-        tokens = a4.shape[2]
-        key = (tokens, a4.device)
-        lengths = self.lengths_for.get(key)
-        if lengths is None:
-            lengths = self.lengths_for[key] = self.lengths.to(a4.device).clamp(max=tokens)
-        segments = None
-        if self.segments is not None:
-            segments = self.segments_for.get(key)
-            if segments is None:
-                one = tokens == 1 and self.read_segment is not None
-                segments = self.read_segment[:, None] if one else self.segments[:, :tokens]
-                segments = self.segments_for[key] = segments.to(a4.device).contiguous()
+            carry = self.carries[key] = Carry.like(a4, coarse=self.coarse is not None)
+        lengths, segments = self._layout(tower if self.towers is not None else None, a4.shape[2], a4.device)
         accumulate_conductance(a4, g4, lengths, self.out[name], carry, self.rule, ENGINE_CPU_KERNEL_THREADS,
                                segments=segments, coarse_out=self.coarse[name] if self.coarse is not None else None,
                                first_point=self.first_point)
@@ -281,7 +296,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     if overrides:
         settings = settings.replace(**overrides)
     pairs = validate_pairs(pairs)
-    targets = normalize_targets(target, len(pairs))
+    unit = target if isinstance(target, Unit) else None  # conditional NIG (fastnig.engine.units)
+    targets = normalize_targets("relevant" if unit is not None else target, len(pairs))
     model, tokenizer = unwrap(model, tokenizer)
     input_embeddings(check_model(model))
     if device is None:
@@ -290,13 +306,14 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
         tokenizer = load_tokenizer(model)
     bound = bind_ranker(ranker, model, tokenizer)
     embeddings = bound.embeddings
-    modules = bound.modules(settings.layers, settings.include_pooler)
+    settings, modules = attributed_by(bound, settings)  # two-tower: F = ±score, SPLADE's vocabulary units
     max_length = bound.max_length(settings.max_length)
     move_model(model, device)
     device = single_device(model)
     weights = check_compute_dtype(model, settings.dtype)
     parameters = detached_parameters(model)
     fp16 = torch.float16 in (settings.dtype, weights)
+    bound, modules, settings = engine_target(bound, modules, settings, unit, pairs[0], max_length, device)
 
     steps, rule, segments = settings.steps, settings.rule, settings.segments
     levels = auto_step_levels(settings.max_steps) if steps == "auto" else [steps]
@@ -328,7 +345,8 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
                 if chunk in (None, "auto"):
                     chunk = auto_step_batch(model, modules, enc.input_ids.shape[1], len(pending), device,
                                             settings.dtype, first_token_cut=settings.first_token_cut,
-                                            coarse=uses_coarse(rule))
+                                            coarse=uses_coarse(rule), token_heads=getattr(bound, "token_heads",
+                                                                                          dict)())
                 relevant = torch.tensor([targets[i] == "relevant" for i in pending], device=device)
                 run = _BatchRun(bound, modules, settings, enc, relevant, device, parameters, fp16)
                 out, nig_in, f_in, f_b, err = _attribute_batch(run, embeddings, bound.pad_id, alphas,
@@ -339,7 +357,7 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
                 if level == levels[-1]:
                     done = torch.ones(len(pending), dtype=torch.bool)
                 else:
-                    sums = {n: o.sum(dim=1) if segments else o for n, o in out.items()}
+                    sums = {n: o.sum(dim=1) if segments else o for n, o in out.items() if CONTEXT not in n}
                     done = auto_converged(nig_in - (f_in - f_b), f_in, f_b, settings.tolerance,
                                           top_error(sums, err) if err is not None else None)
                 idx = torch.tensor(pending)[done]
@@ -366,13 +384,15 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
     if segments:  # the token sum is the sum over segments: exact, and one accumulator per layer
         segment_scores = scores
         scores = {n: value.sum(dim=1) for n, value in segment_scores.items()}
+    heads = split_head_scores(scores, segment_scores, errors, modules) if settings.heads else (None, None)
     delta = input_nig - (f_input - f_base)
     target_name = targets[0] if len(set(targets)) == 1 else "per-pair"
     record = settings.record(model, target=target_name, max_length=max_length)
     if bound.family != "classifier" or bound.uses_template:  # a classifier's records compare as before
         record["ranker"] = bound.ranker.describe()
+    targets = relabel(record, unit, targets)
     return Attributions(scores, delta.float(), f_input.float(), f_base.float(), targets, num_tokens, record,
-                        steps_used, segment_scores, errors)
+                        steps_used, segment_scores, errors, *heads)
 
 
 @dataclass
@@ -426,7 +446,7 @@ def _forward_backward(run: _BatchRun, state: _HookState, path: torch.Tensor) -> 
         for h in handles:
             h.remove()
     if state.activations:
-        missing = ", ".join(sorted(state.activations)[:3])
+        missing = ", ".join(sorted({name for name, _ in state.activations})[:3])
         state.clear()
         raise RuntimeError(f"no gradient reached layer(s) {missing}: they do not influence the model output")
     return f.detach()
@@ -474,7 +494,7 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
     sums = _Sums(out, coarse, input_out, input_coarse)
     scratch: Optional[_Sums] = None  # where a replay's sums go (discarded)
     op_rule = kernel_rule(rule)
-    carries: Dict[str, Carry] = {}
+    carries: Dict[Tuple[str, int], Carry] = {}
     input_carry: Optional[Carry] = None
     f_in = torch.zeros(P, device=device)
     f_b = torch.zeros(P, device=device)
@@ -501,7 +521,8 @@ def _attribute_batch(run: _BatchRun, embeddings: nn.Module, pad_id: Optional[int
             target = scratch if replay else sums
             path = path_at(start, stop)
             state = _HookState(P, S, run.lengths, op_rule, target.out, carries, token_segments, target.coarse,
-                               start, enc.read_segment if segments else None)
+                               start, enc.read_segment if segments else None, enc.towers,
+                               getattr(run.bound, "current_tower", None))
             f = _forward_backward(run, state, path)
             path4 = path.detach().unflatten(0, (P, S))
             grad4 = path.grad.unflatten(0, (P, S))

@@ -173,7 +173,14 @@ class EncodedPairs:
     tokenizer's special-token mask, or no sequence id), -1 on padding;
     ``read_segment``: ``[P]`` the segment of outputs that keep one token per
     pair (the position the score is read at: [CLS] for a cross-encoder, the
-    last real token for a decoder, the decoder step for monoT5).
+    last real token for a decoder, the decoder step for monoT5);
+    ``towers``: for a two-tower ranker (:mod:`fastnig.engine.two_tower`), whose row is the
+    query's tokens followed by the passage's, per tower ``(lengths [P], segments [P, T_tower])``:
+    the real tokens and segment ids of the outputs of a Linear run by that tower (the hooks
+    read it per call, docs/method.md §5); ``None`` for single-input rankers.
+    ``baseline_ids``: ``[P, T]`` the ids the ``pad`` baselines embed, where the pad token is not one
+    id for the whole row (separate towers with their own vocabularies); ``None``: ``replace``
+    positions get the ranker's pad id.
     """
 
     input_ids: torch.Tensor
@@ -183,6 +190,8 @@ class EncodedPairs:
     lengths: torch.Tensor
     segments: Optional[torch.Tensor] = None
     read_segment: Optional[torch.Tensor] = None
+    towers: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    baseline_ids: Optional[torch.Tensor] = None
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, baseline: str,
@@ -234,7 +243,9 @@ def baseline_embeddings(embeddings: nn.Module, enc: EncodedPairs, baseline: str,
     ids = enc.input_ids.to(device)
     replace = enc.replace.to(device)
     x = embeddings(ids)
-    if baseline.startswith("pad"):
+    if baseline.startswith("pad") and enc.baseline_ids is not None:
+        x_base = embeddings(enc.baseline_ids.to(device))
+    elif baseline.startswith("pad"):
         x_base = embeddings(torch.where(replace, torch.full_like(ids, pad_id), ids))
     else:
         x_base = x * (~replace).unsqueeze(-1).to(x.dtype)

@@ -48,7 +48,8 @@ class ChunkMemory:
 
 
 def _encoder_shape(model: nn.Module) -> Tuple[int, int, int, int]:
-    """(hidden, intermediate, heads, layers) from the config (BERT and DistilBERT names), 0 when unknown."""
+    """(hidden, intermediate, heads, layers) from the config (BERT, DistilBERT and T5 names; a T5's decoder
+    layers counted with its encoder's), 0 when unknown."""
     config = getattr(model, "config", None)
 
     def first(*names):
@@ -57,13 +58,14 @@ def _encoder_shape(model: nn.Module) -> Tuple[int, int, int, int]:
             if isinstance(value, int):
                 return value
         return 0
-    return (first("hidden_size", "dim", "d_model"), first("intermediate_size", "hidden_dim", "ffn_dim"),
-            first("num_attention_heads", "n_heads"), first("num_hidden_layers", "n_layers"))
+    layers = first("num_hidden_layers", "n_layers") + first("num_decoder_layers")
+    return (first("hidden_size", "dim", "d_model"), first("intermediate_size", "hidden_dim", "ffn_dim", "d_ff"),
+            first("num_attention_heads", "n_heads", "num_heads"), layers)
 
 
 def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
                  dtype: Optional[torch.dtype] = None, first_token_cut: bool = True,
-                 coarse: bool = False) -> ChunkMemory:
+                 coarse: bool = False, token_heads: Optional[Mapping[str, nn.Linear]] = None) -> ChunkMemory:
     """The memory model of a path chunk: what one forward + backward of ``points`` path
     points of ``pairs`` pairs of ``tokens`` tokens holds at its peak (the start of backward).
 
@@ -91,6 +93,10 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     layer's activations and gradients at a time, and float32 carries.
     Calibrated on CPU against the allocator's peak (tests/test_engine_robustness.py):
     within 10 % on the MiniLM shape, SDPA or eager, float32 or bfloat16.
+
+    ``token_heads``: Linears outside the encoder that run on every token (SPLADE's vocabulary
+    projection, ``[points, tokens, vocab]``): their output (c) and the float32 log(1 + relu(.))
+    chain autograd keeps on it (three copies, 4 bytes each) per token row, attributed or not.
     """
     parameter = next(model.parameters(), None)
     param_dtype = parameter.dtype if parameter is not None else torch.float32
@@ -125,6 +131,8 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     base_ids = {id(m) for m in getattr(model, "base_model", model).modules()}
     single = past_cut | {n for n, m in model.named_modules()
                          if isinstance(m, nn.Linear) and ("pooler" in n.split(".") or id(m) not in base_ids)}
+    token_heads = dict(token_heads or {})
+    single -= set(token_heads)
 
     def rows(name: str) -> int:
         return pairs if name in single else pairs * tokens
@@ -133,6 +141,11 @@ def chunk_memory(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int
     kept.update(modules)
     per_point: Dict[str, int] = {}
     per_point["linear outputs"] = sum(m.out_features * rows(n) * c for n, m in kept.items())
+    if token_heads:
+        per_point["token heads"] = sum(m.out_features * pairs * tokens * (c + 3 * 4)
+                                       for n, m in token_heads.items() if n not in kept)
+        per_point["token heads"] += sum(m.out_features * pairs * tokens * 3 * 4
+                                        for n, m in token_heads.items() if n in kept)
     full, last = pairs * tokens, (pairs if last_layer_rows_cut else pairs * tokens)
     layer_rows = full * max(layers - 1, 0) + (last if layers else 0)
     per_point["layer norm inputs"] = 2 * hidden * f * layer_rows
@@ -183,12 +196,13 @@ def free_memory(device: torch.device) -> int:
 
 def auto_step_batch(model: nn.Module, modules: Mapping[str, nn.Linear], tokens: int, pairs: int,
                     device: torch.device, dtype: Optional[torch.dtype] = None, fraction: float = 0.5,
-                    first_token_cut: bool = True, coarse: bool = False) -> int:
+                    first_token_cut: bool = True, coarse: bool = False,
+                    token_heads: Optional[Mapping[str, nn.Linear]] = None) -> int:
     """Path points per pair in one forward: as many as ``fraction`` of the free memory
     (:func:`free_memory`) holds by the memory model (:func:`chunk_memory`), and on CPU
     at most :data:`CPU_ROWS_PER_FORWARD` token rows.  At least 1."""
     device = torch.device(device)
-    estimate = chunk_memory(model, modules, tokens, pairs, dtype, first_token_cut, coarse)
+    estimate = chunk_memory(model, modules, tokens, pairs, dtype, first_token_cut, coarse, token_heads)
     budget = free_memory(device) * fraction - sum(estimate.fixed.values())
     points = int(budget // max(sum(estimate.per_point.values()), 1))
     if device.type == "cpu":

@@ -38,7 +38,17 @@ def is_sentence_transformers_cross_encoder(model) -> bool:
 def unwrap(model, tokenizer=None) -> Tuple[nn.Module, object]:
     """``(model, tokenizer)`` as fastnig uses them: a ``sentence_transformers.CrossEncoder`` becomes its
     Hugging Face model and tokenizer (its ``max_length`` is the tokenizer's ``model_max_length``);
+    a ``(query_encoder, document_encoder)`` pair becomes one :class:`fastnig.engine.two_tower.TwoTowers`,
+    a ``sentence_transformers.SentenceTransformer`` (a bi-encoder) its transformers model and tokenizer;
     anything else is returned as given."""
+    if isinstance(model, (tuple, list)) and len(model) == 2 and all(isinstance(m, nn.Module) for m in model):
+        from .two_tower import TwoTowers  # the two-tower rankers build on this module
+        return TwoTowers(*model), tokenizer
+    if type(model).__name__ == "SentenceTransformer":
+        from .two_tower import sentence_transformer_parts
+        parts = sentence_transformer_parts(model)
+        if parts is not None:
+            return parts[0], tokenizer if tokenizer is not None else parts[1]
     if is_sentence_transformers_cross_encoder(model):
         with warnings.catch_warnings():  # sentence-transformers >= 5 calls .tokenizer .processor
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -196,11 +206,11 @@ def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
                    include_pooler: bool = False, exclude: Sequence[nn.Module] = ()) -> Dict[str, nn.Linear]:
     """The ``nn.Linear`` modules whose outputs are neurons (docs/method.md §4).
 
-    By default every Linear of the encoder (``model.base_model``): the
-    classification head is excluded, and so is the pooler unless
-    ``include_pooler``; so are the modules ``exclude`` (a ranker's vocabulary or
-    score head, e.g. T5's ``lm_head``, which sits inside its ``base_model``).
-    ``layers`` selects module names explicitly.
+    By default every Linear of the encoder or decoder (``model.base_model``):
+    the classification head is excluded, so is the vocabulary head
+    (``get_output_embeddings()``, e.g. T5's ``lm_head``, which sits inside
+    its ``base_model``), the pooler unless ``include_pooler``, and the modules
+    ``exclude``.  ``layers`` selects module names explicitly.
     """
     everything = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if layers is not None:
@@ -215,7 +225,8 @@ def linear_modules(model: nn.Module, layers: Optional[Sequence[str]] = None,
         return {n: everything[n] for n in layers}
     base = getattr(model, "base_model", model)
     base_ids = {id(m) for m in base.modules()}
-    excluded = {id(m) for m in exclude}
+    vocabulary = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = {id(m) for m in (*exclude, vocabulary) if m is not None}
     chosen = {n: m for n, m in everything.items()
               if id(m) in base_ids and id(m) not in excluded and (include_pooler or _is_attributed_by_default(n))}
     if not chosen:

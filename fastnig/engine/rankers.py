@@ -121,6 +121,8 @@ class Classifier(Ranker):
         name = _class_name(model)
         if name.endswith("ForSequenceClassification"):
             return not _is_decoder_classifier(model)
+        if getattr(model, "is_two_towers", False):  # (query_encoder, document_encoder): a bi-encoder
+            return False
         return re.search(r"(For[A-Z]\w*|Model|Encoder|Decoder)$", name) is None
 
     def _bound(self, model, tokenizer):
@@ -188,13 +190,15 @@ class LastTokenClassifier(Ranker):
 
 
 RANKERS = {cls.family: cls for cls in (Classifier, MonoT5, YesNo, LastTokenClassifier)}
-FAMILIES = tuple(RANKERS)
+FAMILIES = tuple(RANKERS)  # with the two-tower families, registered at the end of this module
 
 
 def _families_text() -> str:
     return ("fastnig's ranker families: classifier (encoder *ForSequenceClassification: BERT, MiniLM, ELECTRA, "
             "RoBERTa, ...), monot5 (T5/MT5 ForConditionalGeneration), yes_no (decoder *ForCausalLM: Qwen, Llama, "
-            "Mistral, Gemma), last_token_classifier (decoder *ForSequenceClassification)")
+            "Mistral, Gemma), last_token_classifier (decoder *ForSequenceClassification), bi_encoder (an encoder "
+            "*Model, a SentenceTransformer, or (query_encoder, document_encoder)), splade (*ForMaskedLM), colbert "
+            "(an encoder with a `linear` projection; never picked automatically)")
 
 
 def _decoder_base(model: nn.Module) -> Optional[nn.Module]:
@@ -223,12 +227,39 @@ def resolve_ranker(ranker: Union[None, str, Ranker], model: nn.Module) -> Ranker
     if ranker is not None:
         raise TypeError(f"ranker must be None, a family name {list(FAMILIES)} or a fastnig.rankers object, got "
                         f"{type(ranker).__name__}")
-    for cls in RANKERS.values():
-        candidate = cls()
+    for family in AUTO_DETECTED:
+        candidate = RANKERS[family]()
         if candidate.supports(model):
             return candidate
     raise UnsupportedModel(f"fastnig cannot rank with {type(model).__name__}: {_families_text()}; pass "
                            "ranker=... if your model is one of these under another class name")
+
+
+def ranker_from_spec(spec: Union[None, str, Dict[str, object], Ranker], where: str = "ranker") -> Optional[Ranker]:
+    """A ranker from a run config's ``ranker`` entry: ``None`` (auto-detect), a family name, or a mapping
+    ``{family: yes_no, template: "...", yes: "yes", no: "no", padding_side: left}``; a ``ValueError``
+    naming ``where`` and the allowed keys otherwise."""
+    if spec is None or isinstance(spec, Ranker):
+        return spec
+    if isinstance(spec, str):
+        if spec not in RANKERS:
+            raise ValueError(f"{where}: {spec!r} is not a ranker family; choose one of {list(FAMILIES)}")
+        return RANKERS[spec]()
+    if not isinstance(spec, dict) or "family" not in spec:
+        raise ValueError(f"{where} must be a family name {list(FAMILIES)} or a mapping with 'family' "
+                         f"(and template, answer words, padding_side), got {spec!r}")
+    options = {k: v for k, v in spec.items() if k != "family"}
+    family = spec["family"]
+    if family not in RANKERS:
+        raise ValueError(f"{where}.family: {family!r} is not a ranker family; choose one of {list(FAMILIES)}")
+    allowed = ["template", "padding_side", *RANKERS[family]().words()]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for family {family!r}; allowed: {allowed}")
+    try:
+        return RANKERS[family](**options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def bind_ranker(ranker: Union[None, str, Ranker, "BoundRanker"], model: nn.Module, tokenizer) -> "BoundRanker":
@@ -254,14 +285,11 @@ class BoundRanker:
     def family(self) -> str:
         return self.ranker.family
 
-    def heads(self) -> List[nn.Module]:
-        """Modules never attributed by default: the vocabulary / score head."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        return [head] if isinstance(head, nn.Module) else []
-
     def modules(self, layers: Optional[Sequence[str]] = None, include_pooler: bool = False) -> Dict[str, nn.Linear]:
-        """The Linears attributed: ``layers`` by name, or every encoder / decoder Linear but the heads."""
-        return linear_modules(self.model, layers, include_pooler, exclude=self.heads())
+        """The Linears attributed: ``layers`` by name, or every encoder / decoder Linear but the heads
+        (:func:`fastnig.engine.model.linear_modules`: the vocabulary head is never attributed by default,
+        and a decoder classifier's ``score`` head sits outside its ``base_model``)."""
+        return linear_modules(self.model, layers, include_pooler)
 
     def max_length(self, max_length: Optional[int]) -> int:
         return resolve_max_length(self.model, self.tokenizer, max_length)
@@ -330,9 +358,6 @@ class BoundClassifier(BoundRanker):
     @property
     def uses_template(self) -> bool:  # type: ignore[override]
         return self.ranker.template is not None
-
-    def heads(self) -> List[nn.Module]:
-        return []  # linear_modules keeps to model.base_model: the classification head is outside it
 
     @property
     def uses_token_types(self) -> bool:
@@ -426,12 +451,26 @@ class BoundYesNo(_BoundDecoder):
 
 
 class BoundLastTokenClassifier(_BoundDecoder):
-    def heads(self):
-        return [self.model.score]
-
     def logits(self, inputs_embeds, attention_mask, token_type_ids=None, cut=True):
         return self.model.score(self.hidden_at_last_token(inputs_embeds, attention_mask, cut))
 
 
 __all__: Tuple[str, ...] = ("Ranker", "Classifier", "MonoT5", "YesNo", "LastTokenClassifier", "BoundRanker",
-                            "FAMILIES", "UnsupportedModel", "resolve_ranker", "bind_ranker")
+                            "FAMILIES", "UnsupportedModel", "resolve_ranker", "bind_ranker", "ranker_from_spec")
+
+AUTO_DETECTED = FAMILIES  # the families resolve_ranker tries, in order
+
+
+def register(*families: type, auto: bool = True) -> None:
+    """Add ranker classes to :data:`RANKERS` / :data:`FAMILIES` (tried by :func:`resolve_ranker` after the
+    others when ``auto``)."""
+    global FAMILIES, AUTO_DETECTED
+    RANKERS.update({cls.family: cls for cls in families})
+    FAMILIES = tuple(RANKERS)
+    if auto:
+        AUTO_DETECTED = AUTO_DETECTED + tuple(cls.family for cls in families)
+
+
+# The two-tower families (bi_encoder, splade; colbert never automatically: an encoder with a projection
+# could be anything) live in fastnig.engine.two_tower, which builds on the classes above and registers them.
+from . import two_tower  # noqa: E402,F401

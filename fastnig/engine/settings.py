@@ -90,6 +90,13 @@ class AttributionSettings:
             :func:`fastnig.engine.last_token.last_token_only`).
         segments: also split each neuron's NIG by the segment of the token it
             flows through (query, passage, special) into ``Attributions.segment_scores``.
+        heads: also attribute every attention head (the conductance of the attention context,
+            the output projection's input, summed over the head's dimensions; docs/method.md §11)
+            into ``Attributions.head_scores`` (``head_segment_scores`` with ``segments``).
+        include_vocabulary: also attribute SPLADE's vocabulary projection, whose output
+            units are the vocabulary's terms (``ranker="splade"`` only; off by default:
+            ``[points, tokens, vocab]`` outputs, covered by the memory model).  Two-tower
+            rankers' ``segments`` are the towers: query tower, document tower (docs/rankers.md).
     """
 
     baseline: str = "pad"
@@ -108,6 +115,8 @@ class AttributionSettings:
     first_token_cut: bool = True
     last_token_cut: bool = True
     segments: bool = False
+    heads: bool = False
+    include_vocabulary: bool = False
 
     def __post_init__(self) -> None:
         if self.nodes not in NODES:
@@ -130,7 +139,8 @@ class AttributionSettings:
         check_int("pair_batch", self.pair_batch, 1)
         if self.max_length is not None:
             check_int("max_length", self.max_length, 4, " (tokens)")
-        for name in ("include_pooler", "first_token_cut", "last_token_cut", "segments"):
+        for name in ("include_pooler", "first_token_cut", "last_token_cut", "segments", "heads",
+                     "include_vocabulary"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.layers is not None:
@@ -184,4 +194,6 @@ class AttributionSettings:
             record.update(tolerance=float(self.tolerance), max_steps=self.max_steps)
         if self.segments:
             record["segments"] = True
+        if self.heads:
+            record["heads"] = True
         return record

@@ -120,10 +120,10 @@ def word_id(tokenizer, word: str, what: str) -> int:
     if not isinstance(word, str) or not word:
         raise ValueError(f"{what} must be a non-empty word, got {word!r}")
     ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) == 1:
+    if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
         return int(ids[0])
     token = tokenizer.convert_tokens_to_ids(word)
     if isinstance(token, int) and token != tokenizer.unk_token_id and token >= 0:
         return token
-    raise ValueError(f"{what}={word!r} is not one token of the model's tokenizer (it encodes to {len(ids)} "
-                     "tokens); give a word that is a single vocabulary entry")
+    raise ValueError(f"{what}={word!r} is not one token of the model's vocabulary (it encodes to {len(ids)} "
+                     "token(s), or to the unknown token); give a word that is a single vocabulary entry")

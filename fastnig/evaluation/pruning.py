@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,9 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..common import check_int
-from ..engine.model import check_model, model_device, resolve_max_length, unwrap
+from ..engine.model import check_model, compute_autocast, model_device, unwrap
+from ..engine.rankers import bind_ranker
 from ..engine.scoring import relevance_score
 from ..neurons.sets import NeuronSet
+from .prefix_cache import PrefixCache
+from .random_baseline import DEFAULT_REPETITIONS, RandomRuns, RepetitionRule, run_random_baseline
 from .reranking import (
     BM25_B,
     BM25_K1,
@@ -50,14 +53,16 @@ from .reranking import (
 )
 from .table4 import CSV_COLUMNS, PruningTable
 
-DEFAULT_REPETITIONS = 50
+DTYPES = ("float32", "bfloat16", "auto")
+"""``pruning.dtype``: reranking in fp32, in bf16 autocast, or bf16 where the device has it natively (auto)."""
 
 # Reranking and Table 4 names stay importable from here, where earlier versions had them.
 __all__ = ["prune", "pruned", "module_counts", "random_like", "PruningResult", "RandomBaseline", "PruningBenchmark",
            "table_row", "evaluate_pruning", "DEFAULT_REPETITIONS", "CSV_COLUMNS", "PruningTable", "BM25_B",
            "BM25_K1", "DEFAULT_DEPTH", "SIGNIFICANCE_LEVEL", "Candidates", "Comparison", "EncodedCandidates",
            "bm25_index", "bm25_run", "build_candidates", "compare_ndcg", "encode_candidates", "ndcg_at_k",
-           "relevance_score", "score_candidates"]
+           "relevance_score", "score_candidates", "RepetitionRule", "RandomRuns", "DTYPES", "native_bf16",
+           "rerank_dtype"]
 
 
 # ============================================================ surgery
@@ -221,7 +226,9 @@ class PruningResult:
 class RandomBaseline:
     """Random sets matching a neuron set's per-module counts, one result per repetition.
 
-    ``ndcg_pruned``, ``drop_percent``, ``p_values``: ``[repetitions]``.
+    ``ndcg_pruned``, ``drop_percent``, ``p_values``: ``[repetitions]``;
+    ``stopped``: why the draws stopped (:meth:`RepetitionRule.stop_reason`:
+    ``"fixed"``, ``"precise"``, ``"decided"`` or ``"max"``).
     """
 
     num_neurons: int
@@ -230,6 +237,7 @@ class RandomBaseline:
     drop_percent: np.ndarray
     p_values: np.ndarray
     alpha: float = SIGNIFICANCE_LEVEL
+    stopped: str = "fixed"
 
     @property
     def repetitions(self) -> int:
@@ -249,12 +257,43 @@ class RandomBaseline:
         return int(np.sum(self.p_values <= self.alpha))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA with bf16 (Ampere and later), or a CPU with
+    AVX512-BF16 or AMX-BF16 (``torch.cpu.get_capabilities()``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def rerank_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of pruning's reranking: ``None`` (the weights' dtype, no autocast) for
+    ``"float32"`` / ``None``, bf16 for ``"bfloat16"``, and for ``"auto"`` bf16 where :func:`native_bf16`
+    (measured to change no Table 4 verdict: docs/pruning.md), else ``None``."""
+    if dtype is None or dtype in ("float32", torch.float32):
+        return None
+    if dtype in ("bfloat16", torch.bfloat16):
+        return torch.bfloat16
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    raise ValueError(f"pruning dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
 class PruningBenchmark:
     """Reranking one validation dataset with pruned versions of one model.
 
     The candidates are tokenised once and the original model's scores
     computed once; every pruned run reuses both and prunes the model in place
-    (:func:`pruned`), restoring it afterwards.
+    (:func:`pruned`), restoring it afterwards.  Every scoring goes through
+    :meth:`score` (one place to change how a model is run).  Two exact
+    shortcuts: random-set results are kept per (per-module counts, seed,
+    repetition) in :attr:`runs` and shared by every row, and with
+    :meth:`prepare` the original model's hidden states at a few layer
+    boundaries are kept so that a pruned forward starts at the deepest one
+    below the set's lowest pruned layer (:class:`PrefixCache`).
 
     Args:
         model: the cross-encoder (evaluated on its current device and dtype).
@@ -265,11 +304,18 @@ class PruningBenchmark:
         k: the nDCG cutoff (10).
         alpha: significance level of the paired t-test (0.05).
         progress: show progress bars.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` (autocast) or ``"auto"`` (:func:`rerank_dtype`).
+        prefix: reuse the unpruned prefix (when :meth:`prepare` is called; exact).
+        runs: the store of random-set results (default: a new in-memory one).
+        ranker: how the model scores a pair (as for :func:`fastnig.attribute`; ``None``:
+            from the model's class).  Prefix reuse applies to cross-encoders scored by
+            their own pair encoding; other rankers always run the full forward.
     """
 
     def __init__(self, model: nn.Module, tokenizer, candidates: Candidates, batch_size: int = 32,
                  max_length: Optional[int] = None, k: int = 10, alpha: float = SIGNIFICANCE_LEVEL,
-                 progress: bool = True):
+                 progress: bool = True, dtype: Union[str, torch.dtype, None] = None, prefix: bool = True,
+                 runs: Optional[RandomRuns] = None, ranker=None):
         if not isinstance(candidates, Candidates):
             raise TypeError(f"candidates must be a fastnig.evaluation.reranking.Candidates, "
                             f"got {type(candidates).__name__}")
@@ -281,8 +327,13 @@ class PruningBenchmark:
         self.k, self.alpha, self.progress = k, alpha, progress
         self.qids = list(candidates.queries)
         self.pairs = candidates.pairs()
-        max_length = resolve_max_length(model, tokenizer, max_length)
-        self.encoded = encode_candidates(tokenizer, candidates, max_length, batch_size).to(model_device(model))
+        bound = bind_ranker(ranker, model, tokenizer)
+        self.encoded = encode_candidates(tokenizer, candidates, bound.max_length(max_length), batch_size,
+                                         bound).to(model_device(model))
+        self.dtype = rerank_dtype(dtype, model_device(model))
+        self.prefix = PrefixCache(model, enabled=prefix and self.encoded.ranker is None)
+        self.runs = runs if runs is not None else RandomRuns()
+        self.forwards: Dict[int, int] = {}  # start layer -> rerankings run from it (the work done)
         self._original_scores: Optional[np.ndarray] = None
         self._original_ndcg: Optional[np.ndarray] = None
 
@@ -290,16 +341,39 @@ class PruningBenchmark:
     def name(self) -> str:
         return self.candidates.name
 
+    def prepare(self, neuron_sets: Sequence[Any], repetitions: Union[int, Mapping, RepetitionRule] = 1) -> List[int]:
+        """Choose the layer boundaries to cache for these sets (each to be reranked once and with up to
+        ``repetitions`` random sets of the same modules), before the original model is scored.
+
+        Returns:
+            the boundaries (layer indices) whose hidden states :attr:`original_scores` will keep.
+        """
+        weight = 1 + RepetitionRule.parse(repetitions).max
+        starts = [self.prefix.lowest_layer(list(module_counts(s))) for s in neuron_sets for _ in range(weight)]
+        chosen = self.prefix.choose(starts, self.encoded.batches)
+        if chosen and self._original_scores is not None:
+            self._original_scores = None  # scored again, keeping the hidden states
+        return chosen
+
     @property
     def original_scores(self) -> np.ndarray:
-        """``[num_pairs]`` scores of the unpruned model (computed once)."""
+        """``[num_pairs]`` scores of the unpruned model (computed once; keeps the prefix cache's states)."""
         if self._original_scores is None:
-            self._original_scores = self.score(desc=f"{self.name}: original")
+            with self.prefix.capturing():
+                self._original_scores = self._scored(f"{self.name}: original", 0)
         return self._original_scores
 
     def score(self, desc: str) -> np.ndarray:
-        """``[num_pairs]`` scores of the model as it is now (pruned or not)."""
+        """``[num_pairs]`` scores of the model as it is now (pruned or not): the one place a model is run."""
         return score_candidates(self.model, self.encoded, self.progress, desc=desc)
+
+    def _scored(self, desc: str, start: int) -> np.ndarray:
+        with ExitStack() as stack:
+            stack.enter_context(compute_autocast(model_device(self.model), self.dtype))
+            stack.enter_context(self.prefix.starting_at(start))
+            scores = self.score(desc)
+        self.forwards[start] = self.forwards.get(start, 0) + 1
+        return scores
 
     @property
     def original_ndcg(self) -> np.ndarray:
@@ -320,13 +394,17 @@ class PruningBenchmark:
         per_query = ndcg_at_k(self.run(scores), self.candidates.qrels, self.k)
         return np.array([per_query[q] for q in self.qids], dtype=np.float64)
 
-    def pruned_scores(self, neuron_set, desc: str = "pruned") -> np.ndarray:
-        """``[num_pairs]`` scores with ``neuron_set`` pruned (the original's for an empty set)."""
-        if not module_counts(neuron_set):
+    def pruned_scores(self, neuron_set, desc: str = "pruned", prefix: bool = True) -> np.ndarray:
+        """``[num_pairs]`` scores with ``neuron_set`` pruned (the original's for an empty set); with
+        ``prefix``, from the deepest cached boundary below its lowest pruned layer (same scores)."""
+        counts = module_counts(neuron_set)
+        if not counts:
             _resolve(self.model, neuron_set)  # still validate the set against the model
             return self.original_scores
+        self.original_scores  # noqa: B018 (the prefix states are taken from the unpruned model)
+        start = self.prefix.start_for(list(counts)) if prefix else 0
         with pruned(self.model, neuron_set):
-            return self.score(desc=f"{self.name}: {desc}")
+            return self._scored(f"{self.name}: {desc}", start)
 
     def evaluate(self, neuron_set) -> PruningResult:
         """nDCG@k with ``neuron_set`` pruned vs the original model."""
@@ -336,22 +414,34 @@ class PruningBenchmark:
         return PruningResult(label, sum(module_counts(neuron_set).values()),
                              compare_ndcg(original, pruned_ndcg, self.alpha), original, pruned_ndcg)
 
-    def random_baseline(self, neuron_set, repetitions: int = DEFAULT_REPETITIONS, seed: int = 0
-                        ) -> RandomBaseline:
-        """Prune ``repetitions`` random sets drawn with :func:`random_like` (same per-module counts)."""
-        check_int("repetitions", repetitions, 1)
+    def random_baseline(self, neuron_set, repetitions: Union[int, Mapping, RepetitionRule] = DEFAULT_REPETITIONS,
+                        seed: int = 0, result: Optional[PruningResult] = None) -> RandomBaseline:
+        """Prune random sets drawn with :func:`random_like` (same per-module counts), repetition 0, 1, ...
+
+        ``repetitions``: a number (fixed) or a :class:`RepetitionRule` / its
+        config mapping (adaptive: stops when the random mean is precise
+        enough or, given the set's ``result``, the comparison is decided).
+        Results are shared through :attr:`runs`, so rows with identical
+        per-module counts pay once per repetition.
+        """
+        rule = RepetitionRule.parse(repetitions)
         seed = check_int("seed", seed, 0)
         original = self.original_ndcg
-        ndcg, drops, p_values = [], [], []
-        for r in range(repetitions):
-            random_set = random_like(neuron_set, seed, r)
-            pruned_ndcg = self.ndcg(self.pruned_scores(random_set, desc=f"random {r + 1}/{repetitions}"))
-            comparison = compare_ndcg(original, pruned_ndcg, self.alpha)
-            ndcg.append(comparison.ndcg_pruned)
-            drops.append(comparison.drop_percent)
-            p_values.append(comparison.p_value)
-        return RandomBaseline(sum(module_counts(neuron_set).values()), seed, np.array(ndcg), np.array(drops),
-                              np.array(p_values), self.alpha)
+        signature = tuple(module_counts(neuron_set).items())
+
+        def per_query(r: int) -> np.ndarray:
+            def compute():
+                random_set = random_like(neuron_set, seed, r)
+                return self.ndcg(self.pruned_scores(random_set, desc=f"random {r + 1}/{rule.max}"))
+            return self.runs.get_or_compute(signature, seed, r, compute)
+
+        set_points = 100.0 * result.comparison.ndcg_pruned if result is not None else None
+        results, reason = run_random_baseline(per_query, rule, set_points)
+        comparisons = [compare_ndcg(original, r, self.alpha) for r in results]
+        return RandomBaseline(sum(module_counts(neuron_set).values()), seed,
+                              np.array([c.ndcg_pruned for c in comparisons]),
+                              np.array([c.drop_percent for c in comparisons]),
+                              np.array([c.p_value for c in comparisons]), self.alpha, reason)
 
 
 # ============================================================== Table 4
@@ -383,9 +473,12 @@ def table_row(bench: "PruningBenchmark", set_name: str, level: float, result: "P
 
 def evaluate_pruning(model: nn.Module, tokenizer, neuron_sets: Mapping[str, Mapping[float, Any]],
                      datasets: Mapping[str, Union[Candidates, PruningBenchmark]],
-                     groups: Optional[Mapping[str, str]] = None, repetitions: int = DEFAULT_REPETITIONS,
+                     groups: Optional[Mapping[str, str]] = None,
+                     repetitions: Union[int, Mapping, RepetitionRule] = DEFAULT_REPETITIONS,
                      seed: int = 0, batch_size: int = 32, max_length: Optional[int] = None, k: int = 10,
-                     alpha: float = SIGNIFICANCE_LEVEL, progress: bool = True) -> "PruningTable":
+                     alpha: float = SIGNIFICANCE_LEVEL, progress: bool = True,
+                     dtype: Union[str, torch.dtype, None] = None, prefix: bool = True,
+                     ranker=None) -> "PruningTable":
     """The paper's Table 4: every neuron set x pruning level x dataset, with its random baseline.
 
     Args:
@@ -398,10 +491,14 @@ def evaluate_pruning(model: nn.Module, tokenizer, neuron_sets: Mapping[str, Mapp
             averaged into one row with the count of significant ones (e.g. the
             five LoTTE domains -> ``"LoTTE benchmark"``).  Default: each
             dataset its own row.
-        repetitions: random sets per (set, level) (the paper: 50); the same
-            random sets are used on every dataset, and sets with identical
-            per-module counts share their random runs.
+        repetitions: random sets per (set, level) (the paper: 50), or a
+            :class:`RepetitionRule` / ``{max: 50, stop_when: {...}}`` (adaptive);
+            the same random sets are used on every dataset, and sets with
+            identical per-module counts share their random runs.
         seed: seed of the random baseline.
+        dtype: reranking dtype (:func:`rerank_dtype`).
+        prefix: reuse the unpruned prefix (exact; :class:`PrefixCache`).
+        ranker: how the model scores a pair (:class:`PruningBenchmark`).
     Returns:
         a :class:`PruningTable` with one row per set x level x dataset.
     """
@@ -413,22 +510,21 @@ def evaluate_pruning(model: nn.Module, tokenizer, neuron_sets: Mapping[str, Mapp
     unknown = [g for g in groups if g not in datasets]
     if unknown:
         raise ValueError(f"groups names datasets that are not in datasets: {unknown}")
+    rule = RepetitionRule.parse(repetitions)
     plan = [(name, _level_key(level), nset) for name, by_level in neuron_sets.items()
             for level, nset in by_level.items()]
     rows = []
     for dataset_name, data in datasets.items():
         bench = data if isinstance(data, PruningBenchmark) else PruningBenchmark(
-            model, tokenizer, data, batch_size, max_length, k, alpha, progress)
+            model, tokenizer, data, batch_size, max_length, k, alpha, progress, dtype=dtype, prefix=prefix,
+            ranker=ranker)
+        bench.prepare([nset for _, _, nset in plan], rule)
         bench.original_ndcg  # noqa: B018 (computed once, before any pruning)
         bench.progress = False  # then one bar per dataset below instead of one per reranking
-        random_cache: Dict[Tuple, RandomBaseline] = {}
         for set_name, level, nset in tqdm(plan, desc=f"{dataset_name}: sets x levels", unit="set",
                                           disable=not progress):
             result = bench.evaluate(nset)
-            signature = tuple(module_counts(nset).items())
-            if signature not in random_cache:
-                random_cache[signature] = bench.random_baseline(nset, repetitions, seed)
-            rows.append(table_row(bench, set_name, level, result, random_cache[signature],
+            rows.append(table_row(bench, set_name, level, result, bench.random_baseline(nset, rule, seed, result),
                                   group=groups.get(dataset_name, dataset_name), dataset=dataset_name))
         del bench
     return PruningTable(rows)

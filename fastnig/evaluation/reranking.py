@@ -32,7 +32,7 @@ from torch import nn
 
 from ..common import check_int, optional_import
 from ..engine.encoding import EncodedBatches, encode_batches
-from ..engine.scoring import relevance_score, score_batches
+from ..engine.scoring import relevance_score, score_batches, scoring_ranker
 
 DEFAULT_DEPTH = 20
 SIGNIFICANCE_LEVEL = 0.05
@@ -240,12 +240,14 @@ def build_candidates(collection, num_queries: Optional[int] = None, seed: int = 
 EncodedCandidates = EncodedBatches
 
 
-def encode_candidates(tokenizer, candidates: Candidates, max_length: int = 512, batch_size: int = 32
-                      ) -> EncodedBatches:
+def encode_candidates(tokenizer, candidates: Candidates, max_length: int = 512, batch_size: int = 32,
+                      ranker=None) -> EncodedBatches:
     """Tokenise every (query, passage) candidate pair once, in ``Candidates.pairs()`` order
-    (:func:`fastnig.engine.encoding.encode_batches`: ``only_second`` truncation, batches of similar length)."""
+    (:func:`fastnig.engine.encoding.encode_batches`: ``only_second`` truncation, batches of similar length);
+    with a bound ``ranker`` (:func:`fastnig.engine.rankers.bind_ranker`) in its layout, scored through it."""
     texts = [(candidates.queries[q], candidates.passages[d] or "") for q, d in candidates.pairs()]
-    return encode_batches(tokenizer, texts, max_length, batch_size)
+    return encode_batches(tokenizer, texts, max_length, batch_size,
+                          scoring_ranker(ranker) if ranker is not None else None)
 
 
 def score_candidates(model: nn.Module, encoded: EncodedBatches, progress: bool = True,

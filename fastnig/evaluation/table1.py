@@ -16,8 +16,9 @@ import torch
 
 from ..common import check_int
 from ..data import filter_agreeing, sample_pairs
-from ..engine.encoding import BASELINES, baseline_embeddings, encode_pairs, validate_pairs
-from ..engine.model import accepts_token_type_ids, frozen_eval, input_embeddings, resolve_max_length, unwrap
+from ..engine.encoding import BASELINES, baseline_embeddings, validate_pairs
+from ..engine.model import frozen_eval, unwrap
+from ..engine.rankers import bind_ranker
 from ..engine.scoring import relevance_probability
 
 MAX_DRAW = 16
@@ -25,7 +26,7 @@ MAX_DRAW = 16
 
 
 def table1_pairs(model, tokenizer, collection, num_pairs: int, *, seed: int = 0, relevant=None, nonrelevant=None,
-                 relevance_threshold: int = 1, max_length: Optional[int] = None, batch_size: int = 32):
+                 relevance_threshold: int = 1, max_length: Optional[int] = None, batch_size: int = 32, ranker=None):
     """The pairs of Table 1: the first ``num_pairs`` relevant pairs (in sampling order) the model judges relevant.
 
     The paper averages over "1000 inputs from the MSMARCO dataset" whose
@@ -53,7 +54,7 @@ def table1_pairs(model, tokenizer, collection, num_pairs: int, *, seed: int = 0,
         drawn = pairs
         if new:
             agreeing, _ = filter_agreeing(model, tokenizer, new, max_length=max_length, batch_size=batch_size,
-                                          progress=False)
+                                          progress=False, ranker=ranker)
             kept += agreeing
         if len(kept) >= num_pairs or len(pairs) < size or size >= max_draw:
             break
@@ -66,11 +67,12 @@ def table1_pairs(model, tokenizer, collection, num_pairs: int, *, seed: int = 0,
 
 
 def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
-                         *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
+                         *, max_length: Optional[int] = None, batch_size: int = 16, ranker=None) -> Dict[str, float]:
     """Mean over pairs of P(relevant) − P(non-relevant), at the input and at each baseline.
 
     The baselines are built exactly as :func:`fastnig.attribute` builds them
-    (``encode_pairs`` + ``baseline_embeddings``): word embeddings replaced,
+    (the ranker's ``encode`` + ``baseline_embeddings``; ``ranker`` as for
+    :func:`fastnig.attribute`): word embeddings replaced,
     position / token-type embeddings and attention mask those of the input.
     For a 1-logit model P(non-relevant) = 1 − P(relevant).
 
@@ -86,37 +88,35 @@ def baseline_differences(model, tokenizer, pairs, baselines: Sequence[str] = ("p
         raise ValueError(f"baselines: {unknown} unknown; choose from {BASELINES}")
     check_int("batch_size", batch_size, 1)
     model, tokenizer = unwrap(model, tokenizer)
-    max_length = resolve_max_length(model, tokenizer, max_length)
-    embeddings = input_embeddings(model)
+    bound = bind_ranker(ranker, model, tokenizer)
+    max_length = bound.max_length(max_length)
+    embeddings = bound.embeddings
     device = embeddings.weight.device
-    accepts_types = accepts_token_type_ids(model, tokenizer)
     totals = {name: 0.0 for name in ["original"] + baselines}
     # The input's embeddings do not depend on the baseline: take them from the
     # first encoding ("zero" when only "original" is asked: it needs no [PAD]).
     first = baselines[0] if baselines else "zero"
 
     def mean_difference_sum(inputs_embeds: torch.Tensor, enc) -> float:
-        kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": enc.attention_mask.to(device)}
-        if enc.token_type_ids is not None:
-            kwargs["token_type_ids"] = enc.token_type_ids.to(device)
-        p = relevance_probability(model(**kwargs).logits).double()
+        types = enc.token_type_ids.to(device) if enc.token_type_ids is not None else None
+        p = relevance_probability(bound.logits(inputs_embeds, enc.attention_mask.to(device), types, cut=False)).double()
         return float((2 * p - 1).sum())  # P(rel) - P(non-rel) = 2 P(rel) - 1
 
     with frozen_eval(model), torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
-            enc_first = encode_pairs(tokenizer, batch, max_length, first, accepts_types)
-            x, _ = baseline_embeddings(embeddings, enc_first, first, tokenizer.pad_token_id)
+            enc_first = bound.encode(batch, max_length, first)
+            x, _ = baseline_embeddings(embeddings, enc_first, first, bound.pad_id)
             totals["original"] += mean_difference_sum(x, enc_first)
             for name in baselines:
-                enc = enc_first if name == first else encode_pairs(tokenizer, batch, max_length, name, accepts_types)
-                _, x_base = baseline_embeddings(embeddings, enc, name, tokenizer.pad_token_id)
+                enc = enc_first if name == first else bound.encode(batch, max_length, name)
+                _, x_base = baseline_embeddings(embeddings, enc, name, bound.pad_id)
                 totals[name] += mean_difference_sum(x_base, enc)
     return {name: total / len(pairs) for name, total in totals.items()}
 
 
 def baseline_quality(model, tokenizer, pairs, baselines: Sequence[str] = ("pad", "pad-query", "zero", "zero-query"),
-                     *, max_length: Optional[int] = None, batch_size: int = 16) -> Dict[str, float]:
+                     *, max_length: Optional[int] = None, batch_size: int = 16, ranker=None) -> Dict[str, float]:
     """How much relevance signal each baseline keeps (the paper's Table 1, docs/method.md §3).
 
     ``quality[b]`` = mean over pairs of P(rel) − P(non-rel) at baseline ``b``
@@ -128,7 +128,8 @@ def baseline_quality(model, tokenizer, pairs, baselines: Sequence[str] = ("pad",
     Raises:
         ValueError: when the mean difference at the input is 0 (the ratio is undefined).
     """
-    diffs = baseline_differences(model, tokenizer, pairs, baselines, max_length=max_length, batch_size=batch_size)
+    diffs = baseline_differences(model, tokenizer, pairs, baselines, max_length=max_length, batch_size=batch_size,
+                                 ranker=ranker)
     if diffs["original"] == 0:
         raise ValueError("baseline_quality: the mean P(rel) - P(non-rel) at the input is 0; choose other pairs")
     return {name: d / diffs["original"] for name, d in diffs.items()}

@@ -29,6 +29,7 @@ from ..common import CorruptFile, PathLike, is_int
 from ..data.registry import short_name
 from ..engine.encoding import SEGMENTS
 from .exact_sums import BIN_EXPONENTS, MAX_PAIRS, bins_value, split_into_bins, zero_bins
+from .exemplars import Exemplars
 from .halves import HALVES_RULE, halves_kept, pair_half
 from .scheme_storage import expect_tensor, read_scheme, scheme_json_path, write_scheme
 from .sets import NeuronSet, check_sizes, top_count
@@ -66,6 +67,8 @@ class Scheme:
         has_halves: whether the two half sums (pairs split by query) are
             kept (:meth:`half_means`); False for fusions and for files saved
             before halves existed or with the older halves by pair.
+        exemplars: per neuron the k pairs of largest |NIG| (:class:`fastnig.neurons.exemplars.Exemplars`;
+            None for fusions and files saved before exemplars existed).
         has_segments: whether per-segment sums (query, passage, special;
             ``attribute(..., segments=True)``; fusions: averaged means) are kept (:meth:`segment_means`).
     """
@@ -100,6 +103,7 @@ class Scheme:
         self.f_baseline = torch.zeros(0, dtype=torch.float32)
         self.num_tokens = torch.zeros(0, dtype=torch.long)
         self._ranking: Dict[str, np.ndarray] = {}
+        self.exemplars: Optional[Exemplars] = Exemplars(self.sizes)  # per neuron the top-k |NIG| pairs
 
     # -- construction
     @classmethod
@@ -352,7 +356,9 @@ class Scheme:
                 parts = torch.stack([split_into_bins(values[half == h]) for h in (0, 1)])
                 new_halves[m] = self._half_bins[m] + parts
                 new_bins[m] = self._bins[m] + (parts[0] + parts[1])
+        exemplars = self.exemplars and self.exemplars.add(scores, self.pair_ids + ids, self.count)
         # Commit only after every check and computation succeeded.
+        self.exemplars = exemplars
         if not self.settings:
             self.settings = settings
         self._bins = new_bins
@@ -455,6 +461,8 @@ class Scheme:
         out.f_input = torch.cat([self.f_input, other.f_input])
         out.f_baseline = torch.cat([self.f_baseline, other.f_baseline])
         out.num_tokens = torch.cat([self.num_tokens, other.num_tokens])
+        out.exemplars = self.exemplars and other.exemplars and self.exemplars.merge(other.exemplars, self.count,
+                                                                                    out.pair_ids)
         return out
 
     # -- neuron selection
@@ -517,11 +525,15 @@ class Scheme:
                     tensors[f"segment_bins/{m}"] = b
             for t in _PAIR_TENSORS:
                 tensors[f"pair/{t}"] = getattr(self, t)
+            exemplar_tensors, exemplars = self.exemplars.pack() if self.exemplars is not None else ({}, None)
+            tensors.update(exemplar_tensors)
         meta = {**self.describe(), "name": self._name, "display_name": self.name,
                 "sizes": [[m, n] for m, n in self.sizes.items()],
                 "bin_exponents": list(BIN_EXPONENTS),
                 "halves": HALVES_RULE if (self._fused_mean is None and self._half_bins is not None) else None,
                 "pair_ids": self.pair_ids, "dropped_ids": self.dropped_ids}
+        if self._fused_mean is None and self.exemplars is not None:  # absent in older files: no exemplars
+            meta["exemplars"] = exemplars
         if self.has_segments:  # absent in older files: no segments
             meta["segments"] = list(SEGMENTS)
         return write_scheme(path, meta, tensors)
@@ -551,7 +563,7 @@ class Scheme:
             if meta.get("segments"):
                 scheme._fused_segment_mean = {m: expect_tensor(tensors, f"segment_mean/{m}", (len(SEGMENTS), n),
                                                                json_path) for m, n in sizes.items()}
-            scheme._half_bins = None
+            scheme._half_bins = scheme.exemplars = None
             scheme.parts = list(meta.get("parts", []))
             return scheme
         if list(meta.get("bin_exponents", [])) != list(BIN_EXPONENTS):
@@ -573,6 +585,8 @@ class Scheme:
         num = len(scheme.pair_ids)
         for t in _PAIR_TENSORS:
             setattr(scheme, t, expect_tensor(tensors, f"pair/{t}", (num,), json_path))
+        scheme.exemplars = Exemplars.unpack(meta.get("exemplars"), tensors, sizes, num,
+                                            lambda key, shape: expect_tensor(tensors, key, shape, json_path))
         return scheme
 
     @staticmethod

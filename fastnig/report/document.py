@@ -17,14 +17,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from ..common import write_atomic
 from ..engine.encoding import SEGMENTS
 from .comparison import compare_runs
-from .run_folder import NotARunFolder, read_csv, table4_summary
+from .markdown import md_to_html
+from .run_folder import NotARunFolder, md_escape, read_csv, table4_summary
 from .scorecard import scorecard
 
 FIGURES = (  # (file glob, caption), in the paper's order; {x} = what follows the figure number in the name
@@ -63,12 +63,23 @@ def _read_csv(path: Path) -> List[Dict[str, str]]:
 
 
 def _md_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    if not rows:
+    """A GFM table of ``columns`` (those empty in every row left out); numbers right-aligned."""
+    columns = [c for c in columns if any(str(r.get(c, "") or "").strip() for r in rows)]
+    if not rows or not columns:
         return "_(none)_\n"
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    numeric = [all(str(r.get(c, "")).strip() == "" or _is_number(r.get(c)) for r in rows) for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "".join("---:|" if n else "---|" for n in numeric)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+        lines.append("| " + " | ".join(md_escape(_fmt(r.get(c, ""))) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _fmt(value: Any) -> str:
@@ -246,6 +257,9 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
     if figures:
         found.append("**Figures**: " + ", ".join(figure_caption(p).split(" — ")[0] for p in figures
                                                  if p.name.startswith(("figure", "table1"))) + " (below).")
+    if (output / "explorer.html").exists():
+        found.append("**Neuron explorer**: [explorer.html](explorer.html) — every neuron, its sets, ranks and exemplar "
+                     "pairs, in one file that opens offline (`fastnig explore`).")
     sections.append({"title": "What was found", "md": "\n".join(f"- {line}" for line in found) + "\n"
                      if found else "_(no results yet)_\n"})
     if card is not None:
@@ -292,7 +306,7 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
     body = [f"<h1>fastnig report{(': ' + html.escape(str(settings.get('name')))) if settings.get('name') else ''}</h1>"]
     for s in sections:
         body.append(f"<h2>{html.escape(s['title'])}</h2>")
-        body.append(_md_to_html(s["md"]))
+        body.append(md_to_html(s["md"]))
         for png in s.get("figures", ()):
             data = base64.b64encode(png.read_bytes()).decode()
             body.append(f"<figure><img alt='{html.escape(png.stem)}' src='data:image/png;base64,{data}'/>"
@@ -300,52 +314,11 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
                         f"</figure>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fastnig report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}"
+            "td.num,th.num,td[style*=right],th[style*=right]{text-align:right;font-variant-numeric:tabular-nums}"
+            "img{max-width:100%}"
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>"
             + "\n".join(body) + "</body></html>")
     html_path = output / "report.html"
     write_atomic(html_path, page)
     return {"md": md_path, "html": html_path}
-
-
-def _md_to_html(md: str) -> str:
-    """The small Markdown subset the report uses: tables, code blocks, bullet lists, paragraphs."""
-    out, lines, i = [], md.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("```"):
-            j = i + 1
-            while j < len(lines) and not lines[j].startswith("```"):
-                j += 1
-            out.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
-            i = j + 1
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                if not set(lines[i].replace("|", "").strip()) <= set("-: "):
-                    rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            if rows:
-                head = "".join(f"<th>{_inline(c)}</th>" for c in rows[0])
-                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-                out.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-            i += 1
-        else:
-            i += 1
-    return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    text = re.sub(r"&lt;u&gt;(.+?)&lt;/u&gt;", r"<u>\1</u>", text)
-    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-    return text

@@ -258,10 +258,13 @@ class Scorecard:
             if not cells:
                 md.append("_(not in this run)_")
                 continue
-            md += ["| set | group | level | ours | paper | ours − paper |" if table == "Table 4"
-                   else "| baseline | | | ours | paper | ours − paper |", "|---|---|---|---|---|---|"]
+            t4 = table == "Table 4"  # Table 1 has no group or level: its rows leave those two out
+            md += ["| set | group | level | ours | paper | ours − paper |" if t4
+                   else "| baseline | ours | paper | ours − paper |",
+                   "|---|---|---|---:|---:|---:|" if t4 else "|---|---:|---:|---:|"]
             for c in cells:
-                md.append("| " + " | ".join(md_escape(v) for v in self._row_strings(c)) + " |")
+                row = self._row_strings(c)
+                md.append("| " + " | ".join(md_escape(v) for v in (row if t4 else row[:1] + row[3:])) + " |")
         return "\n".join(md) + "\n"
 
     CSV_COLUMNS = ("section", "item", "paper_item", "group", "level_percent", "ours", "paper", "difference",

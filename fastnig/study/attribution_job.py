@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ..common import CorruptFile, check_int, exclusive_lock
 from ..data import filter_agreeing, label_mapping, load_collection, sample_pairs
 from ..engine.attribute import attribute
-from ..engine.model import move_model, resolve_max_length, unwrap
+from ..engine.model import move_model, unwrap
+from ..engine.rankers import BoundRanker, bind_ranker
 from ..engine.scoring import TARGETS
 from ..engine.settings import AttributionSettings
 from ..evaluation.reranking import bm25_run
@@ -100,9 +101,10 @@ def open_scheme(out: Path, sizes: Dict[str, int], meta: Dict[str, object], sampl
 class _Job:
     """Attributes pairs into ``scheme`` (saved to ``out`` after each chunk), with a progress bar."""
 
-    def __init__(self, model, tokenizer, scheme: Scheme, out: Path, *, settings: AttributionSettings, target: str,
+    def __init__(self, ranker: BoundRanker, scheme: Scheme, out: Path, *, settings: AttributionSettings, target: str,
                  max_length: int, agreement_filter: bool, chunk_pairs: int, bar):
-        self.model, self.tokenizer, self.scheme, self.out = model, tokenizer, scheme, out
+        self.ranker, self.model, self.tokenizer = ranker, ranker.model, ranker.tokenizer
+        self.scheme, self.out = scheme, out
         self.settings, self.target, self.max_length = settings, target, max_length
         self.agreement_filter, self.chunk_pairs, self.bar = agreement_filter, chunk_pairs, bar
         self.started, self.attributed = time.perf_counter(), 0
@@ -113,7 +115,7 @@ class _Job:
         scheme = self.scheme
         if todo and self.agreement_filter:
             kept, _report = filter_agreeing(self.model, self.tokenizer, todo, max_length=self.max_length,
-                                            progress=False)
+                                            progress=False, ranker=self.ranker)
             kept_ids = {pair_id(p) for p in kept}
             dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
             if dropped:
@@ -124,7 +126,7 @@ class _Job:
         for start in range(0, len(todo), self.chunk_pairs):
             chunk = todo[start:start + self.chunk_pairs]
             result = attribute(self.model, [p.text_pair for p in chunk], self.settings, tokenizer=self.tokenizer,
-                               target=self.target, progress=False)
+                               target=self.target, progress=False, ranker=self.ranker)
             scheme.add(result, [pair_id(p) for p in chunk])
             scheme.save(self.out)
             self.attributed += len(chunk)
@@ -176,11 +178,11 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                       nonrelevant: Optional[Sequence[int]] = None, bm25_cache_dir: Optional[Union[str, Path]] = None,
                       agreement_filter: bool = True, chunk_pairs: int = 8, device=None, progress: bool = True,
                       dataset_name: Optional[str] = None, shard: Tuple[int, int] = (0, 1), stop_when=None,
-                      combine: Optional[Callable[[Scheme], Scheme]] = None) -> Scheme:
+                      combine: Optional[Callable[[Scheme], Scheme]] = None, ranker=None) -> Scheme:
     """Attribute ``num_pairs`` pairs of one label of a dataset into a scheme file.
 
     Args:
-        model, tokenizer: the cross-encoder and its fast tokenizer.
+        model, tokenizer: the ranker model and its fast tokenizer.
         dataset: a :class:`fastnig.data.Collection` or a spec for
             :func:`fastnig.data.load_collection`.
         label: 1 / ``"relevant"`` (scheme P_x) or 0 / ``"non-relevant"`` (N_x).
@@ -217,6 +219,8 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         combine: with ``shard`` and ``stop_when``: called on this shard's
             scheme at every round end, on every rank, to return the scheme of
             all shards (gather + merge); the rule is checked on it.
+        ranker: as for :func:`fastnig.attribute` (``None``: from the model's class);
+            the agreement filter scores with it too.
 
     Returns:
         The saved :class:`fastnig.Scheme`.
@@ -229,18 +233,23 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     if not isinstance(settings, AttributionSettings):
         raise TypeError(f"settings must be an AttributionSettings, got {type(settings).__name__}")
     model, tokenizer = unwrap(model, tokenizer)
-    max_length = resolve_max_length(model, tokenizer, settings.max_length)
+    ranker = bind_ranker(ranker, model, tokenizer)
+    max_length = ranker.max_length(settings.max_length)
     settings = settings.replace(max_length=max_length)
+    if getattr(ranker, "score_only", False):  # two-tower rankers: F = ±score, as fastnig.attribute records it
+        settings = settings.replace(output="logit")
     collection = load_collection(dataset) if isinstance(dataset, (str, Path)) else dataset
-    ranker = bm25_ranker(collection, bm25_cache_dir) if negatives == "bm25" else None
+    bm25 = bm25_ranker(collection, bm25_cache_dir) if negatives == "bm25" else None
     drawn = sample_pairs(collection, label=label, num_pairs=num_pairs, seed=seed,
                          relevance_threshold=relevance_threshold, negatives=negatives, relevant=relevant,
-                         nonrelevant=nonrelevant, ranker=ranker)
+                         nonrelevant=nonrelevant, ranker=bm25)
     rank, world = shard
     stop_rule = StopRule.parse(stop_when)
     target = TARGETS[0] if drawn and drawn[0].label == 1 else TARGETS[1]
     move_model(model, device)
     record = settings.record(model, target=target, max_length=max_length)
+    if ranker.family != "classifier" or ranker.uses_template:  # as fastnig.attribute records it
+        record["ranker"] = ranker.ranker.describe()
     sampling = sampling_record(seed, num_pairs, negatives, relevance_threshold, agreement_filter, relevant,
                                nonrelevant)
     if stop_rule is not None:
@@ -258,7 +267,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         seen = scheme.seen_ids
         bar = tqdm(total=len(shard_pairs), initial=sum(pair_id(p) in seen for p in shard_pairs), unit="pair",
                    desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
-        job = _Job(model, tokenizer, scheme, out, settings=settings, target=target, max_length=max_length,
+        job = _Job(ranker, scheme, out, settings=settings, target=target, max_length=max_length,
                    agreement_filter=agreement_filter, chunk_pairs=chunk_pairs, bar=bar)
         end, reason, checks = _attribute_in_rounds(job, drawn, mine, stop_rule, combine)
         bar.close()

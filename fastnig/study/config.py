@@ -22,15 +22,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from ..common import is_int, optional_import
 from ..data.sampling import NEGATIVES, known_grades, label_mapping
 from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS
+from ..engine.rankers import ranker_from_spec
 from ..engine.scoring import TARGETS
 from ..engine.settings import AttributionSettings
+from ..evaluation.pruning import DTYPES as PRUNING_DTYPES
+from ..evaluation.random_baseline import RepetitionRule
 from ..neurons.expressions import check as check_expression
 from ..neurons.stability import StopRule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REQUIRED = object()
 SECTIONS: Dict[str, Dict[str, Any]] = {
-    "run": {"name": None, "model": REQUIRED, "output": REQUIRED, "device": None, "cache_dir": None,
+    "run": {"name": None, "model": REQUIRED, "ranker": None, "output": REQUIRED, "device": None, "cache_dir": None,
             "ir_datasets_files": {}, "compare_with": None, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
     "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
                     "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
@@ -41,7 +44,8 @@ SECTIONS: Dict[str, Dict[str, Any]] = {
     "analysis": {"levels": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10], "exclude": [], "layer_percent": 1.0,
                  "baseline_pairs": 0, "by": "value"},
     "pruning": {"levels": [0.01, 0.1, 1], "sets": [], "validation": {}, "queries": 100, "depth": 20,
-                "repetitions": 50, "seed": 0, "batch_size": 32, "max_length": None, "by": "value"},
+                "repetitions": 50, "seed": 0, "batch_size": 32, "max_length": None, "by": "value",
+                "dtype": "float32", "prefix_reuse": True},
 }
 
 
@@ -212,6 +216,12 @@ class RunConfig:
     ir_datasets_files: Dict[str, str] = field(default_factory=dict)
     source: Optional[Path] = None
     compare_with: Optional[Path] = None
+    ranker: Optional[Any] = None  # None (auto-detect), a family name or a mapping (see ranker_object)
+
+    @property
+    def ranker_object(self):
+        """The :class:`fastnig.rankers.Ranker` of the ``ranker`` entry, or ``None`` (auto-detected from the model)."""
+        return ranker_from_spec(self.ranker)
 
     @property
     def attribution_settings(self) -> AttributionSettings:
@@ -228,6 +238,8 @@ class RunConfig:
                "analysis": self.analysis, "pruning": self.pruning}
         if self.compare_with is not None:
             out["compare_with"] = str(self.compare_with)
+        if self.ranker is not None:
+            out["ranker"] = self.ranker
         return out
 
 
@@ -304,9 +316,15 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
         if not section or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 100
                               for x in section):
             raise ConfigError(f"{key} must be a non-empty list of percentages in (0, 100], got {section!r}")
-    for key in ("queries", "repetitions", "batch_size"):
+    for key in ("queries", "batch_size"):
         if not is_int(pru[key]) or pru[key] < 1:
             raise ConfigError(f"pruning.{key} must be a positive integer, got {pru[key]!r}")
+    pru["repetitions"] = _repetitions_option(pru["repetitions"])
+    if pru["dtype"] not in PRUNING_DTYPES:
+        raise ConfigError(f"pruning.dtype: {pru['dtype']!r} is not one of {list(PRUNING_DTYPES)} (auto = bf16 "
+                          "where the device computes it natively)")
+    if not isinstance(pru["prefix_reuse"], bool):
+        raise ConfigError(f"pruning.prefix_reuse must be true or false, got {pru['prefix_reuse']!r}")
     if pru["sets"] and not pru["validation"]:
         raise ConfigError("pruning.sets is given but pruning.validation names no dataset to rerank")
     labels = attributed_labels(att)
@@ -325,12 +343,17 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
         if not Path(source_file).is_file():
             raise ConfigError(f"ir_datasets_files: {source_file} (for {target}) does not exist")
     compare_with = top["compare_with"]
+    try:
+        ranker_from_spec(top["ranker"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if compare_with is not None and (not isinstance(compare_with, str) or not compare_with.strip()):
         raise ConfigError(f"compare_with must be the output folder of another run (a path), got {compare_with!r}")
     return RunConfig(name=str(top["name"] or (path.stem if path else "run")), model=str(top["model"]),
                      output=Path(top["output"]), device=top["device"], cache_dir=cache, attribution=att,
                      analysis=ana, pruning=pru, ir_datasets_files=files, source=path,
-                     compare_with=Path(_substitute(compare_with)) if compare_with else None)
+                     compare_with=Path(_substitute(compare_with)) if compare_with else None,
+                     ranker=dict(top["ranker"]) if isinstance(top["ranker"], Mapping) else top["ranker"])
 
 
 def _pairs_option(value: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
@@ -351,6 +374,16 @@ def _pairs_option(value: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
     except ValueError as exc:
         raise ConfigError(f"attribution.pairs.{exc}") from None
     return value["max"], (rule.as_dict() if rule is not None else None)
+
+
+def _repetitions_option(value: Any) -> Any:
+    """``pruning.repetitions``: ``N`` (fixed; kept as the integer) or ``{max: N, stop_when: {...}}``
+    (:class:`fastnig.evaluation.random_baseline.RepetitionRule`; kept in its full form, defaults filled in)."""
+    try:
+        rule = RepetitionRule.parse(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return rule.max if not rule.adaptive and is_int(value) else rule.as_dict()
 
 
 def place_ir_datasets_files(files: Mapping[str, str]) -> None:

@@ -31,7 +31,9 @@ from ..analysis.table1 import baseline_table
 from ..common import write_atomic
 from ..data import count_labels, label_mapping, load_collection, sample_pairs
 from ..engine.loading import ModelUnavailable
-from ..evaluation.pruning import PruningBenchmark, module_counts, table_row
+from ..engine.rankers import bind_ranker
+from ..evaluation.pruning import PruningBenchmark, table_row
+from ..evaluation.random_baseline import RandomRuns
 from ..evaluation.reranking import EncodedCandidates, build_candidates, score_candidates
 from ..evaluation.table1 import baseline_differences, table1_pairs
 from ..evaluation.table4 import PruningTable
@@ -40,10 +42,11 @@ from ..neurons.scheme import Scheme
 from ..neurons.stability import StopRule
 from ..report.document import write_report
 from ..report.run_folder import run_lock
-from ..training.demo_model import OFFLINE_DEMO, demo_model_quality, load_cross_encoder, offline_demo_model
+from ..training.demo_model import OFFLINE_DEMO, demo_model_quality, load_ranker, offline_demo_model
 from .attribution_job import attribute_dataset, bm25_ranker, pair_id
 from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files
 from .distributed import Ranks, init_ranks
+from .explore import explore_run
 
 # =============================================================== the study
 # `fastnig run CONFIG`: every stage of the paper, each skipped when its output
@@ -67,6 +70,7 @@ class Study:
     collections: Dict[str, Any]
     validation: Dict[str, Any]
     ranks: Ranks
+    ranker: Any = None  # the ranker bound to the model (fastnig.engine.rankers.BoundRanker)
     timings: Dict[str, float] = field(default_factory=dict)
     throughput: Dict[str, float] = field(default_factory=dict)
 
@@ -74,7 +78,7 @@ class Study:
 def _load_model(cfg: RunConfig, device: str):
     if cfg.model in ("demo", OFFLINE_DEMO):  # MiniLM-L6 fine-tuned on Cranfield, cached
         return offline_demo_model(cfg.cache_dir / "models", device=device)
-    return load_cross_encoder(cfg.model, device=device)
+    return load_ranker(cfg.model, device=device)
 
 
 def stage_model_quality(study: Study) -> Optional[Path]:
@@ -114,7 +118,11 @@ def preflight(cfg: RunConfig, ranks: Optional[Ranks] = None) -> Study:
         model, tokenizer = _load_model(cfg, device)
     except ModelUnavailable as exc:
         raise ConfigError(f"model: {exc}") from None
-    return Study(cfg, model, tokenizer, collections, validation, ranks)
+    try:
+        ranker = bind_ranker(cfg.ranker_object, model, tokenizer)
+    except (TypeError, ValueError) as exc:  # UnsupportedModel, answer words not in the vocabulary
+        raise ConfigError(f"ranker: {exc}") from None
+    return Study(cfg, model, tokenizer, collections, validation, ranks, ranker)
 
 
 def _open_dataset(load, spec: str, what: str):
@@ -149,7 +157,7 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
                           nonrelevant=entry["nonrelevant"], bm25_cache_dir=cfg.cache_dir / "bm25",
                           agreement_filter=att["agreement_filter"], chunk_pairs=att["chunk_pairs"],
                           settings=cfg.attribution_settings, dataset_name=name,
-                          progress=progress and ranks.is_main, stop_when=att.get("stop_when"))
+                          progress=progress and ranks.is_main, stop_when=att.get("stop_when"), ranker=study.ranker)
             before = Scheme.load(path).count if Scheme.exists(path) else 0
             if ranks.world == 1:
                 scheme = attribute_dataset(study.model, study.tokenizer, collection, out=path, **kwargs)
@@ -169,6 +177,11 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
                     ranks.barrier()
                 scheme = Scheme.load(path)
             pairs_done += scheme.count - before
+            if scheme.count == 0 and scheme.num_dropped:
+                raise ConfigError(f"attribution: the agreement filter dropped all {scheme.num_dropped} pairs of "
+                                  f"{scheme.name}: the model disagrees with every one of them, so there is nothing to "
+                                  "average; check the model and its ranker (template, answer words), draw more "
+                                  "pairs, or set attribution.agreement_filter: false")
             schemes[(name, label)] = scheme
             log.info("%s: %d pairs, %d dropped by the agreement filter", scheme.name, scheme.count,
                      scheme.num_dropped)
@@ -240,11 +253,11 @@ def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> P
                                        cfg.analysis["baseline_pairs"], seed=cfg.attribution["seed"],
                                        relevant=entry["relevant"], nonrelevant=entry["nonrelevant"],
                                        relevance_threshold=cfg.attribution["relevance_threshold"],
-                                       max_length=cfg.attribution["max_length"])
+                                       max_length=cfg.attribution["max_length"], ranker=study.ranker)
             log.info("Table 1: %d agreeing relevant pairs of %s (%d drawn)", info["agreeing"], name, info["drawn"])
             if pairs:
                 diffs = baseline_differences(study.model, study.tokenizer, [p.text_pair for p in pairs],
-                                             max_length=cfg.attribution["max_length"])
+                                             max_length=cfg.attribution["max_length"], ranker=study.ranker)
                 baseline_table(diffs, folder, pairs=len(pairs), dataset=name)
         study.timings["analysis_s"] = time.perf_counter() - started
         _mark_done(cfg.output, "analysis", key)
@@ -252,7 +265,7 @@ def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> P
     return folder
 
 
-def _sharded_benchmark(study: Study, candidates, progress: bool = True):
+def _sharded_benchmark(study: Study, candidates, progress: bool = True, runs: Optional[RandomRuns] = None):
     """A PruningBenchmark whose scoring is split over the ranks (batches rank::world, summed back)."""
     ranks = study.ranks
     cfg = study.config
@@ -261,17 +274,29 @@ def _sharded_benchmark(study: Study, candidates, progress: bool = True):
     class ShardedBenchmark(PruningBenchmark):
         def score(self, desc: str) -> np.ndarray:
             mine = EncodedCandidates(self.encoded.batches[ranks.rank::ranks.world],
-                                     self.encoded.rows[ranks.rank::ranks.world], self.encoded.num_pairs)
+                                     self.encoded.rows[ranks.rank::ranks.world], self.encoded.num_pairs,
+                                     self.encoded.ranker)
             scores = torch.from_numpy(score_candidates(self.model, mine, self.progress and ranks.is_main, desc=desc,
                                                        partial=True))
             return ranks.sum_(scores).numpy()
 
     return ShardedBenchmark(study.model, study.tokenizer, candidates, cfg.pruning["batch_size"], max_length,
-                            progress=progress and ranks.is_main)
+                            progress=progress and ranks.is_main, dtype=cfg.pruning["dtype"],
+                            prefix=cfg.pruning["prefix_reuse"], runs=runs, ranker=study.ranker)
+
+
+def _pruning_identity(cfg: RunConfig, vname: str) -> list:
+    """What a validation dataset's reranking depends on besides the set: its rows' and random runs' key.
+    (The dtype enters only when it is not float32, so that earlier fp32 runs keep their keys.)"""
+    pru = cfg.pruning
+    identity = [vname, pru["validation"][vname], pru["seed"], pru["queries"], pru["depth"], cfg.model,
+                cfg.attribution["max_length"], pru["max_length"]]
+    return identity + ([pru["dtype"]] if pru["dtype"] != "float32" else [])
 
 
 def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progress: bool = True):
-    """Table 4: every set x level x validation dataset, with its random baseline; rows cached for resume."""
+    """Table 4: every set x level x validation dataset, with its random baseline; rows cached for resume,
+    random runs too (``pruning/random/<dataset>/``: a resumed row redraws none and stops at the same count)."""
     cfg, ranks = study.config, study.ranks
     pru = cfg.pruning
     if not pru["sets"]:
@@ -281,43 +306,50 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
     in_domain = cfg.attribution["in_domain"]
     sets = {expr: {level: evaluate(expr, schemes, level, in_domain=in_domain, by=pru["by"], name=expr)
                    for level in pru["levels"]} for expr in pru["sets"]}
-    rows, computed = [], 0
+    rows, computed, work = [], 0, {}
     for vname, collection in study.validation.items():
+        identity = _pruning_identity(cfg, vname)
         keys = {}
         for expr, by_level in sets.items():
             for level, nset in by_level.items():
-                keys[(expr, level)] = _settings_hash(vname, cfg.pruning["validation"][vname], expr, level,
-                                                     sorted((m, i.tolist()) for m, i in nset.by_module().items()),
-                                                     pru["repetitions"], pru["seed"], pru["queries"], pru["depth"],
-                                                     cfg.model, cfg.attribution["max_length"], pru["max_length"])
+                keys[(expr, level)] = _settings_hash(
+                    *identity[:2], expr, level, sorted((m, i.tolist()) for m, i in nset.by_module().items()),
+                    pru["repetitions"], *identity[2:])
         cached = {k: folder / "rows" / f"{h}.json" for k, h in keys.items()}
         if all(p.exists() for p in cached.values()):
             rows += [json.loads(p.read_text()) for p in cached.values()]
             continue
+        runs = RandomRuns(folder / "random" / _settings_hash(*identity), identity, write=ranks.is_main)
         candidates = build_candidates(collection, num_queries=pru["queries"], seed=pru["seed"], depth=pru["depth"],
                                       cache_dir=cfg.cache_dir / "bm25", progress=progress and ranks.is_main)
         candidates.name = vname
-        bench = _sharded_benchmark(study, candidates, progress)
-        random_cache: Dict[Tuple, Any] = {}
+        bench = _sharded_benchmark(study, candidates, progress, runs)
+        bench.prepare([sets[k[0]][k[1]] for k, p in cached.items() if not p.exists()], pru["repetitions"])
+        reps = {}
         for (expr, level), path in cached.items():
             if path.exists():
                 rows.append(json.loads(path.read_text()))
                 continue
             nset = sets[expr][level]
-            signature = tuple(module_counts(nset).items())
-            if signature not in random_cache:
-                random_cache[signature] = bench.random_baseline(nset, pru["repetitions"], pru["seed"])
-            row = table_row(bench, expr, level, bench.evaluate(nset), random_cache[signature],
-                            group=cfg.pruning["validation"][vname]["group"], dataset=vname)
+            result = bench.evaluate(nset)
+            rand = bench.random_baseline(nset, pru["repetitions"], pru["seed"], result)
+            row = table_row(bench, expr, level, result, rand, group=cfg.pruning["validation"][vname]["group"],
+                            dataset=vname)
             if ranks.is_main:
                 write_atomic(path, json.dumps(row))
             rows.append(row)
+            reps[f"{expr} @ {level}%"] = [rand.repetitions, rand.stopped]
             computed += 1
-            log.info("pruned %s @ %s%% on %s: drop %.2f%% (random %.2f%%)", expr, level, vname,
-                     row["drop_percent"], row["random_drop_mean"])
+            log.info("pruned %s @ %s%% on %s: drop %.2f%% (random %.2f%%, %d repetitions, %s)", expr, level, vname,
+                     row["drop_percent"], row["random_drop_mean"], rand.repetitions, rand.stopped)
+        work[vname] = {"rerankings_by_start_layer": {str(k): v for k, v in sorted(bench.forwards.items())},
+                       "random_runs_computed": runs.computed, "random_runs_stored": len(runs),
+                       "prefix_boundaries": bench.prefix.boundaries, "repetitions": reps}
     table = PruningTable(rows)
     if ranks.is_main:
         table.write(folder)
+        if work:
+            write_atomic(folder / "work.json", json.dumps(work, indent=1))
     ranks.barrier()
     if computed:
         study.timings["pruning_s"] = time.perf_counter() - started
@@ -390,6 +422,8 @@ def _run_stages(cfg: RunConfig, study: Study, ranks: Ranks, progress: bool) -> P
             write_atomic(timings_path, json.dumps({"timings": merged, "throughput": throughput,
                                                    "threads": runs_threads}, indent=2))
             settings = {**cfg.as_dict(), "processes": ranks.world, "threads": runs_threads}
+            # explorer.html, which the report links
+            explore_run(cfg.output, model=study.model, tokenizer=study.tokenizer, ranker=study.ranker)
             report = write_report(cfg.output, settings, merged, throughput)["md"]
             log.info("report: %s", report)
         ranks.barrier()

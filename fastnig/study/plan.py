@@ -26,6 +26,12 @@ What is counted (every number is an upper bound, see :class:`Plan`):
   reranked by the original model once, by every set x level once, and by
   ``repetitions`` random sets per set x level (the pipeline shares random
   runs between sets with identical per-module counts, so this is a bound).
+  With the adaptive rule (``repetitions: {max, stop_when}``) the random sets
+  per row are the expected number measured on the demo
+  (:data:`EXPECTED_REPETITIONS`), and with ``prefix_reuse`` a pruned forward
+  costs :data:`EXPECTED_PREFIX_WORK` of a full one (its layers below the
+  set's lowest pruned layer are reused); the plan also states the stage
+  with every repetition and full forwards.
 
 FLOPs model (per sequence of ``T`` tokens, ``L`` layers, hidden ``d``,
 intermediate ``f``): forward = 2 x P x T + 4 x L x T^2 x d, where P = L x (4
@@ -58,6 +64,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 # The one place this module imports the run configuration from (it may move to fastnig.study.config).
+from ..evaluation.random_baseline import RepetitionRule
 from .config import ConfigError, RunConfig, has_nonrelevant, load_config
 
 DEFAULT_EFFICIENCY = 0.35
@@ -65,6 +72,18 @@ DEFAULT_EFFICIENCY = 0.35
 
 RELEVANT_PER_QUERY = 1
 """Judged relevant passages per validation query assumed beyond the first-stage depth (MS MARCO dev: ~1.07)."""
+
+EXPECTED_REPETITIONS = 27.5
+"""Random repetitions a row draws on average under the adaptive rule (``pruning.repetitions.stop_when``
+with its defaults), measured by ``bench/pruning/adaptive_validation.py`` on the demo model (docs/pruning.md,
+2026-12-05): 3 of its 6 rows stopped at 5; the run was cut short after 5 repetitions a row, so the 3 others
+are counted at the maximum, 50: an upper bound."""
+
+EXPECTED_PREFIX_WORK = 25 / 27
+"""Mean fraction of the layers a pruned forward runs with prefix reuse: the demo's sets (P_cran, N_cran,
+F_A) at the paper's levels 0.01, 0.1, 1 % start at layer 1 of 6 in 4 of 9 cases (docs/pruning.md)."""
+
+EXPECTED_SOURCE = "bench/results/adaptive_validation.json"
 
 TABLE1_BASELINES = 4
 """Baselines of Table 1 (pad, pad-query, zero, zero-query), each one forward besides the input's."""
@@ -188,6 +207,7 @@ class Stage:
     backward: bool
     arithmetic: str
     flops: float = 0.0
+    layer_work: float = 1.0  # mean fraction of a full forward's layers a sequence runs (prefix reuse: < 1)
 
     @property
     def token_rows(self) -> int:
@@ -214,6 +234,15 @@ class Plan:
     candidates_per_dataset: int
     stages: List[Stage] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    adaptive: bool = False
+    expected_repetitions: float = 0.0
+    fixed_pruning_flops: float = 0.0  # the pruning stage with every repetition and full forwards (before issue 24)
+
+    @property
+    def fixed_total_flops(self) -> float:
+        """The total with the pruning stage as :attr:`fixed_pruning_flops` (the plan before issue 24)."""
+        pruning = sum(s.flops for s in self.stages if s.name.startswith("pruning"))
+        return self.total_flops - pruning + self.fixed_pruning_flops
 
     @property
     def path_points(self) -> int:
@@ -284,23 +313,44 @@ def plan_config(config: Union[RunConfig, str, Path, Mapping[str, Any]], *, token
     validation = list(pru["validation"])
     n_sets, n_levels, reps = len(pru["sets"]), len(pru["levels"]), pru["repetitions"]
     candidates = pru["queries"] * (pru["depth"] + RELEVANT_PER_QUERY)
+    rule = RepetitionRule.parse(reps)
+    reps = rule.max
+    expected = min(float(rule.max), EXPECTED_REPETITIONS) if rule.adaptive else float(rule.max)
+    prefix = EXPECTED_PREFIX_WORK if pru["prefix_reuse"] else 1.0
+    fixed_pruning = 0.0
     if n_sets and validation:
         runs = 1 + n_sets * n_levels * (1 + reps)
-        stages.append(Stage(
-            "pruning reranking (forward)", len(validation) * candidates * runs, t_pru, False,
+        fixed_pruning = float(len(validation) * candidates * runs) * shape.forward_flops(t_pru)
+        pruned_runs = n_sets * n_levels * (1 + expected)
+        expected_runs = 1 + pruned_runs
+        how = (f"(1 + {expected:g} expected random, adaptive up to {reps})" if rule.adaptive
+               else f"(1 + {reps} random)")
+        stage = Stage(
+            "pruning reranking (forward)", round(len(validation) * candidates * expected_runs), t_pru, False,
             f"{len(validation)} datasets x {candidates} candidates ({pru['queries']} queries x ({pru['depth']} + "
-            f"{RELEVANT_PER_QUERY} relevant)) x {runs} rerankings (1 original + {n_sets} sets x {n_levels} levels "
-            f"x (1 + {reps} random))"))
+            f"{RELEVANT_PER_QUERY} relevant)) x {expected_runs:g} rerankings (1 original + {n_sets} sets x "
+            f"{n_levels} levels x {how})", layer_work=(1 + pruned_runs * prefix) / expected_runs)
+        if prefix < 1:
+            stage.arithmetic += (f"; pruned forwards run {prefix:.1%} of the layers (prefix reuse, expected), "
+                                 f"all rerankings {stage.layer_work:.1%}")
+        stages.append(stage)
         notes.append("pruning: random runs are shared between sets with identical per-module counts, "
                      "so the random part is an upper bound")
+        if rule.adaptive:
+            notes.append(f"pruning: adaptive repetitions: {expected:g} expected per row (measured on the demo model, "
+                         f"{EXPECTED_SOURCE}), at most {reps}")
+        if prefix < 1:
+            notes.append(f"pruning: prefix reuse: a pruned forward runs {prefix:.1%} of the layers on average "
+                         f"(measured on the demo sets at the paper's levels, {EXPECTED_SOURCE})")
     for s in stages:
-        s.flops = float(s.sequences) * shape.forward_flops(s.tokens) * (3 if s.backward else 1)
+        s.flops = float(s.sequences) * shape.forward_flops(s.tokens) * (3 if s.backward else 1) * s.layer_work
     if tokens is None:
         notes.append(f"tokens per pair = max_length ({t_att}); real pairs are shorter and cost less (--tokens N)")
     return Plan(config_name=cfg.name, model=cfg.model, shape=shape, schemes=schemes, pairs_per_scheme=pairs,
                 steps=steps, attribution_tokens=t_att, pruning_tokens=t_pru, validation=validation,
                 pruning_sets=n_sets, pruning_levels=n_levels, repetitions=reps,
-                candidates_per_dataset=candidates, stages=stages, notes=notes)
+                candidates_per_dataset=candidates, stages=stages, notes=notes, adaptive=rule.adaptive,
+                expected_repetitions=expected, fixed_pruning_flops=fixed_pruning)
 
 
 # ------------------------------------------------------------------- rates
@@ -386,7 +436,9 @@ def render(plan: Plan, *, cpu_flops: Optional[float] = None, device: Optional[st
            f"  {plan.pairs_per_scheme} pairs each (sampled, before the agreement filter), N = {plan.steps} -> "
            f"{plan.path_points} path points a pair, {t} tokens a pair",
            f"Pruning: {plan.pruning_sets} sets x {plan.pruning_levels} levels on {len(plan.validation)} datasets, "
-           f"{plan.candidates_per_dataset} candidates each, {plan.repetitions} random repetitions, "
+           f"{plan.candidates_per_dataset} candidates each, "
+           + (f"{plan.expected_repetitions:g} random repetitions expected (adaptive, at most {plan.repetitions}), "
+              if plan.adaptive else f"{plan.repetitions} random repetitions, ") +
            f"{plan.pruning_tokens} tokens a pair",
            "",
            "FLOPs: forward = 2 x P x T + 4 x L x T^2 x d per sequence; backward = 2 x forward"]
@@ -399,9 +451,16 @@ def render(plan: Plan, *, cpu_flops: Optional[float] = None, device: Optional[st
         factor = "3 x " if st.backward else ""
         out.append(f"  {st.name:<{width}}  {_count(st.sequences)} sequences = {st.arithmetic}")
         share = st.flops / plan.total_flops * 100 if plan.total_flops else 0.0
+        work = f" x {st.layer_work:.3f} (layer share)" if st.layer_work != 1 else ""
         out.append(f"  {'':<{width}}  token rows {_count(st.token_rows)}; FLOPs {factor}{_count(st.sequences)} x "
-                   f"{_sci(s.forward_flops(st.tokens))} = {_sci(st.flops)} ({share:.1f} % of the total)")
+                   f"{_sci(s.forward_flops(st.tokens))}{work} = {_sci(st.flops)} ({share:.1f} % of the total)")
     out.append(f"  {'total':<{width}}  {_sci(plan.total_flops)} FLOPs")
+    if plan.fixed_pruning_flops and plan.fixed_total_flops != plan.total_flops:
+        pruning = plan.total_flops - (plan.fixed_total_flops - plan.fixed_pruning_flops)
+        out.append(f"  {'':<{width}}  (every repetition and full forwards: pruning {_sci(plan.fixed_pruning_flops)}, "
+                   f"total {_sci(plan.fixed_total_flops)}; expected now: pruning {_sci(pruning)} = "
+                   f"{pruning / plan.fixed_pruning_flops:.1%} of it, total {_sci(plan.total_flops)} = "
+                   f"{plan.total_flops / plan.fixed_total_flops:.1%})")
     out.append("")
     out.append("Estimated time (compute only; model loading, BM25 indexing and downloads not counted):")
     if cpu_flops:

@@ -30,7 +30,7 @@ import torch
 from ..common import check_int, sample_key
 from ..data.loading import load_collection
 from ..data.splits import split_queries
-from ..engine.loading import OFFLINE_MINILM, load_pretrained_cross_encoder, offline_minilm_path
+from ..engine.loading import OFFLINE_MINILM, load_pretrained_cross_encoder, load_pretrained_ranker, offline_minilm_path
 from ..engine.scoring import score_pairs
 from ..evaluation.reranking import bm25_run, ndcg_at_k
 from .finetune import (
@@ -243,6 +243,16 @@ def _train_demo(folder: Path, collection, settings: Dict[str, Any], held_out: Se
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_ranker(name_or_path: str, *, dtype=None, device=None) -> Tuple[object, object]:
+    """Load any ranker fastnig attributes and its tokenizer, in eval mode: the demo ids as
+    :func:`load_cross_encoder`, anything else by its checkpoint's architecture
+    (:func:`fastnig.engine.loading.load_pretrained_ranker`: monoT5, Qwen3-Reranker, ...).
+    ``dtype``: ``None``, ``"auto"`` (the checkpoint's) or a torch dtype."""
+    if name_or_path == OFFLINE_DEMO:
+        return offline_demo_model(device=device)
+    return load_pretrained_ranker(name_or_path, dtype=dtype, device=device)
 
 
 def load_cross_encoder(name_or_path: str, *, num_labels: Optional[int] = None, device=None) -> Tuple[object, object]:
