@@ -2,7 +2,7 @@
 
 Owns: :func:`top_units` (a scheme's top-k neurons; the top-k heads by the mean
 head NIG over the scheme's pairs), :func:`circuit` (for every chosen unit,
-conditional NIG toward it — docs/method.md §12 — of every chosen unit below it,
+conditional NIG toward it — docs/method.md §13 — of every chosen unit below it,
 averaged over the pairs: a weighted, layered graph), :class:`Circuit` and its
 JSON and figure (layers bottom to top, edges by weight).  The paper's "reduced
 scope" follow-up: costly mechanistic analysis on the few units NIG ranked first.

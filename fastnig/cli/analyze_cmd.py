@@ -16,7 +16,7 @@ from ..engine.loading import ModelUnavailable
 from ..evaluation.table1 import baseline_differences
 from ..neurons.scheme import Scheme
 from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
-from ..training.demo_model import load_cross_encoder
+from ..training.demo_model import load_ranker
 from .usage import UsageError
 
 DESCRIPTION = """\
@@ -194,7 +194,7 @@ def run(args) -> int:
         pairs = read_pairs(args.baseline_pairs, args.baseline_max_pairs)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            model, tokenizer = load_cross_encoder(args.baseline_model, device=device)
+            model, tokenizer = load_ranker(args.baseline_model, device=device)
         except ModelUnavailable as exc:
             raise UsageError(f"--baseline-model: {exc}") from None
         labelled = [LabelledPair(str(i), str(i), q, d, 1, 1) for i, (q, d) in enumerate(pairs)]

@@ -1,4 +1,4 @@
-"""``fastnig circuit RUN --scheme P_ms --top 10``: conditional NIG among a scheme's top units (docs/method.md §12)."""
+"""``fastnig circuit RUN --scheme P_ms --top 10``: conditional NIG among a scheme's top units (docs/method.md §13)."""
 from __future__ import annotations
 
 import argparse

@@ -16,7 +16,7 @@ from ..neurons.fusion import fuse
 from ..neurons.scheme import Scheme
 from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
 from ..neurons.sets import NeuronSet, intersection, neuron_universe
-from ..training.demo_model import load_cross_encoder
+from ..training.demo_model import load_ranker
 from .usage import UsageError
 
 PAPER_LEVELS = (0.01, 0.1, 1.0)
@@ -270,7 +270,7 @@ def run(args) -> int:
     progress = not args.quiet
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_cross_encoder(args.model, device=device)
+    model, tokenizer = load_ranker(args.model, device=device)
     model.to(getattr(torch, args.dtype))
     sizes = neuron_universe(model)
 

@@ -11,7 +11,7 @@ Linear output (``heads=True``).  The engine accumulates the context's conductanc
 ``[pairs, heads * head_dim]`` (``[pairs, 3, ...]`` per segment) under the key
 ``name + CONTEXT`` like any module's, with the same carries, out-of-memory redo and
 Richardson sums; :func:`split_head_scores` turns it into ``[pairs, heads]`` at the end
-(exact: conductance adds over the units of a layer, docs/method.md §11).
+(exact: conductance adds over the units of a layer, docs/method.md §12).
 
 Must not: run a model, tokenise or know about datasets and files.
 """

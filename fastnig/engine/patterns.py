@@ -7,7 +7,7 @@ product reads them) summed into blocks by (segment of i × segment of j), with
 segments query / passage / special (:data:`fastnig.engine.encoding.SEGMENTS`):
 ``blocks[projection name]`` ``[pairs, heads, 3, 3]`` — query→passage is
 ``[:, :, 0, 1]``, passage→query ``[:, :, 1, 0]``, to and from the structure
-tokens the rows and columns of index 2 (docs/method.md §11).
+tokens the rows and columns of index 2 (docs/method.md §12).
 
 **Attention implementation.** SDPA and flash attention never materialise the
 probabilities, so this runs the model with **eager** attention

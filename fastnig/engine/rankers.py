@@ -1,6 +1,6 @@
 """Rankers: how each model family turns a (query, passage) pair into tokens and a score.
 
-One home per family (docs/method.md §10, docs/rankers.md):
+One home per family (docs/method.md §11, docs/rankers.md):
 
 * :class:`Classifier` — an encoder with a sequence-classification head read at
   its first token (the paper's MonoBERT; BERT, MiniLM, ELECTRA, RoBERTa, ...):

@@ -91,7 +91,7 @@ class AttributionSettings:
         segments: also split each neuron's NIG by the segment of the token it
             flows through (query, passage, special) into ``Attributions.segment_scores``.
         heads: also attribute every attention head (the conductance of the attention context,
-            the output projection's input, summed over the head's dimensions; docs/method.md §11)
+            the output projection's input, summed over the head's dimensions; docs/method.md §12)
             into ``Attributions.head_scores`` (``head_segment_scores`` with ``segments``).
         include_vocabulary: also attribute SPLADE's vocabulary projection, whose output
             units are the vocabulary's terms (``ranker="splade"`` only; off by default:

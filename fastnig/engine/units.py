@@ -7,7 +7,7 @@ stopped right after the unit's module), and :func:`conditional`, which finds the
 units *below* the target — the attributed modules (and head contexts) the
 target's activation depends on, read off the autograd graph of one dry forward —
 so that only those are hooked and nothing above the target is computed
-(docs/method.md §12).
+(docs/method.md §13).
 
 F = Σ_{t} a_{u,t}: for a neuron (m, j) its output a_{m,j,t}; for a head (o, h)
 Σ_{i in head h} of the attention context c_{o,t,i} (the output projection's

@@ -6,7 +6,7 @@ slice, which is the same map; restored afterwards), :func:`random_heads` and
 :func:`evaluate_head_ablation`, which reranks one validation set through a
 :class:`fastnig.evaluation.pruning.PruningBenchmark` (its candidates, scoring
 and nDCG) with the heads ablated, with ``repetitions`` seeded random sets of as
-many heads, and compares them (docs/method.md §11).
+many heads, and compares them (docs/method.md §12).
 
 Must not: choose the heads (schemes, :func:`fastnig.attribute` with ``heads=True``) or write files.
 """

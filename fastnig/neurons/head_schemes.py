@@ -8,7 +8,7 @@ for neurons works unchanged for heads: :class:`fastnig.neurons.scheme.Scheme`
 stability), top-X % heads (:meth:`Scheme.top`: X % of all heads), intersections,
 unions and fusions (:mod:`fastnig.neurons.sets`, :mod:`fastnig.neurons.fusion`).
 A head's identity is ``(output projection name, head index)``; its layer is the
-projection's (docs/method.md §11).
+projection's (docs/method.md §12).
 
 Must not: attribute, read files or lay out figures.
 """
