@@ -141,3 +141,15 @@ def cpu_isa(request):
 
     with forced_cpu_isa(request.param):
         yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine they cost several times the time
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a test file)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,13 +32,7 @@ KINDS = {  # model kind -> (tokenizer kind, family)
 TEMPLATE = "query: {query} document: {passage}"  # short: keeps the decoders' tests fast
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they cost several times the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(kind, seed=0, dtype=torch.float32):

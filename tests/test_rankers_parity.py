@@ -31,13 +31,7 @@ import fastnig
 captum_attr = pytest.importorskip("captum.attr")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they cost several times the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 STEPS = 16  # Captum's riemann_trapezoid n_steps=16 and fastnig's rule="left" steps=16: the same 17 points
 TOLERANCE = 1e-4  # ||fastnig - captum|| / ||captum|| per pair and Linear

@@ -32,13 +32,7 @@ from fastnig.rankers import BiEncoder, ColBERT, resolve_ranker
 captum_attr = pytest.importorskip("captum.attr")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 PAIRS = [("cancer risk diet", "a study of diet and cancer risk in patients with heat"),
          ("boundary layer heat transfer", "flow"), ("wing", "supersonic wing pressure tests")]
