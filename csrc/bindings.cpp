@@ -6,11 +6,15 @@
 
 #include <array>
 #include <stdexcept>
+#include <string>
 
 #include "cpu/conductance_cpu.h"
+#include "cpu/segment_pairs_cpu.h"
 #include "cuda/emulate_cuda.h"
+#include "cuda/emulate_segment_pairs.h"
 #ifdef FASTNIG_WITH_CUDA
 #include "cuda/conductance_cuda.h"
+#include "cuda/segment_pairs_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -90,6 +94,60 @@ Call make_call(std::uintptr_t a, std::uintptr_t g, const std::array<int64_t, 4>&
       py::arg("num_segments"), py::arg("coarse_out"), py::arg("a_even"), py::arg("g_even"),                    \
       py::arg("has_prev_even"), py::arg("first_point")
 
+// The segment-pair accumulation (segment_pairs.h): a0, g0, a1, g1 addresses (g1 0 for the left rule),
+// shape [pairs, heads, Tq, Tk], strides[4][3] (dims 0..2 of each, elements), dtype code, rule code, the
+// int64 segment ids and lengths (lengths 0 = none), the number of segments and the float32 out.
+struct SegmentCall {
+  DType dtype;
+  Rule rule;
+  fastnig::SegmentPairGeometry geo;
+  fastnig::SegmentPairBuffers buf;
+};
+
+SegmentCall make_segment_call(std::uintptr_t a0, std::uintptr_t g0, std::uintptr_t a1, std::uintptr_t g1,
+                              const std::array<int64_t, 4>& shape,
+                              const std::array<std::array<int64_t, 3>, 4>& strides, int dtype, int rule,
+                              std::uintptr_t q_segments, std::uintptr_t k_segments, std::uintptr_t q_lengths,
+                              std::uintptr_t k_lengths, int64_t num_segments, std::uintptr_t out) {
+  SegmentCall c{};
+  c.dtype = static_cast<DType>(dtype);
+  c.rule = static_cast<Rule>(rule);
+  if (num_segments < 1 || num_segments > fastnig::kMaxSegmentPairSegments)
+    throw std::invalid_argument("num_segments must lie in [1, " + std::to_string(fastnig::kMaxSegmentPairSegments) +
+                                "]");
+  if (c.rule == Rule::Trapezoid && g1 == 0) throw std::invalid_argument("the trapezoid rule needs g1");
+  if (q_segments == 0 || k_segments == 0 || out == 0) throw std::invalid_argument("segment ids and out are required");
+  c.geo.pairs = shape[0];
+  c.geo.heads = shape[1];
+  c.geo.q_tokens = shape[2];
+  c.geo.k_tokens = shape[3];
+  c.geo.segments = num_segments;
+  for (int k = 0; k < 4; ++k)
+    for (int d = 0; d < 3; ++d) c.geo.stride[k][d] = strides[k][d];
+  c.buf.a0 = as_ptr<const void>(a0);
+  c.buf.g0 = as_ptr<const void>(g0);
+  c.buf.a1 = as_ptr<const void>(a1);
+  c.buf.g1 = as_ptr<const void>(g1);
+  c.buf.q_segments = as_ptr<const int64_t>(q_segments);
+  c.buf.k_segments = as_ptr<const int64_t>(k_segments);
+  c.buf.q_lengths = as_ptr<const int64_t>(q_lengths);
+  c.buf.k_lengths = as_ptr<const int64_t>(k_lengths);
+  c.buf.out = as_ptr<float>(out);
+  return c;
+}
+
+#define FASTNIG_SEGMENT_PARAMS                                                                                  \
+  std::uintptr_t a0, std::uintptr_t g0, std::uintptr_t a1, std::uintptr_t g1, std::array<int64_t, 4> shape,   \
+      std::array<std::array<int64_t, 3>, 4> strides, int dtype, int rule, std::uintptr_t q_segments,          \
+      std::uintptr_t k_segments, std::uintptr_t q_lengths, std::uintptr_t k_lengths, int64_t num_segments,     \
+      std::uintptr_t out
+#define FASTNIG_SEGMENT_ARGS \
+  a0, g0, a1, g1, shape, strides, dtype, rule, q_segments, k_segments, q_lengths, k_lengths, num_segments, out
+#define FASTNIG_SEGMENT_PYARGS                                                                                  \
+  py::arg("a0"), py::arg("g0"), py::arg("a1"), py::arg("g1"), py::arg("shape"), py::arg("strides"),           \
+      py::arg("dtype"), py::arg("rule"), py::arg("q_segments"), py::arg("k_segments"), py::arg("q_lengths"),  \
+      py::arg("k_lengths"), py::arg("num_segments"), py::arg("out")
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -125,6 +183,23 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("shape"), py::arg("num_segments"), py::arg("coarse"),
       "elements (accumulator dtype) of the scratch buffer the CUDA op and its emulation need");
+  m.def(
+      "segment_pairs_cpu",
+      [](FASTNIG_SEGMENT_PARAMS, int n_threads) {
+        const SegmentCall c = make_segment_call(FASTNIG_SEGMENT_ARGS);
+        py::gil_scoped_release release;
+        fastnig::accumulate_segment_pairs_cpu(c.dtype, c.rule, c.geo, c.buf, n_threads);
+      },
+      FASTNIG_SEGMENT_PYARGS, py::arg("n_threads"));
+  m.def(
+      "segment_pairs_cuda_emulated",
+      [](FASTNIG_SEGMENT_PARAMS, uint64_t block_order_seed, int64_t max_grid) {
+        const SegmentCall c = make_segment_call(FASTNIG_SEGMENT_ARGS);
+        if (max_grid < 1) throw std::invalid_argument("max_grid must be >= 1");
+        py::gil_scoped_release release;
+        fastnig::accumulate_segment_pairs_emulated(c.dtype, c.rule, c.geo, c.buf, block_order_seed, max_grid);
+      },
+      FASTNIG_SEGMENT_PYARGS, py::arg("block_order_seed"), py::arg("max_grid"));
   m.def("cpu_kernel_isa", &fastnig::cpu_kernel_isa,
         "the instruction set the CPU kernel runs with here: 'avx2' (AVX2 + FMA build) or 'baseline'");
   m.def("avx2_supported", &fastnig::avx2_supported, "whether the AVX2 + FMA build exists and runs on this CPU");
@@ -141,6 +216,14 @@ PYBIND11_MODULE(_C, m) {
         if (!err.empty()) throw std::runtime_error("fastnig CUDA kernel failed: " + err);
       },
       FASTNIG_CALL_PYARGS, py::arg("scratch"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "segment_pairs_cuda",
+      [](FASTNIG_SEGMENT_PARAMS, int device, std::uintptr_t stream) {
+        const SegmentCall c = make_segment_call(FASTNIG_SEGMENT_ARGS);
+        std::string err = fastnig::accumulate_segment_pairs_cuda(c.dtype, c.rule, c.geo, c.buf, device, stream);
+        if (!err.empty()) throw std::runtime_error("fastnig CUDA kernel failed: " + err);
+      },
+      FASTNIG_SEGMENT_PYARGS, py::arg("device"), py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -35,7 +35,7 @@ from .engine.loading import ModelUnavailable
 from .engine.model import linear_modules
 from .engine.rankers import UnsupportedModel
 from .engine.scoring import relevance_probability, target_function
-from .engine.units import Unit
+from .engine.units import Unit, attribute_units
 from .evaluation.pruning import PruningBenchmark, evaluate_pruning, prune, pruned, random_like
 from .evaluation.reranking import Candidates, build_candidates, ndcg_at_k
 from .evaluation.table4 import PruningTable
@@ -48,7 +48,7 @@ from .training.demo_model import load_cross_encoder, load_ranker
 __all__ = [
     "Attributions", "attribute", "linear_modules", "relevance_probability", "target_function",
     "accumulate_conductance", "accumulate_conductance_ref", "load_cross_encoder", "load_ranker", "ModelUnavailable",
-    "UnsupportedModel", "Unit",
+    "UnsupportedModel", "Unit", "attribute_units",
     "DATASETS", "Collection", "DatasetUnavailable", "LabelledPair", "MissingJudgments", "filter_agreeing",
     "load_collection", "sample_pairs",
     "COMPONENTS", "NeuronSet", "Scheme", "component", "fuse", "fuse_all", "intersection", "layer_index",

@@ -530,7 +530,8 @@ def test_fastnig_prune_help_and_bad_arguments(capsys, tmp_path):
         main(["prune", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for words in ("--set", "fuse:", "and:", "--dataset", "--repetitions", "--adaptive", "table4.csv", "drop %"):
+    for words in ("--set", "fuse:", "and:", "--dataset", "--repetitions", "--adaptive", "table4.csv", "drop %",
+                  "--ranker", "--template"):
         assert words in text
     assert main(["prune", "--model", "x", "--set", "P=fuse:", "--out", str(tmp_path), "--levels", "0"]) == 2
     assert "--levels" in capsys.readouterr().err

@@ -65,8 +65,18 @@ def test_rule_stops_when_precise_or_decided_never_before_min_nor_after_max():
     noisy = lambda r: np.full(10, 0.5 + 0.05 * ((r * 7) % 5 - 2))  # noqa: E731 (spread +-10 points)
     results, reason = run_random_baseline(noisy, rule, set_points=20.0)  # the set far below random: decided
     assert (len(results), reason) == (5, "decided")
-    results, reason = run_random_baseline(noisy, rule, set_points=50.0)  # the set inside the interval
+    results, reason = run_random_baseline(noisy, rule, set_points=50.0)  # the set inside a wide interval
     assert (len(results), reason) == (50, "max")
+    # Equivalence: random means 50 +- 0.5 points (sd 0.5, t(0.975, 4) = 2.776): h = 2.776 * 0.5 / sqrt(5) = 0.621 at
+    # n = 5; the set at 50.3 points: |50.3 - 50| + 0.621 = 0.921 <= 1 (margin): the set hurts as much as random.
+    close = lambda r: np.full(10, 0.5 + 0.005 * ((r * 7) % 5 - 2) / np.sqrt(2.5))  # noqa: E731 (sd 0.5 points)
+    results, reason = run_random_baseline(close, rule, set_points=50.3)
+    assert (len(results), reason) == (5, "equivalent")
+    # ... and not while the interval reaches past the margin: at 50.5, 0.5 + 0.621 > 1 (and 0.5 < 0.621 + 1: not
+    # decided either) at n = 5; at n = 10 (the 5 values twice: sd 0.5 * sqrt(20 / 9 / 2.5) = 0.471, t(0.975, 9) =
+    # 2.262, h = 0.337) 0.5 + 0.337 <= 1: equivalent.
+    results, reason = run_random_baseline(close, rule, set_points=50.5)
+    assert (len(results), reason) == (10, "equivalent")
     results, reason = run_random_baseline(noisy, RepetitionRule.parse(7), set_points=20.0)
     assert (len(results), reason) == (7, "fixed")
 

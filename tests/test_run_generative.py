@@ -73,3 +73,39 @@ def test_reduced_study_completes_for_a_generative_ranker(tmp_path, tmp_path_fact
                                                                                ).exists() else None
     if quality is not None:
         assert "original" in json.dumps(quality)
+
+
+@pytest.mark.slow
+def test_fastnig_prune_takes_the_ranker_and_its_template(tmp_path, tmp_path_factory, monkeypatch):
+    """`fastnig prune --ranker yes_no --template ...` reranks through that ranker: its rows equal the Python API's
+    PruningBenchmark with the same ranker and template; --template alone is a usage error."""
+    import fastnig
+    from fastnig.cli import main
+    from fastnig.evaluation.pruning import PruningBenchmark
+    from fastnig.evaluation.reranking import build_candidates
+    from fastnig.rankers import YesNo
+
+    monkeypatch.setenv("IR_DATASETS_HOME", str(tmp_path / "irds"))
+    model_dir = _saved(tmp_path_factory, "qwen3", "qwen")
+    template = "query: {query} document: {passage} relevant:"
+    model, tok = fastnig.load_ranker(str(model_dir))
+    scheme_path = tmp_path / "P_x"
+    pairs = [("heat transfer in wings", "the wing heat flow was measured"), ("shock waves", "laminar boundary layer")]
+    att = fastnig.attribute(model, pairs, tokenizer=tok, ranker=YesNo(template=template), steps=2, progress=False)
+    Scheme.from_attributions(att, ["a", "b"], "cranfield", model=str(model_dir)).save(scheme_path)
+    common = ["prune", "--model", str(model_dir), "--set", f"P_x={scheme_path}", "--levels", "10",
+              "--dataset", "Cranfield=cranfield", "--queries", "3", "--depth", "3", "--repetitions", "1",
+              "--seed", "2", "--batch-size", "8", "--max-length", "64", "--bm25-cache", str(tmp_path / "bm25"),
+              "--quiet"]
+    assert main(common + ["--ranker", "yes_no", "--template", template, "--out", str(tmp_path / "a")]) == 0
+    with open(tmp_path / "a" / "table4.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    candidates = build_candidates(fastnig.load_collection("cranfield"), num_queries=3, seed=2, depth=3,
+                                  cache_dir=tmp_path / "bm25", progress=False)
+    bench = PruningBenchmark(model, tok, candidates, batch_size=8, max_length=64, progress=False,
+                             ranker=YesNo(template=template))
+    result = bench.evaluate(Scheme.load(scheme_path).top(10))
+    assert float(row["ndcg_original"]) == pytest.approx(result.comparison.ndcg_original, abs=1e-9)
+    assert float(row["drop_percent"]) == pytest.approx(result.drop_percent, abs=1e-9)
+    assert main(common[:1] + ["--model", "x", "--set", "P=fuse:", "--template", template,
+                              "--out", str(tmp_path / "b")]) == 2

@@ -68,26 +68,64 @@ def adaptive_stop(rule: RepetitionRule, points: np.ndarray, set_points: float):
     return None, None
 
 
-def summarize(rule, reference, rows_state):
-    """One row per (dataset, set, level): the adaptive stop against the first ``reference`` repetitions."""
+def verdict(rule: RepetitionRule, points: np.ndarray, set_points: float) -> str:
+    """The set against its random sets, from these repetitions: ``"more"`` / ``"less"`` (the set's pruned nDCG below /
+    above the random interval by the margin: it hurts more / less than random), ``"as random"`` (the interval within
+    the margin of the set) or ``"undecided"``."""
+    h, gap = rule.half_width_of(points), set_points - float(points.mean())
+    if abs(gap) >= h + rule.margin:
+        return "more" if gap < 0 else "less"
+    return "as random" if abs(gap) + h <= rule.margin else "undecided"
+
+
+def summary_row(rule: RepetitionRule, row: dict) -> dict:
+    """``row`` (its ``random_points`` [reference] and ``set_points``, nDCG points) with the adaptive stop and the
+    comparison with the reference (all its repetitions) added."""
+    points, set_points = np.asarray(row["random_points"], dtype=np.float64), float(row["set_points"])
+    ndcg0 = float(row["set_points"]) / (1.0 - row["drop"] / 100.0) if row["drop"] != 100 else float("nan")
+    n, reason = adaptive_stop(rule, points, set_points)
+    out = {k: v for k, v in row.items() if not k.startswith(("random_drop_adaptive", "mean_points_diff",
+                                                             "half_width_points", "within_precision",
+                                                             "hurts_more_adaptive", "same_verdict", "verdict"))}
+    out.update({"reference_repetitions": int(points.size), "n": n, "stopped": reason,
+                "half_width_points_reference": rule.half_width_of(points),
+                "hurts_more_reference": bool(set_points < points.mean()),
+                "verdict_reference": verdict(rule, points, set_points)})
+    if n is not None:
+        head = points[:n]
+        h, diff = rule.half_width_of(head), abs(head.mean() - points.mean())
+        out.update({"random_drop_adaptive": float(100.0 * (1.0 - head.mean() / ndcg0)), "mean_points_diff": float(diff),
+                    "half_width_points": h, "within_precision": bool(diff <= h),
+                    "hurts_more_adaptive": bool(set_points < head.mean()),
+                    "verdict_adaptive": verdict(rule, head, set_points)})
+        out["same_verdict"] = (out["hurts_more_adaptive"] == out["hurts_more_reference"]
+                               and out["verdict_adaptive"] == out["verdict_reference"])
+    return out
+
+
+def summarize(rule: RepetitionRule, rows: list) -> dict:
+    """The rows' totals: stops within the reference, mean n (rows not stopped counted at the rule's max), precision
+    and verdicts."""
+    stopped = [r for r in rows if r["n"] is not None]
+    ns = [r["n"] if r["n"] is not None else rule.max for r in rows]
+    return {"rows": len(rows), "rows_stopped_within_reference": len(stopped),
+            "mean_n_of_stopped": float(np.mean([r["n"] for r in stopped])) if stopped else None,
+            "mean_n_counting_unstopped_at_max": float(np.mean(ns)),
+            "reasons": {k: sum(r["stopped"] == k for r in stopped) for k in ("precise", "decided", "equivalent",
+                                                                              "max")},
+            "all_within_precision": all(r["within_precision"] for r in stopped),
+            "all_same_verdict": all(r["same_verdict"] for r in stopped)}
+
+
+def measured_rows(rows_state) -> list:
+    """Raw rows (no rule applied) from the benchmarks' results: per-row random points and the set's points."""
     rows = []
     for (dname, expr, level), (result, fixed) in rows_state.items():
-        points = 100.0 * fixed.ndcg_pruned
-        set_points = 100.0 * result.comparison.ndcg_pruned
-        n, reason = adaptive_stop(rule, points, set_points)
-        row = {"dataset": dname, "set": expr, "level": level, "drop": result.drop_percent,
-               "significant": result.significant, "p_value": result.p_value, "reference_repetitions": points.size,
-               "random_drop_reference": fixed.mean_drop, "random_std_reference": fixed.std_drop,
-               "half_width_points_reference": rule.half_width_of(points),
-               "hurts_more_reference": bool(set_points < points.mean()), "n": n, "stopped": reason}
-        if n is not None:
-            h = rule.half_width_of(points[:n])
-            diff = abs(points[:n].mean() - points.mean())
-            row.update({"random_drop_adaptive": float(fixed.drop_percent[:n].mean()), "mean_points_diff": float(diff),
-                        "half_width_points": h, "within_precision": bool(diff <= h),
-                        "hurts_more_adaptive": bool(set_points < points[:n].mean())})
-            row["same_verdict"] = row["hurts_more_adaptive"] == row["hurts_more_reference"]
-        rows.append(row)
+        rows.append({"dataset": dname, "set": expr, "level": level, "drop": result.drop_percent,
+                     "significant": result.significant, "p_value": result.p_value,
+                     "random_drop_reference": fixed.mean_drop, "random_std_reference": fixed.std_drop,
+                     "set_points": float(100.0 * result.comparison.ndcg_pruned),
+                     "random_points": [float(x) for x in 100.0 * fixed.ndcg_pruned]})
     return rows
 
 
@@ -99,7 +137,12 @@ def main():
     parser.add_argument("--dtype", default="auto", help="reranking dtype (float32, bfloat16, auto)")
     parser.add_argument("--quick", action="store_true", help="smoke run: max 6, one level, Cranfield only")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="recompute the rule's stops and the comparison from a saved adaptive_validation.json "
+                             "(its rows keep every repetition's points): no model, no reranking")
     args = parser.parse_args()
+    if args.from_json:
+        return resummarize(Path(args.from_json), Path(args.out))
     cfg = load_config("demo")
     pru = cfg.pruning
     model, tok = offline_demo_model(cfg.cache_dir / "models")
@@ -143,15 +186,10 @@ def main():
     for reference in list(range(5, maximum, 5)) + [maximum]:
         for (dname, expr, level), state in rows_state.items():
             state[1] = benches[dname].random_baseline(sets[(expr, level)], reference, pru["seed"])
-        rows = summarize(rule, reference, rows_state)
-        decided = [r for r in rows if r["n"] is not None]
+        rows = [summary_row(rule, r) for r in measured_rows(rows_state)]
         report.update({"reference_repetitions": reference, "seconds": time.perf_counter() - started, "rows": rows,
-                       "summary": {
-                           "rows": len(rows), "rows_stopped_within_reference": len(decided),
-                           "mean_n_of_stopped": float(np.mean([r["n"] for r in decided])) if decided else None,
-                           "all_within_precision": all(r["within_precision"] for r in decided),
-                           "all_same_verdict": all(r["same_verdict"] for r in decided),
-                           "forwards": {d: b.forwards for d, b in benches.items()}}})
+                       "summary": {**summarize(rule, rows),
+                                   "forwards": {d: b.forwards for d, b in benches.items()}}})
         write_json(out / "adaptive_validation.json", report)
         write_markdown(out, report)
         print(f"reference {reference}: {report['summary']}", flush=True)
@@ -162,6 +200,24 @@ def main():
     write_markdown(out, report)
 
 
+def resummarize(source: Path, out: Path) -> None:
+    """Apply the current default rule (``max``: the saved run's fixed repetitions) to its raw rows (the repetitions
+    drawn so far); write the results."""
+    import json
+
+    report = json.loads(source.read_text())
+    maximum = report["fixed_repetitions"]
+    rule = RepetitionRule.parse({"max": maximum, "stop_when": {"min": 5 if maximum >= 5 else 2}})
+    rows = [summary_row(rule, r) for r in report["rows"]]
+    forwards = report.get("summary", {}).get("forwards")
+    report.update({"rule": rule.as_dict(), "rows": rows, "summary": {**summarize(rule, rows), "forwards": forwards},
+                   "resummarized_from": str(source)})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "adaptive_validation.json", report, run=report.get("run"))
+    write_markdown(out, report)
+    print(json.dumps(report["summary"], indent=1))
+
+
 def write_markdown(out: Path, report):
     rows, s = report["rows"], report["summary"]
     lines = ["# Adaptive random baseline vs fixed repetitions (demo model)", "",
@@ -170,19 +226,22 @@ def write_markdown(out: Path, report):
              + ", ".join(f"{k} ({v['queries']} queries, {v['pairs']} pairs)" for k, v in report["datasets"].items())
              + ".", "",
              "| dataset | set | level | drop % | p | n | stopped | random drop (reference) | (adaptive) | "
-             "diff (points) | half-width (points) | same verdict |", "|" + "---|" * 12]
+             "diff (points) | half-width (points) | verdict (reference) | (adaptive) | same |", "|" + "---|" * 14]
     for r in rows:
         adaptive = (f"{r['random_drop_adaptive']:.2f} | {r['mean_points_diff']:.3f} | {r['half_width_points']:.3f} | "
-                    f"{r['same_verdict']}") if r["n"] is not None else "– | – | – | –"
+                    f"{r['verdict_reference']} | {r['verdict_adaptive']} | {r['same_verdict']}") if r["n"] is not None \
+            else f"– | – | – | {r['verdict_reference']} | – | –"
         lines.append(f"| {r['dataset']} | {r['set']} | {r['level']:g} | {r['drop']:.2f} | {r['p_value']:.3g} | "
                      f"{r['n'] if r['n'] is not None else '> ' + str(r['reference_repetitions'])} | "
                      f"{r['stopped'] or '–'} | {r['random_drop_reference']:.2f} | {adaptive} |")
-    lines += ["", f"Rows stopped within the reference: {s['rows_stopped_within_reference']} of {s['rows']}, mean n "
-              f"{s['mean_n_of_stopped']}; every adaptive mean within its stated half-width of the reference mean: "
-              f"{s['all_within_precision']}; every verdict the same: {s['all_same_verdict']}.",
+    lines += ["", f"Rows stopped within the reference: {s['rows_stopped_within_reference']} of {s['rows']} "
+              f"({s['reasons']}), mean n of those {s['mean_n_of_stopped']}, mean n with the others counted at the "
+              f"maximum {s['mean_n_counting_unstopped_at_max']:.2f}; every adaptive mean within its stated half-width "
+              f"of the reference mean: {s['all_within_precision']}; every verdict the same: {s['all_same_verdict']}.",
               f"Prefix reuse at the paper's levels (demo sets): pruned forwards run "
               f"{report['prefix_at_paper_levels']['mean_layer_work']:.1%} of the layers on average."]
-    (out / "adaptive_validation.md").write_text("\n".join(lines) + "\n\n" + run_markdown() + "\n")
+    run = run_markdown(report["run"]) if report.get("run") else run_markdown()
+    (out / "adaptive_validation.md").write_text("\n".join(lines) + "\n\n" + run + "\n")
 
 
 if __name__ == "__main__":

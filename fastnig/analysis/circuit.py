@@ -22,7 +22,7 @@ from ..engine.attribute import attribute
 from ..engine.encoding import Pair
 from ..engine.heads import head_layer
 from ..engine.settings import AttributionSettings
-from ..engine.units import Unit
+from ..engine.units import Unit, attribute_units
 from ..neurons.scheme import Scheme
 from ..neurons.sets import layer_index
 from .writers import new_figure, save_figure
@@ -128,20 +128,20 @@ def circuit(model, tokenizer, pairs: Sequence[Pair], units: Sequence[Unit], *,
             progress: bool = False, **kw) -> Circuit:
     """Conditional NIG from each unit of ``units`` onto every unit of ``units`` below it, mean over ``pairs``.
 
-    One conditional attribution (``heads=True``) per unit that has a chosen unit in a lower layer;
+    One conditional attribution (``heads=True``) per unit that has a chosen unit in a lower layer, the
+    targets batched into shared passes where memory allows (:func:`fastnig.engine.units.attribute_units`);
     ``scores``: each unit's own score (e.g. its scheme mean), kept on its node."""
     units = list(dict.fromkeys(units))
     ids = {u: f"{u.kind}:{u.name}:{u.index}" for u in units}
     nodes = [{"id": ids[u], "kind": u.kind, "module": u.name, "index": u.index, "layer": unit_layer(u),
               "label": unit_label(u), "score": None if scores is None else scores.get(u)} for u in units]
     edges = []
-    for target in units:
-        lower = [u for u in units if u != target and unit_layer(u) <= unit_layer(target)]
-        if not lower:
-            continue
-        att = attribute(model, pairs, settings, tokenizer=tokenizer, target=target, heads=True, progress=progress,
-                        **kw)
-        for source in lower:
+    lower = {t: [u for u in units if u != t and unit_layer(u) <= unit_layer(t)] for t in units}
+    targets = [t for t in units if lower[t]]
+    attributions = attribute_units(model, pairs, targets, settings, tokenizer=tokenizer, heads=True,
+                                   progress=progress, **kw)
+    for target, att in zip(targets, attributions):
+        for source in lower[target]:
             value = _value(att, source)
             if value is not None:
                 edges.append({"source": ids[source], "target": ids[target], "weight": float(value.mean())})

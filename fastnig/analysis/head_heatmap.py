@@ -1,19 +1,26 @@
-"""The layer × head heat map of a head scheme (mean head NIG), as CSV and PNG.
+"""The layer × head heat map of a head scheme (mean head NIG), as CSV and PNG, and the top-X % head sets.
 
 Owns: :func:`head_grid` (``[layers, heads]`` mean NIG from a head scheme or a
 ``{output projection: [heads]}`` mapping; T5's decoder and cross-attention
-layers get rows of their own, named by the projection) and
-:func:`write_head_heatmap`.  Must not: attribute or read run folders.
+layers get rows of their own, named by the projection),
+:func:`write_head_heatmap` and :func:`head_set_rows` / :func:`write_head_sets`
+(each head scheme's top-X % heads, their ∩ over the datasets per label and
+P_x ∩ N_x, with the :mod:`fastnig.neurons.sets` algebra).  Must not: attribute
+or read run folders.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Mapping, Tuple, Union
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 
 from ..engine.heads import head_layer
+from ..neurons.head_schemes import head_label
+from ..neurons.sets import NeuronSet, intersection
 from .writers import new_figure, save_figure, write_csv
+
+HEAD_SET_COLUMNS = ("level_percent", "set", "heads", "overlap_percent", "members")
 
 
 def head_grid(means: Mapping[str, torch.Tensor]) -> Tuple[List[str], torch.Tensor]:
@@ -22,9 +29,9 @@ def head_grid(means: Mapping[str, torch.Tensor]) -> Tuple[List[str], torch.Tenso
     if not names:
         raise ValueError("no heads to draw")
     width = max(int(means[n].numel()) for n in names)
-    grid = torch.full((len(names), width), float("nan"))
+    grid = torch.full((len(names), width), float("nan"), dtype=torch.float64)  # a scheme's means are float64
     for i, name in enumerate(names):
-        values = means[name].detach().float().flatten()
+        values = means[name].detach().double().flatten()
         grid[i, :values.numel()] = values
     return names, grid
 
@@ -58,4 +65,43 @@ def write_head_heatmap(scheme_or_means, folder: Union[str, Path], name: str = "h
     return csv, save_figure(fig, folder / f"{name}.png")
 
 
-__all__ = ("head_grid", "write_head_heatmap")
+def _prefix(label: str) -> str:
+    return "P" if label == "relevant" else "N"
+
+
+def head_set_rows(schemes: Mapping[Tuple[str, str], object], levels: Sequence[float],
+                  by: str = "value") -> List[Dict[str, object]]:
+    """Rows of :data:`HEAD_SET_COLUMNS`: per level, each head scheme's top-X % heads (``P_x``, ``N_x``), then
+    for each label the ∩ over the datasets that have it (``inter(A, P)``; ``overlap_percent`` = |∩| / |a set|
+    x 100, every top set of a level having the same size) and each dataset's ``P_x & N_x``
+    (:meth:`NeuronSet.overlap`); ``members`` lists the heads as ``L<layer>.h<head>``."""
+    rows: List[Dict[str, object]] = []
+
+    def row(level, name: str, members: NeuronSet, overlap="") -> None:
+        rows.append({"level_percent": float(level), "set": name, "heads": len(members), "overlap_percent": overlap,
+                     "members": " ".join(head_label(m, h) for m, h in members.neurons())})
+
+    for level in levels:
+        top = {key: scheme.top(level, by=by) for key, scheme in schemes.items()}
+        for (dataset, label), members in top.items():
+            row(level, f"{_prefix(label)}_{dataset}", members)
+        for label in ("relevant", "non-relevant"):
+            sets = [members for (_d, lab), members in top.items() if lab == label]
+            if len(sets) > 1:
+                common = intersection(*sets)
+                row(level, f"inter(A, {_prefix(label)})", common,
+                    len(common) / len(sets[0]) * 100 if len(sets[0]) else float("nan"))
+        for (dataset, label), members in top.items():
+            other = top.get((dataset, "non-relevant"))
+            if label == "relevant" and other is not None:
+                row(level, f"P_{dataset} & N_{dataset}", members & other, members.overlap(other))
+    return rows
+
+
+def write_head_sets(schemes: Mapping[Tuple[str, str], object], path: Union[str, Path], levels: Sequence[float],
+                    by: str = "value") -> Path:
+    """:func:`head_set_rows` as a CSV file."""
+    return write_csv(head_set_rows(schemes, levels, by), path, HEAD_SET_COLUMNS)
+
+
+__all__ = ("HEAD_SET_COLUMNS", "head_grid", "head_set_rows", "write_head_heatmap", "write_head_sets")

@@ -8,12 +8,11 @@ import torch
 
 from ..data import NEGATIVES, label_mapping, load_collection
 from ..engine.quadrature import DEFAULT_RULE, DEFAULT_STEPS, RULES
-from ..engine.rankers import FAMILIES, ranker_from_spec
 from ..engine.settings import AttributionSettings
 from ..neurons.stability import StopRule
 from ..study.attribution_job import ResumeRefused, attribute_dataset
 from ..training.demo_model import load_ranker
-from .usage import UsageError
+from .usage import UsageError, add_ranker_options, ranker_option
 
 DESCRIPTION = """\
 Attribute the pairs of one dataset and one label with Neuron Integrated
@@ -55,10 +54,7 @@ def register(sub) -> None:
     p = sub.add_parser("attribute", help="attribute one dataset/label into a scheme file",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face id, local folder, or 'minilm-l6'")
-    p.add_argument("--ranker", choices=FAMILIES, default=None,
-                   help="how the model scores a pair (default: from its class; see docs/rankers.md)")
-    p.add_argument("--template", default=None, metavar="TEXT",
-                   help="the ranker's prompt, with {query} and {passage} (default: the family's)")
+    add_ranker_options(p)
     p.add_argument("--dataset", required=True, help="dataset spec (see above)")
     p.add_argument("--label", required=True, choices=["relevant", "non-relevant"], help="which pairs to attribute")
     p.add_argument("--out", required=True, help="scheme path, e.g. runs/P_nf (writes P_nf.json + tensors)")
@@ -113,16 +109,6 @@ def parse_grades(text, option: str):
         return [int(g) for g in text.replace(" ", "").split(",") if g]
     except ValueError:
         raise UsageError(f"{option} {text!r}: give integer grades separated by commas, e.g. 2,3") from None
-
-
-def ranker_option(family, template):
-    """The ranker of ``--ranker`` / ``--template`` (``None``: from the model's class), or a :class:`UsageError`."""
-    if template is not None and family is None:
-        raise UsageError("--template needs --ranker (the family the template is for)")
-    try:
-        return ranker_from_spec({"family": family, "template": template} if template is not None else family)
-    except ValueError as exc:
-        raise UsageError(f"--template: {exc}") from None
 
 
 def run(args) -> int:

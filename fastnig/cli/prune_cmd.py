@@ -17,7 +17,7 @@ from ..neurons.scheme import Scheme
 from ..neurons.scheme_storage import is_scheme_file, scheme_json_path
 from ..neurons.sets import NeuronSet, intersection, neuron_universe
 from ..training.demo_model import load_ranker
-from .usage import UsageError
+from .usage import UsageError, add_ranker_options, ranker_option
 
 PAPER_LEVELS = (0.01, 0.1, 1.0)
 PAPER_DATASETS = ("ms-dev", "lotte-lifestyle", "lotte-recreation", "lotte-science", "lotte-technology",
@@ -114,14 +114,15 @@ def register(subparsers) -> None:
                    help="random sets per neuron set and level (default: 50)")
     p.add_argument("--adaptive", action="store_true",
                    help="draw the random sets of a row in rounds and stop as soon as their mean is known to "
-                        "+-0.25 nDCG points or the set-vs-random verdict is decided (at least 5, at most "
-                        "--repetitions; docs/method.md §8)")
+                        "+-0.25 nDCG points or the set-vs-random verdict is decided by 1 point either way "
+                        "(at least 5, at most --repetitions; docs/method.md §8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the random sets (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="pairs per forward pass (default: 32)")
     p.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                    help="tokens of a (query, passage) encoding (default: the model's, at most 512; never more "
                         "than its position embeddings allow)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    add_ranker_options(p)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="model dtype for reranking (default: float32; float16 is fine on a GPU)")
     p.add_argument("--bm25-cache", default=DEFAULT_BM25_CACHE, metavar="DIR",
@@ -269,6 +270,7 @@ def run(args) -> int:
         raise UsageError(f"--levels must be in (0, 100] (percent of all neurons), got {bad}")
     progress = not args.quiet
 
+    ranker = ranker_option(args.ranker, args.template)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_ranker(args.model, device=device)
     model.to(getattr(torch, args.dtype))
@@ -299,7 +301,7 @@ def run(args) -> int:
 
     table = evaluate_pruning(model, tokenizer, neuron_sets, datasets, groups=groups, repetitions=repetitions,
                              seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
-                             progress=progress)
+                             progress=progress, ranker=ranker)
     paths = table.write(args.out)
     print(table.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -21,7 +21,7 @@ from typing import Tuple, Type
 from ..common import CorruptFile, MissingExtra, OutputLocked
 from ..data import DatasetUnavailable, MissingJudgments
 from ..engine.loading import ModelUnavailable
-from ..engine.rankers import UnsupportedModel
+from ..engine.rankers import FAMILIES, UnsupportedModel, ranker_from_spec
 from ..neurons.expressions import ExpressionError
 from ..report.run_folder import NotARunFolder
 from ..study.attribution_job import ResumeRefused
@@ -55,3 +55,21 @@ def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, USER_ERRORS):
         return True
     return isinstance(exc, OSError) and getattr(exc, "filename", None) is not None
+
+
+def add_ranker_options(parser) -> None:
+    """``--ranker`` / ``--template``: how a command's model scores a pair (read back by :func:`ranker_option`)."""
+    parser.add_argument("--ranker", choices=FAMILIES, default=None,
+                        help="how the model scores a pair (default: from its class; see docs/rankers.md)")
+    parser.add_argument("--template", default=None, metavar="TEXT",
+                        help="the ranker's prompt, with {query} and {passage} (default: the family's)")
+
+
+def ranker_option(family, template):
+    """The ranker of ``--ranker`` / ``--template`` (``None``: from the model's class), or a :class:`UsageError`."""
+    if template is not None and family is None:
+        raise UsageError("--template needs --ranker (the family the template is for)")
+    try:
+        return ranker_from_spec({"family": family, "template": template} if template is not None else family)
+    except ValueError as exc:
+        raise UsageError(f"--template: {exc}") from None

@@ -60,7 +60,7 @@ from .rankers import BoundRanker, Ranker, bind_ranker
 from .scoring import TargetSpec, normalize_targets, target_function
 from .settings import AttributionSettings
 from .two_tower import attributed_by
-from .units import CONTEXT, Unit, engine_target, relabel, split_head_scores
+from .units import CONTEXT, Unit, attribute_units, engine_target, relabel, split_head_scores
 
 
 @dataclass
@@ -271,7 +271,10 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
             (``None`` = the defaults: ``baseline="pad"``, ``rule="richardson"``,
             ``steps=32``, ``output="probability"``, ...).
         tokenizer: its fast tokenizer; ``None`` loads ``model.config.name_or_path``'s.
-        target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair.
+        target: ``"relevant"``, ``"non-relevant"`` (or 1/0), or one per pair; or a
+            :class:`fastnig.Unit` (conditional NIG toward that neuron or head), or a
+            list of them: then a list of :class:`Attributions`, one per unit, run
+            batched (:func:`fastnig.engine.units.attribute_units`).
         device: where to compute; ``None`` (default) = where the model is, which
             is not changed; a device = the model is moved there (a warning says so;
             it stays there).  A model spread over several devices (``device_map``)
@@ -295,6 +298,9 @@ def attribute(model: nn.Module, pairs: Sequence[Pair], settings: Optional[Attrib
         raise TypeError(f"settings must be an AttributionSettings, got {type(settings).__name__}")
     if overrides:
         settings = settings.replace(**overrides)
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, Unit) for t in target):
+        return attribute_units(model, pairs, target, settings, tokenizer=tokenizer, device=device,
+                               progress=progress, ranker=ranker)  # several conditional targets, batched
     pairs = validate_pairs(pairs)
     unit = target if isinstance(target, Unit) else None  # conditional NIG (fastnig.engine.units)
     targets = normalize_targets("relevant" if unit is not None else target, len(pairs))

@@ -14,12 +14,15 @@ probabilities, so this runs the model with **eager** attention
 (``model.set_attn_implementation("eager")``) for the call only and restores the
 previous implementation afterwards (also on error).  Eager attention keeps the
 ``[points, heads, T, T]`` probabilities of one path chunk for its backward anyway;
-the gradient hook on them reduces each step's g · Δp into the ``[P, heads, 3, 3]``
-blocks at once (one-hot segment matrices: Q^T (g ⊙ Δp) K, a batched matmul per
-path step), so nothing of size ``[points, heads, T, T]`` outlives the chunk beyond
-the carry (the previous point's p and g, the even point's too for Richardson).
-This accumulation is plain PyTorch, not the fused C++/CUDA op of
-:mod:`fastnig.engine.kernels`.  A separate pass from :func:`fastnig.attribute`;
+the gradient hook on them reduces each step's rule term (g · Δp, trapezoid:
+½ (g_k + g_{k+1}) · Δp) into the ``[P, heads, 3, 3]`` blocks at once with the fused
+segment-pair op (:func:`fastnig.engine.pattern_kernels.accumulate_segment_pairs`,
+C++ / CUDA: every element read once, no ``[P, heads, T, T]`` product made), so
+nothing of that size outlives the chunk beyond the carry (the previous point's p
+and g, the even point's too for Richardson, copied out of the chunk).  Where the
+compiled op does not run (an extension built before it, or without its CUDA
+kernels for CUDA tensors) its pure-PyTorch reference (one-hot segment matrices,
+Q^T (g ⊙ Δp) K) does the same sums.  A separate pass from :func:`fastnig.attribute`;
 no out-of-memory redo (``step_batch`` bounds the chunk).
 
 Must not: know about datasets, schemes or files.
@@ -45,6 +48,7 @@ from .model import (
     single_device,
     unwrap,
 )
+from .pattern_kernels import segment_pair_blocks
 from .quadrature import path_nodes, richardson
 from .rankers import bind_ranker
 from .scoring import TargetSpec, normalize_targets, target_function
@@ -107,7 +111,8 @@ def _probe_modules(model: nn.Module) -> Dict[str, Tuple[nn.Module, int]]:
 
 
 class _Blocks:
-    """The running sums of one layer: step terms of the rule reduced to ``[P, heads, 3, 3]`` blocks."""
+    """The running sums of one layer: step terms of the rule reduced to ``[P, heads, 3, 3]`` blocks by the
+    fused segment-pair op (:func:`fastnig.engine.pattern_kernels.segment_pair_blocks`)."""
 
     def __init__(self, trapezoid: bool, coarse: bool):
         self.trapezoid, self.coarse = trapezoid, coarse
@@ -116,34 +121,36 @@ class _Blocks:
         self.prev: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.even: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    @staticmethod
-    def _reduce(g: torch.Tensor, da: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        # [P, H, Tq, Tk] -> [P, H, 3, 3] = Q^T (g * da) K, Q [P, Tq, 3], K [P, Tk, 3] one-hot segments
-        return torch.einsum("pis,phij,pjr->phsr", q, g * da, k)
-
     def add(self, a: torch.Tensor, g: torch.Tensor, index: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        a, g = a.float(), g.float()
+        """Point ``index`` of the path: ``a``, ``g`` ``[P, heads, Tq, Tk]``; ``q`` / ``k`` the ``[P, Tq]`` /
+        ``[P, Tk]`` segment ids of the query / key positions (−1: padding, in no block)."""
         if self.fine is None:
-            self.fine = a.new_zeros(a.shape[0], a.shape[1], len(SEGMENTS), len(SEGMENTS))
+            self.fine = torch.zeros(a.shape[0], a.shape[1], len(SEGMENTS), len(SEGMENTS), device=a.device)
             self.half = torch.zeros_like(self.fine)
         if self.prev is not None:
             pa, pg = self.prev
-            self.fine += self._reduce((pg + g) / 2 if self.trapezoid else pg, a - pa, q, k)
+            segment_pair_blocks(pa, pg, a, g if self.trapezoid else None, q, k, self.fine,
+                                "trapezoid" if self.trapezoid else "left")
         self.prev = (a, g)
         if self.coarse and index % 2 == 0:
             if self.even is not None:
                 ea, eg = self.even
-                self.half += self._reduce((eg + g) / 2, a - ea, q, k)
+                segment_pair_blocks(ea, eg, a, g, q, k, self.half, "trapezoid")
             self.even = (a, g)
+
+    def own(self) -> None:
+        """Copy the carried points out of the chunk's tensors (views of them would keep the whole chunk)."""
+        self.prev = tuple(t.clone() for t in self.prev) if self.prev is not None else None
+        self.even = tuple(t.clone() for t in self.even) if self.even is not None else None
 
     def result(self) -> torch.Tensor:
         return richardson(self.fine, self.half) if self.coarse else self.fine
 
 
-def _one_hot(segments: torch.Tensor, tokens: int, read: torch.Tensor) -> torch.Tensor:
-    """``[P, tokens, 3]`` float one-hot of the segments of the first ``tokens`` positions (one position: ``read``)."""
+def _segment_ids(segments: torch.Tensor, tokens: int, read: torch.Tensor) -> torch.Tensor:
+    """``[P, tokens]`` segment ids of the first ``tokens`` positions (−1: padding; one position: ``read``)."""
     ids = read[:, None] if tokens == 1 and segments.shape[1] != 1 else segments[:, :tokens]
-    return nn.functional.one_hot(ids.clamp(min=0), len(SEGMENTS)).float() * (ids >= 0)[..., None].float()
+    return ids.to(torch.int64).contiguous()
 
 
 def attention_pattern_nig(model: nn.Module, pairs: Sequence[Pair], settings: Optional[AttributionSettings] = None,
@@ -229,10 +236,11 @@ def _pattern_batch(bound, probes, settings, enc, targets: List[str], rows, alpha
 
             def on_grad(g, p=p, name=name):
                 a4, g4 = p.detach().unflatten(0, (P, S)), g.unflatten(0, (P, S))
-                q = _one_hot(segments, a4.shape[3], read)
-                k = _one_hot(segments, a4.shape[4], read)
+                q = _segment_ids(segments, a4.shape[3], read)
+                k = _segment_ids(segments, a4.shape[4], read)
                 for s in range(S):
                     sums[name].add(a4[:, s], g4[:, s], start + s, q, k)
+                sums[name].own()
 
             p.register_hook(on_grad)
 

@@ -17,19 +17,31 @@ over the tokens of ``segment`` only.  :func:`fastnig.attribute` runs it as a
 out-of-memory redo and the convergence delta (now against F(x) − F(x') of the
 unit) apply unchanged.
 
+:func:`attribute_units` attributes toward several units of the same pairs in batched
+passes: each pass replicates the pairs once per target (each replica's F is its own
+target's activation, :class:`_TargetsRanker`), so one forward + backward gives every
+target's attributions; targets of similar depth (:func:`target_passes`) share a pass,
+as many as fit one forward with all their path points by the memory model
+(:func:`targets_per_pass`).
+
 Must not: tokenise itself, know about datasets, schemes or files.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .encoding import SEGMENTS, Pair
+from .encoding import SEGMENTS, Pair, validate_pairs
 from .heads import CONTEXT, head_contexts, output_projections, split_head_scores
-from .model import frozen_eval
+from .memory import CPU_ROWS_PER_FORWARD, chunk_memory, free_memory
+from .model import frozen_eval, load_tokenizer, move_model, single_device, unwrap
+from .rankers import bind_ranker
+from .settings import AttributionSettings
+from .two_tower import attributed_by
 
 KINDS = ("neuron", "head")
 
@@ -209,4 +221,218 @@ def engine_target(bound, modules: Dict[str, nn.Module], settings, unit: Optional
     return bound, modules, settings.replace(output="logit")
 
 
-__all__ = ("CONTEXT", "KINDS", "Unit", "UnitRanker", "conditional", "engine_target", "relabel", "split_head_scores")
+# ------------------------------------------------------------ several targets in one pass
+class _Tagged(str):
+    """A query string that knows which target of the pass its replica belongs to."""
+
+    target: int
+
+    def __new__(cls, text: str, target: int) -> "_Tagged":
+        tagged = super().__new__(cls, text)
+        tagged.target = target
+        return tagged
+
+
+class _AllReached(Exception):
+    """Raised once every target module of the pass has run."""
+
+
+def _targets_bound(bound, rankers: List[UnitRanker], modules: Dict[str, nn.Module]):
+    """A copy of ``bound`` (a :class:`~fastnig.engine.rankers.BoundRanker`, so :func:`fastnig.attribute` takes it
+    as ``ranker=``) whose pairs are replicas tagged with a target (:class:`_Tagged` queries) and whose
+    ``[batch, 1]`` "logit" is, per row, its own target's activation summed over the tokens (each target's
+    :class:`UnitRanker` reads it); the forward stops once the last target module has run.  ``modules()``
+    returns ``modules``: the units below at least one target of the pass."""
+    multi = copy.copy(bound)
+    state: Dict[str, torch.Tensor] = {}
+
+    def encode(pairs: Sequence[Pair], max_length: int, baseline: str):
+        state["which"] = torch.tensor([q.target for q, _ in pairs], dtype=torch.long)
+        enc = bound.encode([(str(q), p) for q, p in pairs], max_length, baseline)
+        for ranker in rankers:
+            ranker.segments, ranker.read_segment = enc.segments, enc.read_segment
+        return enc
+
+    def logits(inputs_embeds, attention_mask, token_type_ids=None, cut=True):
+        rows = inputs_embeds.shape[0]
+        which = state["which"].to(inputs_embeds.device)
+        which = which.repeat_interleave(rows // which.shape[0])
+        by_module: Dict[int, List[int]] = {}
+        for j, ranker in enumerate(rankers):
+            by_module.setdefault(id(ranker.module), []).append(j)
+        grabbed: Dict[int, torch.Tensor] = {}
+        done: set = set()
+
+        def grab(module, args, kwargs, output):
+            if id(module) in done:
+                return
+            done.add(id(module))
+            for j in by_module[id(module)]:
+                grabbed[j] = rankers[j]._activation(args, kwargs, output)
+            if len(done) == len(by_module):
+                raise _AllReached
+
+        handles = [r.module.register_forward_hook(grab, with_kwargs=True)
+                   for r in {id(r.module): r for r in rankers}.values()]
+        try:
+            bound.logits(inputs_embeds, attention_mask, token_type_ids, cut=False)
+        except _AllReached:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [rankers[j].unit.describe() for j in range(len(rankers)) if j not in grabbed]
+        if missing:
+            raise ValueError(f"target {missing[0]}: its module did not run in the model's forward")
+        f = None
+        for j, ranker in enumerate(rankers):
+            a = grabbed[j]
+            fj = (a * ranker._weights(a, attention_mask)).sum(dim=1, keepdim=True)
+            f = fj if f is None else torch.where((which == j)[:, None], fj, f)
+        return f
+
+    multi.encode, multi.logits = encode, logits
+    multi.modules = lambda layers=None, include_pooler=False: dict(modules)
+    if hasattr(bound, "current_tower"):  # state the forward sets lives on the original (a two-tower ranker)
+        multi.current_tower = bound.current_tower
+    return multi
+
+
+def _module_order(model: nn.Module, unit: Unit) -> int:
+    """The position of the unit's module in ``model.named_modules()`` (for a head: its output projection)."""
+    for i, (name, _) in enumerate(model.named_modules()):
+        if name == unit.name:
+            return i
+    return -1
+
+
+def targets_per_pass(model: nn.Module, modules: Dict[str, nn.Module], tokens: int, pairs: int, points: int,
+                     device: torch.device, settings: AttributionSettings, fraction: float = 0.5) -> int:
+    """How many targets of ``pairs`` pairs may share one pass: the most whose replicas (``pairs`` × targets
+    rows) still fit all ``points`` path points in one forward — ``fraction`` of the free memory by the memory
+    model (:func:`chunk_memory`), and on the CPU at most :data:`CPU_ROWS_PER_FORWARD` token rows.  Replicas
+    only fill the room one target's forward leaves: where one target alone already needs several path
+    chunks, batching would not save a forward (the same rows, only more of the model above the lower
+    targets), and the answer is 1.  At least 1."""
+    device = torch.device(device)
+    coarse = settings.rule == "richardson"
+    one = chunk_memory(model, modules, tokens, pairs, settings.dtype, first_token_cut=False, coarse=coarse)
+    shared = one.fixed.get("weights cast by autocast", 0)  # not per row
+    per_target = max(one.total(points) - shared, 1)
+    k = int((free_memory(device) * fraction - shared) // per_target)
+    if device.type == "cpu":
+        k = min(k, CPU_ROWS_PER_FORWARD // max(pairs * tokens * points, 1))
+    return max(1, k)
+
+
+def target_passes(depths: Sequence[int], per_pass: int, depth_slack: Optional[float] = 1.25) -> List[List[int]]:
+    """Indices of the targets (``depths``: each one's position in the forward) grouped into passes: deepest
+    first, at most ``per_pass`` each, and a target joins a pass only while the pass's work, k × its deepest
+    target's depth (every replica runs up to it), stays within ``depth_slack`` × the sum of its targets' own
+    depths (what they cost alone); ``depth_slack=None``: only ``per_pass`` counts."""
+    order = sorted(range(len(depths)), key=lambda i: -depths[i])
+    passes: List[List[int]] = []
+    for i in order:
+        group = passes[-1] if passes else None
+        if group is not None and len(group) < per_pass:
+            deepest = max(depths[j] for j in group + [i])
+            own = sum(max(depths[j], 1) for j in group + [i])
+            if depth_slack is None or (len(group) + 1) * max(deepest, 1) <= depth_slack * own:
+                group.append(i)
+                continue
+        passes.append([i])
+    return passes
+
+
+def attribute_units(model: nn.Module, pairs: Sequence[Pair], units: Sequence[Unit],
+                    settings: Optional[AttributionSettings] = None, *, tokenizer=None, device=None,
+                    progress: bool = False, ranker=None, per_pass: Optional[int] = None,
+                    depth_slack: Optional[float] = 1.25, **overrides) -> list:
+    """Conditional NIG of the same pairs toward each of ``units``: a list of :class:`fastnig.Attributions`,
+    one per unit in order, each what ``fastnig.attribute(model, pairs, settings, target=unit, ...)`` gives
+    (up to float rounding: batches of other sizes).
+
+    Targets run batched: grouped by depth into passes of at most ``per_pass`` (``None``:
+    :func:`targets_per_pass`, the memory model) of similar depth (:func:`target_passes` with
+    ``depth_slack``); a pass replicates the pairs once per target, hooks the units below any of its
+    targets and stops the forward after the highest; each target keeps the units below it.  A pass of one
+    target is a plain conditional :func:`fastnig.attribute`."""
+    from .attribute import attribute  # attribute imports this module
+
+    settings = AttributionSettings() if settings is None else settings
+    if overrides:
+        settings = settings.replace(**overrides)
+    units = list(units)
+    for unit in units:
+        if not isinstance(unit, Unit):
+            raise TypeError(f"units must be fastnig.Unit objects, got {unit!r}")
+    if per_pass is not None and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
+        raise ValueError(f"per_pass must be None or an integer >= 1, got {per_pass!r}")
+    pairs = validate_pairs(pairs)
+    if not units:
+        return []
+    model, tokenizer = unwrap(model, tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+    if device is None:
+        single_device(model)
+    bound = bind_ranker(ranker, model, tokenizer)
+    move_model(model, device)
+    device = single_device(model)
+    common = dict(tokenizer=tokenizer, progress=progress, ranker=bound)
+    if len(units) == 1 or per_pass == 1:
+        return [attribute(model, pairs, settings, target=unit, **common) for unit in units]
+
+    base_settings, modules = attributed_by(bound, settings)
+    if settings.heads:
+        modules = {**modules, **head_contexts(model)}
+    max_length = bound.max_length(settings.max_length)
+    distinct = list(dict.fromkeys(units))
+    if per_pass is None:  # every attributed unit: an upper bound of any pass's units below
+        tokens = int(bound.encode(pairs, max_length, settings.baseline).input_ids.shape[1])
+        points = (settings.steps if settings.steps != "auto" else settings.max_steps) + 1
+        per_pass = targets_per_pass(model, modules, tokens, min(len(pairs), settings.pair_batch), points, device,
+                                    settings)
+    results: Dict[Unit, object] = {}
+    for indices in target_passes([_module_order(model, u) + 1 for u in distinct], per_pass, depth_slack):
+        group = [distinct[i] for i in indices]
+        if len(group) == 1:
+            results[group[0]] = attribute(model, pairs, settings, target=group[0], **common)
+            continue
+        rankers, below = {}, {}
+        for unit in group:  # the units below each target: one dry forward of the first pair
+            rankers[unit], below[unit] = conditional(bound, unit, modules, pairs[0], max_length, settings.baseline,
+                                                     device)
+        results.update(_one_pass(attribute, model, pairs, settings, base_settings, group, rankers, below,
+                                 modules, bound, max_length, common))
+    return [results[u] for u in units]
+
+
+def _one_pass(attribute, model, pairs, settings, base_settings, group, rankers, below, modules, bound,
+              max_length, common) -> Dict[Unit, object]:
+    """One batched pass of the targets ``group``, split into one :class:`Attributions` per target."""
+    P = len(pairs)
+    union = {n: m for n, m in modules.items() if any(n in below[u] for u in group)}
+    multi = _targets_bound(bound, [rankers[u] for u in group], union)
+    replicas = [(_Tagged(q, j), p) for j in range(len(group)) for q, p in pairs]
+    run = base_settings.replace(output="logit", heads=False, pair_batch=settings.pair_batch * len(group))
+    att = attribute(model, replicas, run, **{**common, "ranker": multi})
+    record = base_settings.replace(output="logit").record(model, target="relevant", max_length=max_length)
+    if bound.family != "classifier" or bound.uses_template:
+        record["ranker"] = bound.ranker.describe()
+    out = {}
+    for j, unit in enumerate(group):
+        rows = torch.arange(j * P, (j + 1) * P)
+        keep = [n for n in modules if n in below[unit]]
+        scores = {n: att.scores[n][rows] for n in keep}
+        segments = {n: att.segment_scores[n][rows] for n in keep} if att.segment_scores is not None else None
+        errors = {n: att.error_estimate[n][rows] for n in keep} if att.error_estimate is not None else None
+        heads = split_head_scores(scores, segments, errors, modules) if settings.heads else (None, None)
+        unit_record = dict(record)
+        targets = relabel(unit_record, unit, ["relevant"] * P)
+        out[unit] = type(att)(scores, att.delta[rows], att.f_input[rows], att.f_baseline[rows], targets,
+                              att.num_tokens[rows], unit_record, att.steps_used[rows], segments, errors, *heads)
+    return out
+
+
+__all__ = ("CONTEXT", "KINDS", "Unit", "UnitRanker", "attribute_units", "conditional", "engine_target", "relabel",
+           "split_head_scores", "target_passes", "targets_per_pass")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -94,22 +94,38 @@ class HeadAblation:
                 "significant_vs_random": bool(self.versus_random.significant)}
 
 
+def ablated_ndcg(bench: PruningBenchmark, heads: Sequence[Head], desc: str) -> np.ndarray:
+    """``[queries]`` nDCG@k of ``bench``'s reranking with ``heads`` ablated, scored as the benchmark scores a
+    pruned model (its dtype; from the deepest cached layer boundary at or below the lowest ablated layer, whose
+    hidden states the ablation cannot change)."""
+    bench.original_scores  # noqa: B018 (the original model's scores, and the prefix states, come first)
+    start = bench.prefix.start_for(sorted({name for name, _ in heads}))
+    with ablated_heads(bench.model, heads):
+        return bench.ndcg(bench.scored_from(f"{bench.name}: {desc}", start))
+
+
 def evaluate_head_ablation(bench: PruningBenchmark, heads: Sequence[Head], repetitions: int = 10,
-                           seed: int = 0) -> HeadAblation:
-    """nDCG@k of ``bench``'s reranking with ``heads`` ablated, and with ``repetitions`` random sets of as many."""
+                           seed: int = 0, random_runs: Optional[MutableMapping] = None) -> HeadAblation:
+    """nDCG@k of ``bench``'s reranking with ``heads`` ablated, and with ``repetitions`` random sets of as many.
+
+    ``random_runs``: a dict shared between calls: the per-query nDCG of each random set, keyed by (bench,
+    number of heads, seed, repetition), so that sets of the same size rerank their random sets once."""
     optional_import("scipy.stats", "for the paired t-test")
     heads = [(str(n), int(h)) for n, h in heads]
     original = bench.original_ndcg
-    with ablated_heads(bench.model, heads):
-        top = bench.ndcg(bench.score(f"{bench.name}: {len(heads)} top heads ablated"))
+    top = ablated_ndcg(bench, heads, f"{len(heads)} top heads ablated")
+    random_runs = {} if random_runs is None else random_runs
     randoms = []
     for r in range(repetitions):
-        with ablated_heads(bench.model, random_heads(bench.model, len(heads), seed, r)):
-            randoms.append(bench.ndcg(bench.score(f"{bench.name}: random heads {r}")))
+        key = (bench.name, len(heads), int(seed), r)
+        if key not in random_runs:
+            random_runs[key] = ablated_ndcg(bench, random_heads(bench.model, len(heads), seed, r),
+                                            f"{len(heads)} random heads, repetition {r}")
+        randoms.append(random_runs[key])
     drops = np.array([compare_ndcg(original, x, bench.alpha).drop_percent for x in randoms])
     mean_random = np.mean(randoms, axis=0) if randoms else original
     return HeadAblation(bench.name, heads, compare_ndcg(original, top, bench.alpha), drops,
                         compare_ndcg(mean_random, top, bench.alpha))
 
 
-__all__ = ("Head", "HeadAblation", "ablated_heads", "evaluate_head_ablation", "random_heads")
+__all__ = ("Head", "HeadAblation", "ablated_heads", "ablated_ndcg", "evaluate_head_ablation", "random_heads")

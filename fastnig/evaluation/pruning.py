@@ -228,7 +228,7 @@ class RandomBaseline:
 
     ``ndcg_pruned``, ``drop_percent``, ``p_values``: ``[repetitions]``;
     ``stopped``: why the draws stopped (:meth:`RepetitionRule.stop_reason`:
-    ``"fixed"``, ``"precise"``, ``"decided"`` or ``"max"``).
+    ``"fixed"``, ``"precise"``, ``"decided"``, ``"equivalent"`` or ``"max"``).
     """
 
     num_neurons: int
@@ -360,14 +360,17 @@ class PruningBenchmark:
         """``[num_pairs]`` scores of the unpruned model (computed once; keeps the prefix cache's states)."""
         if self._original_scores is None:
             with self.prefix.capturing():
-                self._original_scores = self._scored(f"{self.name}: original", 0)
+                self._original_scores = self.scored_from(f"{self.name}: original", 0)
         return self._original_scores
 
     def score(self, desc: str) -> np.ndarray:
         """``[num_pairs]`` scores of the model as it is now (pruned or not): the one place a model is run."""
         return score_candidates(self.model, self.encoded, self.progress, desc=desc)
 
-    def _scored(self, desc: str, start: int) -> np.ndarray:
+    def scored_from(self, desc: str, start: int) -> np.ndarray:
+        """``[num_pairs]`` scores of the model as it is now, in the benchmark's dtype, its forward started at layer
+        ``start`` from the prefix cache (0: the full forward; a caller that changed the model below ``start``
+        would get wrong scores — :meth:`pruned_scores` picks ``start``).  Counted in :attr:`forwards`."""
         with ExitStack() as stack:
             stack.enter_context(compute_autocast(model_device(self.model), self.dtype))
             stack.enter_context(self.prefix.starting_at(start))
@@ -404,7 +407,7 @@ class PruningBenchmark:
         self.original_scores  # noqa: B018 (the prefix states are taken from the unpruned model)
         start = self.prefix.start_for(list(counts)) if prefix else 0
         with pruned(self.model, neuron_set):
-            return self._scored(f"{self.name}: {desc}", start)
+            return self.scored_from(f"{self.name}: {desc}", start)
 
     def evaluate(self, neuron_set) -> PruningResult:
         """nDCG@k with ``neuron_set`` pruned vs the original model."""

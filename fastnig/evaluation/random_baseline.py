@@ -50,10 +50,14 @@ class RepetitionRule:
 
     * ``h <= half_width`` (the random mean is stated to that precision), or
     * the set's own pruned nDCG lies outside ``[m - h, m + h]`` by at least
-      ``margin`` points (the verdict "the set hurts more / less than random" is
-      decided).
+      ``margin`` points (``"decided"``: the set hurts more / less than random), or
+    * the whole interval lies within ``margin`` points of the set's pruned nDCG,
+      ``|s - m| + h <= margin`` (``"equivalent"``: the set hurts as much as
+      random, to within the margin — the comparison is decided the other way,
+      and more random sets would only narrow an interval that already says so).
 
-    ``half_width`` or ``margin`` may be ``None`` (that criterion is off).
+    ``half_width`` or ``margin`` may be ``None`` (that criterion is off; ``margin``
+    governs both comparison criteria).
     """
 
     max: int = DEFAULT_REPETITIONS
@@ -153,7 +157,7 @@ class RepetitionRule:
             random_points: ``[n]`` mean pruned nDCG@k of each random set, in nDCG points (x 100).
             set_points: the set's own mean pruned nDCG@k in points (``None``: no comparison criterion).
         Returns:
-            ``"precise"``, ``"decided"``, ``"max"`` (fixed rules: ``"fixed"``) or ``None``.
+            ``"precise"``, ``"decided"``, ``"equivalent"``, ``"max"`` (fixed rules: ``"fixed"``) or ``None``.
         """
         n = int(np.size(random_points))
         if not self.adaptive:
@@ -166,8 +170,11 @@ class RepetitionRule:
         if self.half_width is not None and h <= self.half_width:
             return "precise"
         if self.margin is not None and set_points is not None and not math.isnan(set_points):
-            if abs(set_points - float(np.mean(random_points))) >= h + self.margin:
+            gap = abs(set_points - float(np.mean(random_points)))
+            if gap >= h + self.margin:
                 return "decided"
+            if gap + h <= self.margin:
+                return "equivalent"
         return None
 
 

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 from ..common import write_atomic
 from ..engine.encoding import SEGMENTS
 from .comparison import compare_runs
+from .heads_section import head_lines, heads_section
 from .markdown import md_to_html
 from .run_folder import NotARunFolder, md_escape, read_csv, table4_summary
 from .scorecard import scorecard
@@ -233,7 +234,8 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
 
     Order: key numbers, the reproduction scorecard (also written as
     ``scorecard.md`` / ``.csv``), the figures (paper numbering), Table 1,
-    Table 4, the §6 comparison when ``settings["compare_with"]`` names another
+    Table 4, the heads (:mod:`fastnig.report.heads_section`; runs with
+    ``attribution.heads``), the §6 comparison when ``settings["compare_with"]`` names another
     run folder, the attribution schemes, and last the settings and timings.
     """
     output = Path(output)
@@ -241,7 +243,7 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
     pruning = output / "pruning"
     sections: List[Dict[str, Any]] = []
 
-    found = key_numbers(output, settings) + evidence_lines(output)
+    found = key_numbers(output, settings) + head_lines(output) + evidence_lines(output)
     card = None
     try:
         card = scorecard(output)
@@ -275,6 +277,9 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
         sections.append({"title": "Table 4 — % drop of nDCG@10 when pruning (positive = worse)",
                          "md": table4_md.read_text() + "\nFull numbers (random baseline, p-values): "
                                                        "`pruning/table4.csv`.\n"})
+    heads = heads_section(output)
+    if heads is not None:
+        sections.append(heads)
     if settings.get("compare_with"):
         sections.append({"title": "§6 — this run beside another (impact of the baseline)",
                          "md": _comparison_section(output, settings)})
@@ -297,8 +302,9 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
     md = ["# fastnig report" + (f": {settings.get('name')}" if settings.get("name") else ""), ""]
     for s in sections:
         md += [f"## {s['title']}", "", s["md"]]
+        caption = s.get("caption", figure_caption)
         for png in s.get("figures", ()):
-            md += [f"**{figure_caption(png)}** ({png.name})", "",
+            md += [f"**{caption(png)}** ({png.name})", "",
                    f"![{png.stem}]({png.relative_to(output).as_posix()})", ""]
     md_path = output / "report.md"
     write_atomic(md_path, "\n".join(md))
@@ -307,10 +313,11 @@ def write_report(output: Path, settings: Mapping[str, Any], timings: Mapping[str
     for s in sections:
         body.append(f"<h2>{html.escape(s['title'])}</h2>")
         body.append(md_to_html(s["md"]))
+        caption = s.get("caption", figure_caption)
         for png in s.get("figures", ()):
             data = base64.b64encode(png.read_bytes()).decode()
             body.append(f"<figure><img alt='{html.escape(png.stem)}' src='data:image/png;base64,{data}'/>"
-                        f"<figcaption>{html.escape(figure_caption(png))} ({html.escape(png.name)})</figcaption>"
+                        f"<figcaption>{html.escape(caption(png))} ({html.escape(png.name)})</figcaption>"
                         f"</figure>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fastnig report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"

@@ -7,6 +7,8 @@ the same model, dataset, label, settings and sampling: :func:`open_scheme`),
 attributing a list of pairs chunk by chunk with a save after each
 (:class:`_Job`), and the early-stopping rounds (:func:`_attribute_in_rounds`).
 A shard (``rank::world`` of the drawn pairs) is just a filter on the pairs.
+With ``heads_out`` the same job fills a head scheme beside the neuron scheme
+(:mod:`fastnig.neurons.head_schemes`), from the same attributions and chunks.
 Must not: parse configs or know about the other stages (:mod:`fastnig.study.pipeline`).
 
 Because a scheme's sums are exact whatever the order and grouping of pairs,
@@ -20,6 +22,7 @@ process dies), and a second job on the same path is refused at once.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,6 +36,7 @@ from ..engine.rankers import BoundRanker, bind_ranker
 from ..engine.scoring import TARGETS
 from ..engine.settings import AttributionSettings
 from ..evaluation.reranking import bm25_run
+from ..neurons.head_schemes import head_attributions, head_settings, head_universe, neuron_attributions, neuron_settings
 from ..neurons.scheme import Scheme
 from ..neurons.scheme_storage import scheme_json_path
 from ..neurons.sets import neuron_universe
@@ -99,36 +103,80 @@ def open_scheme(out: Path, sizes: Dict[str, int], meta: Dict[str, object], sampl
 
 
 class _Job:
-    """Attributes pairs into ``scheme`` (saved to ``out`` after each chunk), with a progress bar."""
+    """Attributes pairs into ``scheme`` (saved to ``out`` after each chunk), with a progress bar; with ``heads``
+    (a head scheme and its path), into the head scheme too, from the same attributions.
+
+    The two schemes hold the same pairs.  After each chunk the head scheme is saved first, the neuron scheme
+    last, so a kill between the two writes leaves the head scheme one chunk ahead, never behind; a resumed job
+    attributes every pair that *either* scheme lacks, adds it only where it is missing, and keeps the agreement
+    filter's decision a scheme already recorded, so both end as in an uninterrupted run (the same chunks).
+    """
 
     def __init__(self, ranker: BoundRanker, scheme: Scheme, out: Path, *, settings: AttributionSettings, target: str,
-                 max_length: int, agreement_filter: bool, chunk_pairs: int, bar):
+                 max_length: int, agreement_filter: bool, chunk_pairs: int, bar,
+                 heads: Optional[Tuple[Scheme, Path]] = None):
         self.ranker, self.model, self.tokenizer = ranker, ranker.model, ranker.tokenizer
         self.scheme, self.out = scheme, out
         self.settings, self.target, self.max_length = settings, target, max_length
         self.agreement_filter, self.chunk_pairs, self.bar = agreement_filter, chunk_pairs, bar
         self.started, self.attributed = time.perf_counter(), 0
+        # (scheme, path, view of an attribution) in the order they are saved: heads first, neurons last
+        self.parts = ([(heads[0], heads[1], head_attributions)] if heads is not None else []) + [
+            (scheme, out, neuron_attributions if heads is not None else (lambda result: result))]
 
-    def run(self, todo: Sequence) -> None:
-        """Attribute ``todo`` (pairs the scheme does not hold): the agreement filter first (the pairs it
-        drops are recorded as dropped), then chunks of ``chunk_pairs``."""
-        scheme = self.scheme
-        if todo and self.agreement_filter:
-            kept, _report = filter_agreeing(self.model, self.tokenizer, todo, max_length=self.max_length,
+    def missing(self, pair) -> bool:
+        """Whether some scheme of the job has not processed ``pair`` (summed or dropped) yet."""
+        pid = pair_id(pair)
+        return any(pid not in scheme.seen_ids for scheme, _, _ in self.parts)
+
+    def _filter(self, todo: Sequence) -> Sequence:
+        """The agreement filter on ``todo``: pairs a scheme already holds keep its decision, the others are
+        scored; the dropped ones are recorded (and saved) in every scheme that lacks them."""
+        kept_before = set().union(*(s.pair_ids for s, _, _ in self.parts))
+        dropped_before = set().union(*(s.dropped_ids for s, _, _ in self.parts))
+        fresh = [p for p in todo if pair_id(p) not in kept_before and pair_id(p) not in dropped_before]
+        kept_ids = set()
+        if fresh:
+            kept, _report = filter_agreeing(self.model, self.tokenizer, fresh, max_length=self.max_length,
                                             progress=False, ranker=self.ranker)
             kept_ids = {pair_id(p) for p in kept}
-            dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
-            if dropped:
-                scheme.mark_dropped(dropped)
-                scheme.save(self.out)
-                self.bar.update(len(dropped))
-            todo = kept
-        for start in range(0, len(todo), self.chunk_pairs):
-            chunk = todo[start:start + self.chunk_pairs]
+        kept_ids |= kept_before
+        dropped = [pair_id(p) for p in todo if pair_id(p) not in kept_ids]
+        if dropped:
+            for scheme, path, _ in self.parts:
+                new = [i for i in dropped if i not in scheme.seen_ids]
+                if new:
+                    scheme.mark_dropped(new)
+                    scheme.save(path)
+            self.bar.update(len(dropped))
+        return [p for p in todo if pair_id(p) in kept_ids]
+
+    def _chunks(self, todo: Sequence):
+        """``(pairs, needs)``: runs of up to ``chunk_pairs`` consecutive pairs that the same schemes lack
+        (``needs[k]``: whether ``parts[k]`` lacks them); an uninterrupted job has one kind, so its chunks."""
+        chunk, needs = [], None
+        for pair in todo:
+            need = tuple(pair_id(pair) not in scheme.seen_ids for scheme, _, _ in self.parts)
+            if chunk and (need != needs or len(chunk) == self.chunk_pairs):
+                yield chunk, needs
+                chunk = []
+            chunk, needs = chunk + [pair], need
+        if chunk:
+            yield chunk, needs
+
+    def run(self, todo: Sequence) -> None:
+        """Attribute ``todo`` (pairs some scheme does not hold): the agreement filter first (the pairs it
+        drops are recorded as dropped), then chunks of ``chunk_pairs``."""
+        if todo and self.agreement_filter:
+            todo = self._filter(todo)
+        for chunk, needs in list(self._chunks(todo)):
             result = attribute(self.model, [p.text_pair for p in chunk], self.settings, tokenizer=self.tokenizer,
                                target=self.target, progress=False, ranker=self.ranker)
-            scheme.add(result, [pair_id(p) for p in chunk])
-            scheme.save(self.out)
+            ids = [pair_id(p) for p in chunk]
+            for (scheme, path, view), need in zip(self.parts, needs):
+                if need:
+                    scheme.add(view(result), ids)
+                    scheme.save(path)
             self.attributed += len(chunk)
             self.bar.update(len(chunk))
             self.bar.set_postfix(pairs_per_s=f"{self.attributed / (time.perf_counter() - self.started):.2f}")
@@ -178,7 +226,8 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                       nonrelevant: Optional[Sequence[int]] = None, bm25_cache_dir: Optional[Union[str, Path]] = None,
                       agreement_filter: bool = True, chunk_pairs: int = 8, device=None, progress: bool = True,
                       dataset_name: Optional[str] = None, shard: Tuple[int, int] = (0, 1), stop_when=None,
-                      combine: Optional[Callable[[Scheme], Scheme]] = None, ranker=None) -> Scheme:
+                      combine: Optional[Callable[[Scheme], Scheme]] = None, ranker=None,
+                      heads_out: Optional[Union[str, Path]] = None) -> Scheme:
     """Attribute ``num_pairs`` pairs of one label of a dataset into a scheme file.
 
     Args:
@@ -221,6 +270,12 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
             all shards (gather + merge); the rule is checked on it.
         ranker: as for :func:`fastnig.attribute` (``None``: from the model's class);
             the agreement filter scores with it too.
+        heads_out: also accumulate the head scheme of the same pairs there
+            (``heads=True``, :func:`fastnig.neurons.head_schemes.head_attributions`;
+            docs/method.md §12), resumed and sharded with the neuron scheme: both
+            hold the same pairs, and a kill between their two saves is completed
+            by the resume.  ``None``: no heads (``settings.heads`` is then ignored:
+            the neuron scheme does not depend on it).
 
     Returns:
         The saved :class:`fastnig.Scheme`.
@@ -232,6 +287,7 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
     settings = settings if settings is not None else AttributionSettings()
     if not isinstance(settings, AttributionSettings):
         raise TypeError(f"settings must be an AttributionSettings, got {type(settings).__name__}")
+    settings = settings.replace(heads=heads_out is not None)
     model, tokenizer = unwrap(model, tokenizer)
     ranker = bind_ranker(ranker, model, tokenizer)
     max_length = ranker.max_length(settings.max_length)
@@ -256,19 +312,26 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
         sampling["stop_when"] = stop_rule.as_dict()
     out = Path(out)
     meta = {"model": record["model"], "dataset": dataset_name or collection.name, "label": target,
-            "settings": record}
-    with exclusive_lock(scheme_lock_path(out), f"scheme {scheme_json_path(out)}"):
+            "settings": neuron_settings(record)}
+    with ExitStack() as locks:
+        locks.enter_context(exclusive_lock(scheme_lock_path(out), f"scheme {scheme_json_path(out)}"))
         scheme = open_scheme(out, neuron_universe(model, settings.layers, settings.include_pooler), meta, sampling)
-
-        def mine(i: int, pair) -> bool:  # this shard's share of the drawn pairs, not yet in the scheme
-            return i % world == rank and pair_id(pair) not in scheme.seen_ids
-
+        heads = None
+        if heads_out is not None:
+            heads_out = Path(heads_out)
+            locks.enter_context(exclusive_lock(scheme_lock_path(heads_out), f"scheme {scheme_json_path(heads_out)}"))
+            heads = (open_scheme(heads_out, head_universe(model), {**meta, "settings": head_settings(record)},
+                                 sampling), heads_out)
         shard_pairs = [p for i, p in enumerate(drawn) if i % world == rank]
-        seen = scheme.seen_ids
-        bar = tqdm(total=len(shard_pairs), initial=sum(pair_id(p) in seen for p in shard_pairs), unit="pair",
-                   desc=f"NIG {scheme.name}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(shard_pairs), unit="pair", desc=f"NIG {scheme.name}", disable=not progress,
+                   dynamic_ncols=True)
         job = _Job(ranker, scheme, out, settings=settings, target=target, max_length=max_length,
-                   agreement_filter=agreement_filter, chunk_pairs=chunk_pairs, bar=bar)
+                   agreement_filter=agreement_filter, chunk_pairs=chunk_pairs, bar=bar, heads=heads)
+        bar.update(sum(not job.missing(p) for p in shard_pairs))
+
+        def mine(i: int, pair) -> bool:  # this shard's share of the drawn pairs, not yet in every scheme
+            return i % world == rank and job.missing(pair)
+
         end, reason, checks = _attribute_in_rounds(job, drawn, mine, stop_rule, combine)
         bar.close()
         if reason is None:
@@ -277,7 +340,8 @@ def attribute_dataset(model, tokenizer, dataset, *, label: Union[int, str], num_
                     "pairs_sampled": end, "reason": reason}
         if stop_rule is not None:
             stopping["checks"] = checks
-        if scheme.extra.get("stopping") != stopping or not Scheme.exists(out):
-            scheme.extra["stopping"] = stopping  # (a run where every pair was dropped still leaves a file)
-            scheme.save(out)
+        for part, path, _ in job.parts:  # the head scheme first, as after every chunk
+            if part.extra.get("stopping") != stopping or not Scheme.exists(path):
+                part.extra["stopping"] = stopping  # (a run where every pair was dropped still leaves a file)
+                part.save(path)
     return scheme

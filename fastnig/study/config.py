@@ -28,13 +28,15 @@ from ..engine.settings import AttributionSettings
 from ..evaluation.pruning import DTYPES as PRUNING_DTYPES
 from ..evaluation.random_baseline import RepetitionRule
 from ..neurons.expressions import check as check_expression
+from ..neurons.scheme import RANK_BY
 from ..neurons.stability import StopRule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REQUIRED = object()
 SECTIONS: Dict[str, Dict[str, Any]] = {
     "run": {"name": None, "model": REQUIRED, "ranker": None, "output": REQUIRED, "device": None, "cache_dir": None,
-            "ir_datasets_files": {}, "compare_with": None, "attribution": REQUIRED, "analysis": {}, "pruning": {}},
+            "ir_datasets_files": {}, "compare_with": None, "attribution": REQUIRED, "analysis": {}, "pruning": {},
+            "heads": {}},
     "attribution": {"datasets": REQUIRED, "in_domain": [], "labels": ["relevant", "non-relevant"], "pairs": 100,
                     "seed": 0, "negatives": "judged", "relevance_threshold": 1, "agreement_filter": True,
                     "steps": DEFAULT_STEPS, "rule": DEFAULT_RULE, "nodes": "uniform", "baseline": "pad",
@@ -46,6 +48,10 @@ SECTIONS: Dict[str, Dict[str, Any]] = {
     "pruning": {"levels": [0.01, 0.1, 1], "sets": [], "validation": {}, "queries": 100, "depth": 20,
                 "repetitions": 50, "seed": 0, "batch_size": 32, "max_length": None, "by": "value",
                 "dtype": "float32", "prefix_reuse": True},
+    # attention heads as units (docs/method.md §12; needs attribution.heads: true): the top-X % head sets at
+    # `levels` (analysis) and, for `sets` (expressions over the head schemes), head ablation on pruning's
+    # validation datasets: the top heads vs `repetitions` random sets of as many heads
+    "heads": {"levels": [10], "sets": [], "repetitions": 3, "seed": 0, "by": "value"},
 }
 
 
@@ -217,6 +223,12 @@ class RunConfig:
     source: Optional[Path] = None
     compare_with: Optional[Path] = None
     ranker: Optional[Any] = None  # None (auto-detect), a family name or a mapping (see ranker_object)
+    heads: Dict[str, Any] = field(default_factory=lambda: copy.deepcopy(SECTIONS["heads"]))
+
+    @property
+    def heads_on(self) -> bool:
+        """Whether the attribution stage also fills head schemes (``attribution.heads: true``)."""
+        return bool(self.attribution.get("heads"))
 
     @property
     def ranker_object(self):
@@ -236,6 +248,8 @@ class RunConfig:
         out = {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
                "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
                "analysis": self.analysis, "pruning": self.pruning}
+        if self.heads_on:
+            out["heads"] = self.heads
         if self.compare_with is not None:
             out["compare_with"] = str(self.compare_with)
         if self.ranker is not None:
@@ -259,6 +273,7 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
     att = _section(top["attribution"], "attribution")
     ana = _section(top["analysis"], "analysis")
     pru = _section(top["pruning"], "pruning")
+    hea = _section(top["heads"] or {}, "heads")
     if model:
         top["model"] = model
     if output:
@@ -334,6 +349,7 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
             check_expression(expression, list(att["datasets"]), labels)
         except ValueError as exc:
             raise ConfigError(f"pruning.sets: {exc}") from None
+    _check_heads(hea, att, labels, pru)
     cache = Path(top["cache_dir"] or os.environ.get("FASTNIG_CACHE") or Path.home() / ".cache" / "fastnig")
     files = top["ir_datasets_files"] or {}
     if not isinstance(files, Mapping):
@@ -351,9 +367,40 @@ def load_config(source: Union[str, Path, Mapping[str, Any]], *, model: Optional[
         raise ConfigError(f"compare_with must be the output folder of another run (a path), got {compare_with!r}")
     return RunConfig(name=str(top["name"] or (path.stem if path else "run")), model=str(top["model"]),
                      output=Path(top["output"]), device=top["device"], cache_dir=cache, attribution=att,
-                     analysis=ana, pruning=pru, ir_datasets_files=files, source=path,
+                     analysis=ana, pruning=pru, heads=hea, ir_datasets_files=files, source=path,
                      compare_with=Path(_substitute(compare_with)) if compare_with else None,
                      ranker=dict(top["ranker"]) if isinstance(top["ranker"], Mapping) else top["ranker"])
+
+
+def _check_heads(hea: Dict[str, Any], att: Mapping[str, Any], labels: Mapping[str, list],
+                 pru: Mapping[str, Any]) -> None:
+    """The ``heads`` section (in place): levels, sets (expressions over the head schemes, as ``pruning.sets``),
+    repetitions, seed, by; each error names its key."""
+    if not isinstance(att.get("heads", False), bool):
+        raise ConfigError(f"attribution.heads must be true or false, got {att.get('heads')!r}")
+    levels = hea["levels"]
+    if not isinstance(levels, list) or not levels or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 100 for x in levels):
+        raise ConfigError(f"heads.levels must be a non-empty list of percentages in (0, 100], got {levels!r}")
+    if not isinstance(hea["sets"], list):
+        raise ConfigError(f"heads.sets must be a list of set expressions (e.g. [P_cran, N_cran]), got {hea['sets']!r}")
+    hea["sets"] = [str(s) for s in hea["sets"]]
+    if hea["sets"] and not att.get("heads"):
+        raise ConfigError("heads.sets is given but attribution.heads is not true: the head schemes it names are "
+                          "made by the attribution stage with attribution.heads: true")
+    if hea["sets"] and not pru["validation"]:
+        raise ConfigError("heads.sets is given but pruning.validation names no dataset to rerank (head ablation "
+                          "reranks pruning's validation datasets)")
+    for expression in hea["sets"]:
+        try:
+            check_expression(expression, list(att["datasets"]), labels)
+        except ValueError as exc:
+            raise ConfigError(f"heads.sets: {exc}") from None
+    for key, low in (("repetitions", 1), ("seed", 0)):
+        if not is_int(hea[key]) or hea[key] < low:
+            raise ConfigError(f"heads.{key} must be an integer >= {low}, got {hea[key]!r}")
+    if hea["by"] not in RANK_BY:
+        raise ConfigError(f"heads.by: {hea['by']!r} is not one of {list(RANK_BY)}")
 
 
 def _pairs_option(value: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:

@@ -3,7 +3,8 @@
 Owns: :func:`run_study` — the whole study of the paper from one
 configuration (:func:`fastnig.study.config.load_config`), stage by stage
 (:func:`stage_model_quality`, :func:`stage_attribution`,
-:func:`stage_analysis`, :func:`stage_pruning`, then
+:func:`stage_analysis`, :func:`stage_pruning`, with ``attribution.heads`` the
+head stages of :mod:`fastnig.study.head_stages`, then
 :func:`fastnig.report.document.write_report`), each skipped when its output
 exists with the same settings (resume stamps), sharded over torchrun ranks
 (:class:`fastnig.study.distributed.Ranks`).  Must not: parse configs
@@ -13,7 +14,6 @@ exists with the same settings (resume stamps), sharded over torchrun ranks
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,16 +47,16 @@ from .attribution_job import attribute_dataset, bm25_ranker, pair_id
 from .config import ConfigError, RunConfig, load_config, place_ir_datasets_files
 from .distributed import Ranks, init_ranks
 from .explore import explore_run
+from .head_stages import head_scheme_path, stage_head_ablation, stage_head_analysis
+from .stamps import mark_done as _mark_done
+from .stamps import settings_hash as _settings_hash
+from .stamps import stage_done as _stage_done
 
 # =============================================================== the study
 # `fastnig run CONFIG`: every stage of the paper, each skipped when its output
 # exists with the same settings, sharded over torchrun ranks when launched so.
 
 log = logging.getLogger("fastnig.run")
-
-
-def _settings_hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ stages
@@ -73,6 +73,8 @@ class Study:
     ranker: Any = None  # the ranker bound to the model (fastnig.engine.rankers.BoundRanker)
     timings: Dict[str, float] = field(default_factory=dict)
     throughput: Dict[str, float] = field(default_factory=dict)
+    head_schemes: Dict[Tuple[str, str], Scheme] = field(default_factory=dict)  # attribution.heads: (dataset, label)
+    benchmarks: Dict[str, PruningBenchmark] = field(default_factory=dict)  # validation name -> its reranking
 
 
 def _load_model(cfg: RunConfig, device: str):
@@ -137,7 +139,9 @@ def _scheme_path(out: Path, name: str, label: str) -> Path:
 
 
 def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, str], Scheme]:
-    """One scheme per (dataset, label); resumable; sharded over ranks and merged exactly."""
+    """One scheme per (dataset, label); resumable; sharded over ranks and merged exactly.  With
+    ``attribution.heads`` the same jobs fill a head scheme per (dataset, label) beside it
+    (:func:`fastnig.study.head_stages.head_scheme_path`, into ``study.head_schemes``)."""
     cfg, ranks = study.config, study.ranks
     att = cfg.attribution
     schemes: Dict[Tuple[str, str], Scheme] = {}
@@ -152,31 +156,41 @@ def stage_attribution(study: Study, progress: bool = True) -> Dict[Tuple[str, st
                          mapping.describe(), name)
                 continue
             path = _scheme_path(cfg.output, name, label)
+            heads_path = head_scheme_path(cfg.output, name, label) if cfg.heads_on else None
             kwargs = dict(label=label, num_pairs=att["pairs"], seed=att["seed"], negatives=entry["negatives"],
                           relevance_threshold=att["relevance_threshold"], relevant=entry["relevant"],
                           nonrelevant=entry["nonrelevant"], bm25_cache_dir=cfg.cache_dir / "bm25",
                           agreement_filter=att["agreement_filter"], chunk_pairs=att["chunk_pairs"],
                           settings=cfg.attribution_settings, dataset_name=name,
                           progress=progress and ranks.is_main, stop_when=att.get("stop_when"), ranker=study.ranker)
-            before = Scheme.load(path).count if Scheme.exists(path) else 0
+            before = {p: Scheme.load(p).count if Scheme.exists(p) else 0 for p in (path, heads_path) if p}
             if ranks.world == 1:
-                scheme = attribute_dataset(study.model, study.tokenizer, collection, out=path, **kwargs)
+                scheme = attribute_dataset(study.model, study.tokenizer, collection, out=path, heads_out=heads_path,
+                                           **kwargs)
             else:
-                shard_path = path.with_name(f"{path.name}.rank{ranks.rank}-of-{ranks.world}")
-                complete = Scheme.exists(path) and _is_complete(Scheme.load(path), collection, kwargs)
+                shard = f".rank{ranks.rank}-of-{ranks.world}"
+                complete = all(Scheme.exists(p) and _is_complete(Scheme.load(p), collection, kwargs)
+                               for p in (heads_path, path) if p is not None)
                 if not complete:
-                    part = attribute_dataset(study.model, study.tokenizer, collection, out=shard_path,
+                    part = attribute_dataset(study.model, study.tokenizer, collection,
+                                             out=path.with_name(path.name + shard),
+                                             heads_out=heads_path and heads_path.with_name(heads_path.name + shard),
                                              shard=(ranks.rank, ranks.world), combine=_merged_over(ranks),
                                              **kwargs)
-                    parts = ranks.gather(part)
+                    if heads_path is not None:  # saved first, as a job saves its two schemes
+                        merged_heads = _merged_over(ranks)(Scheme.load(heads_path.with_name(heads_path.name + shard)))
+                        if ranks.is_main:
+                            merged_heads.save(heads_path)
+                    merged = _merged_over(ranks)(part)
                     if ranks.is_main:
-                        merged = parts[0]
-                        for other in parts[1:]:
-                            merged = merged.merge(other)
                         merged.save(path)
                     ranks.barrier()
                 scheme = Scheme.load(path)
-            pairs_done += scheme.count - before
+            attributed = scheme.count - before[path]
+            if heads_path is not None:
+                study.head_schemes[(name, label)] = Scheme.load(heads_path)
+                attributed = max(attributed, study.head_schemes[(name, label)].count - before[heads_path])
+            pairs_done += attributed
             if scheme.count == 0 and scheme.num_dropped:
                 raise ConfigError(f"attribution: the agreement filter dropped all {scheme.num_dropped} pairs of "
                                   f"{scheme.name}: the model disagrees with every one of them, so there is nothing to "
@@ -214,19 +228,6 @@ def _is_complete(scheme: Scheme, collection, kwargs) -> bool:
                          relevance_threshold=kwargs["relevance_threshold"], negatives=kwargs["negatives"],
                          relevant=kwargs["relevant"], nonrelevant=kwargs["nonrelevant"], ranker=ranker)
     return {pair_id(p) for p in pairs} <= scheme.seen_ids
-
-
-def _stamp_path(out: Path, stage: str) -> Path:
-    return out / "stages" / f"{stage}.json"
-
-
-def _stage_done(out: Path, stage: str, key: str) -> bool:
-    path = _stamp_path(out, stage)
-    return path.exists() and json.loads(path.read_text()).get("key") == key
-
-
-def _mark_done(out: Path, stage: str, key: str) -> None:
-    write_atomic(_stamp_path(out, stage), json.dumps({"key": key}))
 
 
 def stage_analysis(study: Study, schemes: Mapping[Tuple[str, str], Scheme]) -> Path:
@@ -285,6 +286,23 @@ def _sharded_benchmark(study: Study, candidates, progress: bool = True, runs: Op
                             prefix=cfg.pruning["prefix_reuse"], runs=runs, ranker=study.ranker)
 
 
+def benchmark(study: Study, vname: str, progress: bool = True) -> PruningBenchmark:
+    """The reranking of validation dataset ``vname`` (candidates, their encodings, the original model's scores),
+    built once per run and shared by the pruning and head-ablation stages; its random pruning runs are stored in
+    ``pruning/random/<identity>/``."""
+    if vname not in study.benchmarks:
+        cfg, pru = study.config, study.config.pruning
+        identity = _pruning_identity(cfg, vname)
+        runs = RandomRuns(cfg.output / "pruning" / "random" / _settings_hash(*identity), identity,
+                          write=study.ranks.is_main)
+        candidates = build_candidates(study.validation[vname], num_queries=pru["queries"], seed=pru["seed"],
+                                      depth=pru["depth"], cache_dir=cfg.cache_dir / "bm25",
+                                      progress=progress and study.ranks.is_main)
+        candidates.name = vname
+        study.benchmarks[vname] = _sharded_benchmark(study, candidates, progress, runs)
+    return study.benchmarks[vname]
+
+
 def _pruning_identity(cfg: RunConfig, vname: str) -> list:
     """What a validation dataset's reranking depends on besides the set: its rows' and random runs' key.
     (The dtype enters only when it is not float32, so that earlier fp32 runs keep their keys.)"""
@@ -307,7 +325,7 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
     sets = {expr: {level: evaluate(expr, schemes, level, in_domain=in_domain, by=pru["by"], name=expr)
                    for level in pru["levels"]} for expr in pru["sets"]}
     rows, computed, work = [], 0, {}
-    for vname, collection in study.validation.items():
+    for vname in study.validation:
         identity = _pruning_identity(cfg, vname)
         keys = {}
         for expr, by_level in sets.items():
@@ -319,11 +337,8 @@ def stage_pruning(study: Study, schemes: Mapping[Tuple[str, str], Scheme], progr
         if all(p.exists() for p in cached.values()):
             rows += [json.loads(p.read_text()) for p in cached.values()]
             continue
-        runs = RandomRuns(folder / "random" / _settings_hash(*identity), identity, write=ranks.is_main)
-        candidates = build_candidates(collection, num_queries=pru["queries"], seed=pru["seed"], depth=pru["depth"],
-                                      cache_dir=cfg.cache_dir / "bm25", progress=progress and ranks.is_main)
-        candidates.name = vname
-        bench = _sharded_benchmark(study, candidates, progress, runs)
+        bench = benchmark(study, vname, progress)
+        runs = bench.runs
         bench.prepare([sets[k[0]][k[1]] for k, p in cached.items() if not p.exists()], pru["repetitions"])
         reps = {}
         for (expr, level), path in cached.items():
@@ -406,6 +421,10 @@ def _run_stages(cfg: RunConfig, study: Study, ranks: Ranks, progress: bool) -> P
         schemes = stage_attribution(study, progress)
         stage_analysis(study, schemes)
         stage_pruning(study, schemes, progress)
+        if cfg.heads_on:
+            stage_head_analysis(study, study.head_schemes)
+            stage_head_ablation(study, study.head_schemes, lambda vname: benchmark(study, vname, progress),
+                                lambda vname: _pruning_identity(cfg, vname))
         stage_model_quality(study)
         report = cfg.output / "report.md"
         threads = _threads_record(ranks)

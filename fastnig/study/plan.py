@@ -32,6 +32,12 @@ What is counted (every number is an upper bound, see :class:`Plan`):
   costs :data:`EXPECTED_PREFIX_WORK` of a full one (its layers below the
   set's lowest pruned layer are reused); the plan also states the stage
   with every repetition and full forwards.
+* **Head ablation** (``heads.sets``, with ``attribution.heads: true``): per
+  validation dataset, the same candidates reranked once per set x level with
+  its top heads ablated and ``heads.repetitions`` times with random heads
+  (full forwards; random sets of the same size are shared, so a bound); the
+  original model's scores are pruning's (one more reranking when pruning has
+  no sets).  ``heads=True`` itself adds at most 10 % to the NIG path (not counted).
 
 FLOPs model (per sequence of ``T`` tokens, ``L`` layers, hidden ``d``,
 intermediate ``f``): forward = 2 x P x T + 4 x L x T^2 x d, where P = L x (4
@@ -342,6 +348,17 @@ def plan_config(config: Union[RunConfig, str, Path, Mapping[str, Any]], *, token
         if prefix < 1:
             notes.append(f"pruning: prefix reuse: a pruned forward runs {prefix:.1%} of the layers on average "
                          f"(measured on the demo sets at the paper's levels, {EXPECTED_SOURCE})")
+    hea = cfg.heads
+    if cfg.heads_on and hea["sets"] and validation:
+        head_runs = len(hea["sets"]) * len(hea["levels"]) * (1 + hea["repetitions"]) + (0 if n_sets else 1)
+        stages.append(Stage(
+            "head ablation reranking (forward)", len(validation) * candidates * head_runs, t_pru, False,
+            f"{len(validation)} datasets x {candidates} candidates x {head_runs} rerankings ({len(hea['sets'])} sets "
+            f"x {len(hea['levels'])} levels x (1 + {hea['repetitions']} random)"
+            + ("" if n_sets else " + 1 original") + ")"))
+        notes.append("head ablation: random sets of as many heads are shared between the rows of a dataset (the top "
+                     "sets of one level have one size), so the random part is an upper bound; heads=True adds at "
+                     "most 10 % to the NIG path (not counted)")
     for s in stages:
         s.flops = float(s.sequences) * shape.forward_flops(s.tokens) * (3 if s.backward else 1) * s.layer_work
     if tokens is None:
