@@ -100,8 +100,9 @@ def test_paper_plan_cli_runs_offline_in_seconds(tmp_path):
     assert out.returncode == 0, out.stderr
     assert elapsed < 30
     text = out.stdout
-    # pruning: 6 datasets x 4200 candidates x (1 + 10 sets x 3 levels x (1 + 27.5 expected adaptive repetitions))
-    assert "14 schemes" in text and "1,414,000 sequences" in text and "21,571,200 sequences" in text
+    # pruning: 6 datasets x 4200 candidates x (1 + 10 sets x 3 levels x (1 + 140 / 12 expected adaptive repetitions))
+    # = 25,200 x 381
+    assert "14 schemes" in text and "1,414,000 sequences" in text and "9,601,200 sequences" in text
     assert "total 1.44e+19" in text  # every repetition and full forwards: the plan before issue 24
     assert "221,184" in text and "3.35e+11 FLOPs per forward" in text
     line = next(l for l in text.splitlines() if "8 x h100" in l)

@@ -15,7 +15,7 @@ from fastnig.neurons.sets import NeuronSet, neuron_universe
 from fastnig.study.config import ConfigError, load_config
 
 # Wide enough to stop after a few repetitions on the tiny model, never at the first check.
-RULE = {"max": 10, "stop_when": {"half_width": 6.0, "margin": None, "min": 3, "round": 2}}
+RULE = {"max": 10, "stop_when": {"half_width": 6.0, "margin": None, "min": 3, "round": 2, "confidence": 0.95}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,7 +58,7 @@ def test_rule_parsing_and_checkpoints():
 
 
 def test_rule_stops_when_precise_or_decided_never_before_min_nor_after_max():
-    rule = RepetitionRule.parse({"max": 50, "stop_when": {"half_width": 0.25, "margin": 1.0}})
+    rule = RepetitionRule.parse({"max": 50, "stop_when": {"half_width": 0.25, "margin": 1.0, "confidence": 0.95}})
     calm = lambda r: np.full(10, 0.5 + 1e-4 * ((r * 7) % 5))  # noqa: E731 (random sets all alike: precise at 5)
     results, reason = run_random_baseline(calm, rule, set_points=50.0)
     assert (len(results), reason) == (5, "precise")

@@ -98,8 +98,10 @@ def summary_row(rule: RepetitionRule, row: dict) -> dict:
                     "half_width_points": h, "within_precision": bool(diff <= h),
                     "hurts_more_adaptive": bool(set_points < head.mean()),
                     "verdict_adaptive": verdict(rule, head, set_points)})
-        out["same_verdict"] = (out["hurts_more_adaptive"] == out["hurts_more_reference"]
-                               and out["verdict_adaptive"] == out["verdict_reference"])
+        # Table 4's verdict: the set's drop above the random mean drop (its nDCG below the random mean); and the
+        # rule's own decision (more / less / as random / undecided, by the margin).
+        out["same_verdict"] = out["hurts_more_adaptive"] == out["hurts_more_reference"]
+        out["same_decision"] = out["verdict_adaptive"] == out["verdict_reference"]
     return out
 
 
@@ -114,7 +116,8 @@ def summarize(rule: RepetitionRule, rows: list) -> dict:
             "reasons": {k: sum(r["stopped"] == k for r in stopped) for k in ("precise", "decided", "equivalent",
                                                                               "max")},
             "all_within_precision": all(r["within_precision"] for r in stopped),
-            "all_same_verdict": all(r["same_verdict"] for r in stopped)}
+            "all_same_verdict": all(r["same_verdict"] for r in stopped),
+            "same_decision": sum(r["same_decision"] for r in stopped)}
 
 
 def measured_rows(rows_state) -> list:
@@ -226,18 +229,20 @@ def write_markdown(out: Path, report):
              + ", ".join(f"{k} ({v['queries']} queries, {v['pairs']} pairs)" for k, v in report["datasets"].items())
              + ".", "",
              "| dataset | set | level | drop % | p | n | stopped | random drop (reference) | (adaptive) | "
-             "diff (points) | half-width (points) | verdict (reference) | (adaptive) | same |", "|" + "---|" * 14]
+             "diff (points) | half-width (points) | Table 4 verdict same | decision (reference) | (adaptive) |",
+             "|" + "---|" * 14]
     for r in rows:
         adaptive = (f"{r['random_drop_adaptive']:.2f} | {r['mean_points_diff']:.3f} | {r['half_width_points']:.3f} | "
-                    f"{r['verdict_reference']} | {r['verdict_adaptive']} | {r['same_verdict']}") if r["n"] is not None \
-            else f"– | – | – | {r['verdict_reference']} | – | –"
+                    f"{r['same_verdict']} | {r['verdict_reference']} | {r['verdict_adaptive']}") if r["n"] is not None \
+            else f"– | – | – | – | {r['verdict_reference']} | –"
         lines.append(f"| {r['dataset']} | {r['set']} | {r['level']:g} | {r['drop']:.2f} | {r['p_value']:.3g} | "
                      f"{r['n'] if r['n'] is not None else '> ' + str(r['reference_repetitions'])} | "
                      f"{r['stopped'] or '–'} | {r['random_drop_reference']:.2f} | {adaptive} |")
     lines += ["", f"Rows stopped within the reference: {s['rows_stopped_within_reference']} of {s['rows']} "
               f"({s['reasons']}), mean n of those {s['mean_n_of_stopped']}, mean n with the others counted at the "
               f"maximum {s['mean_n_counting_unstopped_at_max']:.2f}; every adaptive mean within its stated half-width "
-              f"of the reference mean: {s['all_within_precision']}; every verdict the same: {s['all_same_verdict']}.",
+              f"of the reference mean: {s['all_within_precision']}; Table 4's verdict (set vs random mean) the same "
+              f"in every row: {s['all_same_verdict']}; the rule's decision the same in {s['same_decision']} rows.",
               f"Prefix reuse at the paper's levels (demo sets): pruned forwards run "
               f"{report['prefix_at_paper_levels']['mean_layer_work']:.1%} of the layers on average."]
     run = run_markdown(report["run"]) if report.get("run") else run_markdown()

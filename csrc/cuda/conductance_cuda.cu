@@ -14,9 +14,14 @@
 
 #include "cuda/conductance_cuda.h"
 #include "cuda/conductance_kernel.h"
+#include "cuda/cuda_launch_util.h"
 
 namespace fastnig {
 namespace {
+
+using cuda_launch::DeviceGuard;
+using cuda_launch::failed;
+using cuda_launch::sync_requested;
 
 using namespace cuda_kernel;
 
@@ -35,32 +40,6 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(Args<T, Acc> args, Geo
 
 dim3 to_dim3(const Dim& d) {
   return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
-}
-
-// Restores the caller's current device on every way out.
-class DeviceGuard {
- public:
-  DeviceGuard() { ok_ = cudaGetDevice(&previous_) == cudaSuccess; }
-  ~DeviceGuard() {
-    if (ok_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool ok_ = false;
-};
-
-std::string failed(const char* where, cudaError_t err) {
-  return std::string(where) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-}
-
-// FASTNIG_CUDA_SYNC=1 (read at every call): synchronise the stream after the
-// op so that an asynchronous fault is reported by the call that caused it.
-bool sync_requested() {
-  const char* v = std::getenv("FASTNIG_CUDA_SYNC");
-  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
 }  // namespace

@@ -12,9 +12,14 @@
 
 #include "cuda/segment_pairs_cuda.h"
 #include "cuda/segment_pairs_kernel.h"
+#include "cuda/cuda_launch_util.h"
 
 namespace fastnig {
 namespace {
+
+using cuda_launch::DeviceGuard;
+using cuda_launch::failed;
+using cuda_launch::sync_requested;
 
 using namespace segment_kernel;
 
@@ -34,30 +39,6 @@ __global__ void __launch_bounds__(kThreads) segment_pairs_kernel(SegmentPairGeom
     write_phase(geo, buf, ph, tid, shared);
     __syncthreads();  // the next item overwrites the shared sums
   }
-}
-
-// Restores the caller's current device on every way out.
-class DeviceGuard {
- public:
-  DeviceGuard() { ok_ = cudaGetDevice(&previous_) == cudaSuccess; }
-  ~DeviceGuard() {
-    if (ok_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool ok_ = false;
-};
-
-std::string failed(const char* where, cudaError_t err) {
-  return std::string(where) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-}
-
-bool sync_requested() {
-  const char* v = std::getenv("FASTNIG_CUDA_SYNC");
-  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
 }  // namespace
