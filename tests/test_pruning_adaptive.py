@@ -179,3 +179,13 @@ def test_rows_with_identical_counts_share_random_runs(tiny):
     assert bench.runs.computed == 4  # not 8
     assert sum(bench.forwards.values()) == 1 + 2 + 4  # original, two sets, four shared random sets
     assert bench.forwards.get(1) == 2 + 4  # every pruned forward started at layer 1 (the lowest pruned layer)
+
+
+@pytest.mark.parametrize("name", ["demo", "paper", "paper-zero"])
+def test_a_config_reads_back_its_own_dict(name):
+    """``load_config(cfg.as_dict())`` is ``cfg`` (the packaged configs; paper's early-stopping pairs and adaptive
+    repetitions included): what a run writes to config.json is a config again."""
+    cfg = load_config(name)
+    again = load_config(cfg.as_dict())
+    assert again.as_dict() == cfg.as_dict()
+    assert again.attribution == cfg.attribution and again.pruning == cfg.pruning and again.heads == cfg.heads

@@ -245,8 +245,13 @@ class RunConfig:
         return self.attribution["datasets"][name]["dataset"]
 
     def as_dict(self) -> Dict[str, Any]:
+        """The configuration in the form :func:`load_config` reads (``load_config(cfg.as_dict())`` gives it back);
+        ``attribution.pairs`` in its config form, ``{max, stop_when}`` when it stops early."""
+        attribution = {k: v for k, v in self.attribution.items() if k != "stop_when"}
+        if self.attribution.get("stop_when") is not None:
+            attribution["pairs"] = {"max": self.attribution["pairs"], "stop_when": self.attribution["stop_when"]}
         out = {"name": self.name, "model": self.model, "output": str(self.output), "device": self.device,
-               "ir_datasets_files": self.ir_datasets_files, "attribution": self.attribution,
+               "ir_datasets_files": self.ir_datasets_files, "attribution": attribution,
                "analysis": self.analysis, "pruning": self.pruning}
         if self.heads_on:
             out["heads"] = self.heads
