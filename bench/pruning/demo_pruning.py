@@ -77,6 +77,7 @@ def stage_times(study, schemes, rounds, scratch):
         for name, settings in SETTINGS.items():
             study.config.pruning = {**base, **settings}
             shutil.rmtree(scratch / "pruning", ignore_errors=True)
+            study.benchmarks.clear()  # no reranking kept from the previous run: every run starts cold
             seen = []
 
             def recording(self, scores, seen=seen):

@@ -74,7 +74,7 @@ class Study:
     timings: Dict[str, float] = field(default_factory=dict)
     throughput: Dict[str, float] = field(default_factory=dict)
     head_schemes: Dict[Tuple[str, str], Scheme] = field(default_factory=dict)  # attribution.heads: (dataset, label)
-    benchmarks: Dict[str, PruningBenchmark] = field(default_factory=dict)  # validation name -> its reranking
+    benchmarks: Dict[str, PruningBenchmark] = field(default_factory=dict)  # validation dataset + settings -> reranking
 
 
 def _load_model(cfg: RunConfig, device: str):
@@ -290,17 +290,18 @@ def benchmark(study: Study, vname: str, progress: bool = True) -> PruningBenchma
     """The reranking of validation dataset ``vname`` (candidates, their encodings, the original model's scores),
     built once per run and shared by the pruning and head-ablation stages; its random pruning runs are stored in
     ``pruning/random/<identity>/``."""
-    if vname not in study.benchmarks:
-        cfg, pru = study.config, study.config.pruning
-        identity = _pruning_identity(cfg, vname)
+    cfg, pru = study.config, study.config.pruning
+    identity = _pruning_identity(cfg, vname)
+    key = _settings_hash(*identity, pru["batch_size"], pru["prefix_reuse"])  # a changed config: a new reranking
+    if key not in study.benchmarks:
         runs = RandomRuns(cfg.output / "pruning" / "random" / _settings_hash(*identity), identity,
                           write=study.ranks.is_main)
         candidates = build_candidates(study.validation[vname], num_queries=pru["queries"], seed=pru["seed"],
                                       depth=pru["depth"], cache_dir=cfg.cache_dir / "bm25",
                                       progress=progress and study.ranks.is_main)
         candidates.name = vname
-        study.benchmarks[vname] = _sharded_benchmark(study, candidates, progress, runs)
-    return study.benchmarks[vname]
+        study.benchmarks[key] = _sharded_benchmark(study, candidates, progress, runs)
+    return study.benchmarks[key]
 
 
 def _pruning_identity(cfg: RunConfig, vname: str) -> list:
