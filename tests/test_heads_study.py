@@ -250,6 +250,24 @@ def test_the_heat_map_is_the_scheme_mean_and_the_sets_are_its_top_heads(tmp_path
         assert sets[name]["heads"] == len(top) == 2
 
 
+def test_head_fusions_are_the_top_heads_of_the_fused_means():
+    """F_x and F_A over head schemes, as the study's ``heads.sets`` evaluates them: the top heads of the averaged
+    means (hand-computed)."""
+    from fastnig.neurons.expressions import evaluate
+
+    p_cran = _head_scheme([[8, 1, 0, 0, 2, 0, 0, 6], [6, 1, 0, 0, 0, 0, 4, 2]], ["a", "b"])
+    p_med = _head_scheme([[1, 0, 0, 0, 0, 0, 0, 9], [1, 0, 0, 0, 0, 0, 0, 7]], ["c", "d"], dataset="med")
+    n_cran = _head_scheme([[0, 0, 0, 9, 0, 0, 0, 5], [0, 0, 0, 3, 0, 0, 0, 1]], ["e", "f"], "non-relevant")
+    schemes = {("cran", "relevant"): p_cran, ("med", "relevant"): p_med, ("cran", "non-relevant"): n_cran}
+    # means: P_cran [7, 1, 0, 0, 1, 0, 2, 4], P_med [1, 0, 0, 0, 0, 0, 0, 8], N_cran [0, 0, 0, 6, 0, 0, 0, 3]
+    # F_A = their average [8/3, 1/3, 0, 2, 1/3, 0, 2/3, 5]: the top 37.5 % (3 of 8) are heads 7, 0, 3
+    f_a = evaluate("F_A", schemes, 37.5, in_domain=["cran"], by="value", name="F_A")
+    assert sorted(f_a.neurons()) == sorted([(L1, 3), (L0, 0), (L0, 3)])
+    # F_cran = (P_cran + N_cran) / 2 = [3.5, 0.5, 0, 3, 0.5, 0, 1, 3.5]: the top 50 % are heads 0, 7, 3, 6
+    f_cran = evaluate("F_cran", schemes, 50, in_domain=["cran"], by="value", name="F_cran")
+    assert sorted(f_cran.neurons()) == sorted([(L0, 0), (L1, 3), (L0, 3), (L1, 2)])
+
+
 # ------------------------------------------------------------------ ablation
 @pytest.mark.slow
 def test_head_ablation_zeroes_the_heads_outputs_and_tests_as_scipy(tmp_path):
