@@ -21,7 +21,6 @@ namespace {
 
 using cuda_launch::DeviceGuard;
 using cuda_launch::failed;
-using cuda_launch::sync_requested;
 
 using namespace cuda_kernel;
 
@@ -70,13 +69,7 @@ std::string accumulate_conductance_cuda(DType dtype, DType out_dtype, Rule rule,
     if (e != cudaSuccess) { error = failed("launch of the reduce kernel", e); return; }
   });
   if (!error.empty()) return error;
-  if (sync_requested()) {
-    err = cudaStreamSynchronize(stream);
-    if (err != cudaSuccess) return failed("cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return failed("after cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
-  }
-  return "";
+  return cuda_launch::sync_if_requested(stream);
 }
 
 }  // namespace fastnig

@@ -37,5 +37,16 @@ inline bool sync_requested() {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
+// After a launch: with FASTNIG_CUDA_SYNC=1, synchronise the stream and return
+// the error text of a fault (empty when none, or when not requested).
+inline std::string sync_if_requested(cudaStream_t stream) {
+  if (!sync_requested()) return "";
+  cudaError_t err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) return failed("cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return failed("after cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
+  return "";
+}
+
 }  // namespace cuda_launch
 }  // namespace fastnig

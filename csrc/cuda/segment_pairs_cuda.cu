@@ -19,7 +19,6 @@ namespace {
 
 using cuda_launch::DeviceGuard;
 using cuda_launch::failed;
-using cuda_launch::sync_requested;
 
 using namespace segment_kernel;
 
@@ -63,13 +62,7 @@ std::string accumulate_segment_pairs_cuda(DType dtype, Rule rule, const SegmentP
   });
   if (!known) return "the inputs must be float32, bfloat16 or float16";
   if (!error.empty()) return error;
-  if (sync_requested()) {
-    err = cudaStreamSynchronize(stream);
-    if (err != cudaSuccess) return failed("cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return failed("after cudaStreamSynchronize (FASTNIG_CUDA_SYNC=1)", err);
-  }
-  return "";
+  return cuda_launch::sync_if_requested(stream);
 }
 
 }  // namespace fastnig
