@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .run_folder import md_escape, read_csv
+from .run_folder import md_escape, read_csv, to_float
 
 TITLE = "Heads — mean head NIG per layer and head, top heads ablated vs random heads"
 
@@ -31,20 +31,13 @@ def head_caption(png: Path) -> str:
             "head's conductance), layers bottom to top, heads left to right; red positive, blue negative")
 
 
-def _num(text: Any) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def _pct(text: Any) -> str:
-    value = _num(text)
+    value = to_float(text)
     return "" if value != value else f"{value:.2f}"
 
 
 def _p(text: Any) -> str:
-    value = _num(text)
+    value = to_float(text)
     return "" if value != value else f"{value:.3g}"
 
 
@@ -58,7 +51,7 @@ def ablation_table(rows: List[Mapping[str, str]]) -> str:
     """The head-ablation rows as a Markdown table (drops in % of nDCG@10, positive = worse)."""
     header = ["set", "level %", "dataset", "heads", "drop %", "p", "random drop % (mean ± std)", "random sets",
               "p top vs random", "ablated heads"]
-    body = [[r["set"], f"{_num(r['level_percent']):g}", r.get("group") or r["dataset"], r["heads"],
+    body = [[r["set"], f"{to_float(r['level_percent']):g}", r.get("group") or r["dataset"], r["heads"],
              _pct(r.get("drop_top_percent")), _p(r.get("p_top")),
              (f"{_pct(r.get('drop_random_mean_percent'))} ± {_pct(r.get('drop_random_std_percent'))}"
               if _pct(r.get("drop_random_mean_percent")) else ""), r.get("repetitions", ""),
@@ -68,8 +61,8 @@ def ablation_table(rows: List[Mapping[str, str]]) -> str:
 
 def sets_table(rows: List[Mapping[str, str]]) -> str:
     """The top-X % head sets and their intersections as a Markdown table."""
-    body = [[f"{_num(r['level_percent']):g}", r["set"], r["heads"],
-             "" if not str(r.get("overlap_percent", "")).strip() else f"{_num(r['overlap_percent']):.1f}",
+    body = [[f"{to_float(r['level_percent']):g}", r["set"], r["heads"],
+             "" if not str(r.get("overlap_percent", "")).strip() else f"{to_float(r['overlap_percent']):.1f}",
              r.get("members", "")] for r in rows]
     return _table(["level %", "set", "heads", "overlap %", "heads (L3.h7 = layer 3, head 7)"], body,
                   [True, False, True, True, False])
@@ -104,7 +97,7 @@ def head_lines(output: Path) -> List[str]:
     rows = [r for r in read_csv(Path(output) / "heads" / "head_ablation.csv") if _pct(r.get("drop_top_percent"))]
     if not rows:
         return []
-    parts = "; ".join(f"{r['set']} at {_num(r['level_percent']):g} % ({r['heads']} heads) "
+    parts = "; ".join(f"{r['set']} at {to_float(r['level_percent']):g} % ({r['heads']} heads) "
                       f"{_pct(r['drop_top_percent'])} % vs random {_pct(r['drop_random_mean_percent'])} % "
                       f"(p vs random {_p(r['p_top_vs_random'])})" for r in rows[:4])
     return [f"**Head ablation** (nDCG@10 % drop, on {rows[0].get('group') or rows[0]['dataset']}): {parts}."]
